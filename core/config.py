@@ -1,0 +1,171 @@
+"""Loads ``config.toml`` into typed settings, with clear errors for bad values.
+
+The embedded default (``config.toml`` at the project root) runs as it is. Relative
+paths are resolved against the config file's folder. Secrets are never in the
+file: ``password_env`` names an environment variable. Nothing below ``core`` reads
+the environment or the file itself; settings are passed in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigError
+
+SECURITY_CHOICES = ("tls", "starttls", "none")
+
+
+@dataclass(frozen=True)
+class DefaultChannel:
+    """The CRM's own outbound SMTP relay."""
+
+    host: str = "127.0.0.1"
+    port: int = 2525
+    security: str = "none"
+    from_address: str = "crm@threadsync.local"
+    username: str | None = None
+    password_env: str | None = None
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    poll_interval_seconds: float = 30.0
+    max_attachment_bytes: int = 3_145_728
+    message_id_domain: str = "threadsync.local"
+    batch_size: int = 250
+    backoff_base_seconds: float = 5.0
+    backoff_max_seconds: float = 900.0
+    idle_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    secret_key_file: Path
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    default_channel: DefaultChannel = field(default_factory=DefaultChannel)
+    providers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (where plaintext is allowed)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_security(security: str, host: str, what: str) -> None:
+    """R11: plaintext only towards loopback addresses."""
+    if security not in SECURITY_CHOICES:
+        raise ConfigError(f"{what}: security must be tls, starttls or none, not {security!r}")
+    if security == "none" and not is_loopback(host):
+        raise ConfigError(
+            f"{what}: security 'none' (plaintext) is allowed only towards loopback, "
+            f"not {host!r}; use tls or starttls"
+        )
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("THREADSYNC_CONFIG")
+    return Path(env) if env else Path("config.toml")
+
+
+def load(path: Path | str | None = None) -> Settings:
+    """Read and validate a config file."""
+    p = Path(path) if path is not None else default_config_path()
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found (use --config PATH)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    return from_mapping(raw, base=p.resolve().parent, path=p)
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _typed(section: str, data: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = data.get(key, default)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"[{section}] {key} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def from_mapping(raw: dict[str, Any], *, base: Path, path: Path | None = None) -> Settings:
+    """Build settings from parsed TOML; relative paths resolve against ``base``."""
+    db = _section(raw, "database")
+    url = _typed("database", db, "url", str, "sqlite:///var/threadsync.db")
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        rel = url.removeprefix("sqlite:///")
+        if rel and rel != ":memory:":
+            url = "sqlite:///" + str((base / rel).resolve())
+    sec = _section(raw, "security")
+    key_file = Path(_typed("security", sec, "secret_key_file", str, "var/secret.key"))
+    if not key_file.is_absolute():
+        key_file = (base / key_file).resolve()
+
+    s = _section(raw, "sync")
+    sync = SyncSettings(
+        poll_interval_seconds=_typed("sync", s, "poll_interval_seconds", float, 30.0),
+        max_attachment_bytes=_typed("sync", s, "max_attachment_bytes", int, 3_145_728),
+        message_id_domain=_typed("sync", s, "message_id_domain", str, "threadsync.local"),
+        batch_size=_typed("sync", s, "batch_size", int, 250),
+        backoff_base_seconds=_typed("sync", s, "backoff_base_seconds", float, 5.0),
+        backoff_max_seconds=_typed("sync", s, "backoff_max_seconds", float, 900.0),
+        idle_seconds=_typed("sync", s, "idle_seconds", float, 300.0),
+    )
+    if sync.poll_interval_seconds <= 0:
+        raise ConfigError("[sync] poll_interval_seconds must be positive")
+    if sync.max_attachment_bytes < 0:
+        raise ConfigError("[sync] max_attachment_bytes must not be negative")
+    if not 1 <= sync.batch_size <= 1000:
+        raise ConfigError("[sync] batch_size must be between 1 and 1000")
+    if "@" in sync.message_id_domain or not sync.message_id_domain.strip():
+        raise ConfigError("[sync] message_id_domain must be a bare domain name")
+
+    outbound = _section(raw, "outbound")
+    if not isinstance(outbound.get("default", {}), dict):
+        raise ConfigError("[outbound.default] must be a table")
+    d = outbound.get("default", {})
+    channel = DefaultChannel(
+        host=_typed("outbound.default", d, "host", str, "127.0.0.1"),
+        port=_typed("outbound.default", d, "port", int, 2525),
+        security=_typed("outbound.default", d, "security", str, "none"),
+        from_address=_typed("outbound.default", d, "from_address", str, "crm@threadsync.local"),
+        username=_typed("outbound.default", d, "username", str, None),
+        password_env=_typed("outbound.default", d, "password_env", str, None),
+        timeout_seconds=_typed("outbound.default", d, "timeout_seconds", float, 30.0),
+    )
+    check_security(channel.security, channel.host, "[outbound.default]")
+
+    known = {"database", "security", "sync", "outbound"}
+    providers = {k: v for k, v in raw.items() if k not in known and isinstance(v, dict)}
+    return Settings(
+        database_url=url,
+        secret_key_file=key_file,
+        sync=sync,
+        default_channel=channel,
+        providers=providers,
+        path=path,
+    )

@@ -1,0 +1,272 @@
+"""The Provider interface: what a mailbox plugin implements, and nothing more.
+
+A provider moves mail for one kind of mailbox (IMAP/SMTP, Microsoft Graph, ...).
+It knows how to log in, list what changed in a folder since an opaque cursor
+(headers only), fetch one whole message, send one message, file a copy in Sent and
+wait for a push from the server. It never decides a rule (membership, attachment
+limit, routing, Labs) and never touches the database: the kernel does that with
+what the provider returns.
+
+Lifecycle, driven by the kernel::
+
+    account = MyProvider.prepare(email, options, environ)   # validate, no network
+    provider = MyProvider(account, settings)
+    await provider.open()           # log in; AuthenticationFailed if rejected
+    folders = await provider.folders()
+    batch = await provider.changes(folder, cursor)           # repeat while batch.more
+    raw = await provider.fetch(folder, ref)                  # members only (R5)
+    await provider.send(mail, checkpoint)
+    await provider.store_sent_copy(mail)
+    await provider.wait_for_changes(timeout)
+    await provider.close()
+
+All methods are coroutines and must not block the event loop. Errors must be
+translated into :mod:`core.errors` (``AuthenticationFailed``,
+``TransientProviderError``, ``ProviderProtocolError``) before they leave the
+provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from core.errors import ConfigError
+
+FolderRole = Literal["inbox", "sent"]
+
+#: Awaited by a provider immediately before the step after which the message may
+#: have left (SMTP DATA, Graph ``/send``). The kernel commits "transmitting" there,
+#: so that after a crash it knows whether a re-send could duplicate.
+Checkpoint = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ProviderOption:
+    """One option a provider takes at connect time (``--imap-host`` and so on).
+
+    ``name`` is a Python identifier; the CLI shows it as ``--name-with-dashes``.
+    ``secret_env`` marks an option whose value names an environment variable that
+    holds a secret (``--password-env VAR``): the kernel reads the variable once at
+    connect time and stores the secret encrypted, never the variable's name alone.
+    """
+
+    name: str
+    help: str
+    type: type = str
+    required: bool = False
+    default: Any = None
+    choices: Sequence[str] | None = None
+    secret_env: bool = False
+
+
+@dataclass
+class Account:
+    """What a provider needs to reach one mailbox.
+
+    ``settings`` holds non-secret options (hosts, ports, security, folder names);
+    ``secrets`` holds passwords or tokens. The kernel stores ``secrets`` encrypted
+    (R11) and hands both back on every start. A provider that refreshes a token
+    updates ``secrets`` in place and sets ``secrets_changed``; the kernel then
+    stores the new value.
+    """
+
+    email: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)
+    secrets_changed: bool = False
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder the kernel watches. ``name`` is the provider's own name or id."""
+
+    name: str
+    role: FolderRole
+
+
+@dataclass(frozen=True)
+class HeaderSummary:
+    """The headers of one message, enough for the kernel to decide membership.
+
+    ``ref`` is the provider's id for the message inside ``folder`` (an IMAP UID as a
+    string, a Graph immutable id). Message-IDs are given with angle brackets, as in
+    the header (``<abc@host>``); ``references`` in header order.
+    """
+
+    ref: str
+    message_id: str | None
+    in_reply_to: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    sender: str | None = None
+    subject: str | None = None
+    date: str | None = None
+    size: int | None = None
+
+
+@dataclass
+class ChangeBatch:
+    """What :meth:`Provider.changes` returns.
+
+    ``cursor`` is JSON-serialisable and opaque to the kernel, which stores it in the
+    same transaction as the messages it accepted from this batch and passes it back
+    next time. ``more`` says another call right away would return more headers.
+    ``reset`` says the old cursor was no longer valid (IMAP UIDVALIDITY change,
+    Graph ``410 Gone``): ``headers`` then restart from the folder's beginning and the
+    kernel deduplicates by Message-ID. ``vanished`` lists refs that were removed,
+    when the provider knows (informational).
+    """
+
+    headers: list[HeaderSummary]
+    cursor: dict[str, Any]
+    more: bool = False
+    reset: bool = False
+    vanished: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    """A message ready to leave: the complete RFC 5322 bytes and its envelope.
+
+    ``raw`` already carries ``Message-ID``, ``In-Reply-To`` and ``References``; it
+    never carries ``Bcc``. ``recipients`` is the SMTP envelope (To, Cc and Bcc).
+    """
+
+    raw: bytes
+    message_id: str
+    sender: str
+    recipients: tuple[str, ...]
+
+
+class Provider(ABC):
+    """Base class for mailbox providers. Subclass it and register the class.
+
+    Class attributes:
+
+    * ``name``: unique provider name used in config and on the command line.
+    * ``title``: one line for people (``threadsync plugins``).
+    * ``options``: what ``connect`` accepts for this provider.
+    * ``files_sent_copy``: ``True`` when the server itself files sent mail in Sent
+      (Gmail, Graph); the kernel then does not call :meth:`store_sent_copy`.
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str] = ""
+    options: ClassVar[Sequence[ProviderOption]] = ()
+
+    def __init__(self, account: Account, settings: Mapping[str, Any] | None = None) -> None:
+        #: Mailbox address, options and secrets of this connection.
+        self.account = account
+        #: Kernel-wide settings for providers (timeouts, chunk sizes); may be empty.
+        self.settings: Mapping[str, Any] = settings or {}
+
+    # ---- set-up -----------------------------------------------------------------
+
+    @classmethod
+    def prepare(
+        cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]
+    ) -> Account:
+        """Validate connect options and build the :class:`Account`; no network.
+
+        The default copies every declared option into ``settings`` and, for
+        ``secret_env`` options, reads the named variable from ``environ`` into
+        ``secrets`` under the option's name without its ``_env`` suffix. Raise
+        :class:`core.errors.ConfigError` for anything missing or unusable.
+        """
+        settings: dict[str, Any] = {}
+        secrets: dict[str, str] = {}
+        for opt in cls.options:
+            value = options.get(opt.name, opt.default)
+            if value is None:
+                if opt.required:
+                    flag = "--" + opt.name.replace("_", "-")
+                    raise ConfigError(f"provider {cls.name!r} needs {flag}")
+                continue
+            if opt.choices is not None and value not in opt.choices:
+                raise ConfigError(
+                    f"{opt.name} must be one of {', '.join(opt.choices)}, not {value!r}"
+                )
+            if opt.secret_env:
+                var = str(value)
+                if var not in environ:
+                    raise ConfigError(f"environment variable {var} is not set")
+                key = opt.name.removesuffix("_env")
+                secrets[key] = environ[var]
+            else:
+                settings[opt.name] = value
+        return Account(email=email, settings=settings, secrets=secrets)
+
+    # ---- session ----------------------------------------------------------------
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and log in. Raise ``AuthenticationFailed`` if credentials are
+        rejected, ``TransientProviderError`` if the server cannot be reached."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Log out and release every socket and task. Safe to call twice."""
+
+    async def verify(self) -> None:
+        """Check that every part of the account works (e.g. IMAP *and* SMTP login).
+
+        Called once by ``connect`` and ``update-email`` after :meth:`open`. The
+        default does nothing beyond what :meth:`open` checked.
+        """
+
+    # ---- reading ----------------------------------------------------------------
+
+    @abstractmethod
+    async def folders(self) -> list[Folder]:
+        """The folders to watch: exactly one ``inbox`` and one ``sent``."""
+
+    @abstractmethod
+    async def changes(
+        self, folder: Folder, cursor: Mapping[str, Any] | None, limit: int = 250
+    ) -> ChangeBatch:
+        """Headers of messages added to ``folder`` since ``cursor``, at most ``limit``.
+
+        With ``cursor=None`` (a new connection) return no headers and a cursor at
+        the folder's current end: history before the connection is never read.
+        Only headers may be read here, never bodies (R5), and the user's flags
+        (``\\Seen``) must not change.
+        """
+
+    @abstractmethod
+    async def fetch(self, folder: Folder, ref: str) -> bytes:
+        """The complete raw message ``ref`` of ``folder``, without marking it read."""
+
+    async def wait_for_changes(self, timeout: float) -> bool:
+        """Wait until the server reports a change (IMAP IDLE, a push) or ``timeout``.
+
+        Return ``True`` when something changed, ``False`` on timeout. The default
+        just sleeps: providers without push are polled.
+        """
+        await asyncio.sleep(timeout)
+        return False
+
+    # ---- writing ----------------------------------------------------------------
+
+    #: ``True`` if the server files sent mail in Sent by itself.
+    files_sent_copy: ClassVar[bool] = False
+
+    @abstractmethod
+    async def send(self, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
+        """Send ``mail`` through the mailbox.
+
+        Await ``checkpoint()`` immediately before the step after which the message
+        may have left (for SMTP: after RCPT, before DATA), and not earlier: before
+        it, a crash means "not sent"; after it, the kernel will look in Sent
+        before ever sending again.
+        """
+
+    async def store_sent_copy(self, mail: OutgoingMail) -> None:
+        """File ``mail`` in the Sent folder (IMAP APPEND). Called after :meth:`send`
+        unless ``files_sent_copy`` is true. Default: nothing."""
+
+    @abstractmethod
+    async def find_sent(self, message_id: str) -> bool:
+        """Whether a message with this Message-ID is in the Sent folder."""

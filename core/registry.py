@@ -1,0 +1,82 @@
+"""Builds the plugin manager and the table of registered providers.
+
+``get_plugin_manager()`` is a factory, never run at import time: tests get a
+fresh manager each, and the CLI builds one per invocation. Built-in providers are
+found through the same ``threadsync`` entry-point group as third-party ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pluggy
+
+from core import hookspecs
+from core.errors import ConfigError
+from core.provider import Provider
+
+
+@dataclass(frozen=True)
+class RegisteredProvider:
+    """A provider class and the plugin that registered it."""
+
+    name: str
+    cls: type[Provider]
+    plugin: str
+
+
+def get_plugin_manager(
+    extra_plugins: Iterable[object] = (), *, load_entry_points: bool = True
+) -> pluggy.PluginManager:
+    """A new plugin manager with threadsync's hooks and every installed plugin.
+
+    ``extra_plugins`` are registered too (a host CRM's event handlers, a test's
+    provider). Misspelt hook implementations fail here (``check_pending``).
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if load_entry_points:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        _ensure_builtin(pm)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"a plugin implements an unknown hook: {exc}") from None
+    return pm
+
+
+def _ensure_builtin(pm: pluggy.PluginManager) -> None:
+    """Register the built-in providers when running from a source tree that was
+    not pip-installed (``python cli.py``), so the entry points are missing."""
+    import importlib
+
+    for name in ("plugins.imap_smtp",):
+        module = importlib.import_module(name)
+        if not pm.is_registered(module):
+            pm.register(module, name=name.rsplit(".", 1)[-1])
+
+
+def providers(pm: pluggy.PluginManager) -> dict[str, RegisteredProvider]:
+    """Every registered provider by name. Duplicate names are a ``ConfigError``."""
+    found: dict[str, RegisteredProvider] = {}
+    for impl in pm.hook.register_providers.get_hookimpls():
+        plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+
+        def register(cls: type[Provider], _plugin: str = plugin_name) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, Provider)):
+                raise ConfigError(f"plugin {_plugin} registered {cls!r}, not a Provider")
+            name = getattr(cls, "name", None)
+            if not name:
+                raise ConfigError(f"plugin {_plugin} registered {cls.__name__} with no name")
+            if name in found:
+                raise ConfigError(
+                    f"provider {name!r} is registered twice: by {found[name].plugin} "
+                    f"and by {_plugin}"
+                )
+            found[name] = RegisteredProvider(name=name, cls=cls, plugin=_plugin)
+
+        impl.function(register=register)
+    return found

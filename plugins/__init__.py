@@ -1,0 +1,1 @@
+"""threadsync plugins: built-in providers and integrations."""
