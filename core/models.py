@@ -1,0 +1,252 @@
+"""SQLAlchemy 2.0 models: the whole persistent state of threadsync.
+
+The constraints here are what make R9 (exactly once) hold at the database level,
+whatever the code above them does:
+
+* one message per Message-ID per thread (``uq_message_thread_mid``);
+* one outbox entry per CRM message (``uq_outbox_message``);
+* one cursor per connection and folder role (``uq_cursor_role``);
+* at most one live connection per user (``uq_connection_live``, partial index).
+
+Schema changes are Alembic migrations in ``core/migrations``; never
+``create_all`` outside tests of the models themselves.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: Connection states in which the connection still belongs to its user.
+LIVE_STATES = ("connected", "needs_reauth", "error")
+CONNECTION_STATES = (*LIVE_STATES, "disconnected", "replaced")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class SubAccount(Base):
+    """A tenant of the CRM and its Labs flag (R1)."""
+
+    __tablename__ = "subaccounts"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    two_way_email_sync: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    labs_changed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Connection(Base):
+    """One user's link to one mailbox address through one provider (R2)."""
+
+    __tablename__ = "connections"
+    __table_args__ = (
+        Index(
+            "uq_connection_live",
+            "subaccount_id",
+            "user_id",
+            unique=True,
+            sqlite_where=text("state IN ('connected', 'needs_reauth', 'error')"),
+            postgresql_where=text("state IN ('connected', 'needs_reauth', 'error')"),
+        ),
+        Index("ix_connection_user", "subaccount_id", "user_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subaccount_id: Mapped[str] = mapped_column(ForeignKey("subaccounts.id"))
+    user_id: Mapped[str] = mapped_column(String(255))
+    provider: Mapped[str] = mapped_column(String(64))
+    email: Mapped[str] = mapped_column(String(320))
+    state: Mapped[str] = mapped_column(String(32))
+    since: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_sync_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Fernet token of the JSON secrets; ``None`` once deleted (R6, R7).
+    secrets: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    cursors: Mapped[list[Cursor]] = relationship(
+        back_populates="connection", cascade="all, delete-orphan"
+    )
+
+
+class Cursor(Base):
+    """Where reading a folder of a connection stopped (opaque provider data)."""
+
+    __tablename__ = "cursors"
+    __table_args__ = (UniqueConstraint("connection_id", "role", name="uq_cursor_role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(ForeignKey("connections.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(16))
+    folder: Mapped[str] = mapped_column(String(512))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    connection: Mapped[Connection] = relationship(back_populates="cursors")
+
+
+class SyncedThread(Base):
+    """An email thread started from the CRM.
+
+    ``state``: ``active`` (synced), ``stopped`` (for good; ``stop_reason``
+    ``disconnected`` or ``replaced``) or ``unsynced`` (its first message went by
+    the default channel; ``stop_reason`` says why).
+    """
+
+    __tablename__ = "threads"
+    __table_args__ = (Index("ix_thread_owner", "subaccount_id", "user_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    subaccount_id: Mapped[str] = mapped_column(ForeignKey("subaccounts.id"))
+    user_id: Mapped[str] = mapped_column(String(255))
+    connection_id: Mapped[int | None] = mapped_column(
+        ForeignKey("connections.id"), nullable=True, index=True
+    )
+    email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    stop_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    subject: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    messages: Mapped[list[Message]] = relationship(
+        back_populates="thread", order_by="Message.id"
+    )
+
+
+class Message(Base):
+    """One message of a thread, inbound or outbound, synced or skipped."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("thread_id", "message_id", name="uq_message_thread_mid"),
+        Index("ix_message_mid", "message_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    thread_id: Mapped[str] = mapped_column(ForeignKey("threads.id"))
+    subaccount_id: Mapped[str] = mapped_column(String(255))
+    #: The Message-ID header with angle brackets.
+    message_id: Mapped[str] = mapped_column(String(998))
+    direction: Mapped[str] = mapped_column(String(16))
+    origin: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sender: Mapped[str | None] = mapped_column(String(998), nullable=True)
+    to: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    cc: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    subject: Mapped[str] = mapped_column(Text, default="")
+    date: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: In-Reply-To and References as lists (membership of later replies).
+    headers: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Where the message was seen: {"inbox": "uid", "sent": "uid"}.
+    provider_refs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    html: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    thread: Mapped[SyncedThread] = relationship(back_populates="messages")
+    attachments: Mapped[list[Attachment]] = relationship(
+        back_populates="message", order_by="Attachment.id", cascade="all, delete-orphan"
+    )
+
+
+class Attachment(Base):
+    """Attachment metadata; ``content`` only for synced messages (R8)."""
+
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_pk: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    filename: Mapped[str | None] = mapped_column(Text, nullable=True)
+    content_type: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    inline: Mapped[bool] = mapped_column(Boolean, default=False)
+    content: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+    message: Mapped[Message] = relationship(back_populates="attachments")
+
+
+class OutboxEntry(Base):
+    """A CRM message waiting to leave, stored with its Message-ID before any
+    network call (the transactional outbox).
+
+    ``status``: ``pending`` (not tried, or tried and certainly not sent),
+    ``transmitting`` (the provider reached its point of no return; after a crash
+    the Sent folder is checked before any re-send), ``sent``, ``failed``.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("message_pk", name="uq_outbox_message"),
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_pk: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    connection_id: Mapped[int | None] = mapped_column(
+        ForeignKey("connections.id"), nullable=True, index=True
+    )
+    channel: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    sender: Mapped[str] = mapped_column(String(998))
+    recipients: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sent_copy_stored: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Event(Base):
+    """The event log: every event for the host, in order, per sub-account."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_event_subaccount", "subaccount_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subaccount_id: Mapped[str] = mapped_column(String(255))
+    type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
