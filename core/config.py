@@ -42,6 +42,7 @@ class SyncSettings:
     backoff_base_seconds: float = 5.0
     backoff_max_seconds: float = 900.0
     idle_seconds: float = 300.0
+    lease_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def from_mapping(raw: dict[str, Any], *, base: Path, path: Path | None = None) -
         backoff_base_seconds=_typed("sync", s, "backoff_base_seconds", float, 5.0),
         backoff_max_seconds=_typed("sync", s, "backoff_max_seconds", float, 900.0),
         idle_seconds=_typed("sync", s, "idle_seconds", float, 300.0),
+        lease_seconds=_typed("sync", s, "lease_seconds", float, 120.0),
     )
     if sync.poll_interval_seconds <= 0:
         raise ConfigError("[sync] poll_interval_seconds must be positive")

@@ -235,6 +235,10 @@ class OutboxEntry(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_copy_stored: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Who is delivering it (``host:pid``) and until when; a dead holder's lease
+    #: is taken over at once, a live one's only after it expires.
+    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 

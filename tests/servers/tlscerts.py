@@ -70,7 +70,7 @@ def make_test_ca(directory: Path) -> TestCA:
     caller); servers that drop privileges read the key before doing so.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     not_before = now - datetime.timedelta(days=1)
     not_after = now + datetime.timedelta(days=30)
 

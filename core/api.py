@@ -1,0 +1,137 @@
+"""The Python API: everything the command line does, importable and async.
+
+A CRM that embeds threadsync in-process uses :class:`Threadsync`::
+
+    from core import Threadsync, Draft
+
+    ts = Threadsync.from_config("config.toml", plugins=[MyEventHandlers()])
+    ts.init()
+    ts.labs("acme", enabled=True)
+    await ts.connect("acme", "u1", "imap_smtp", email="me@example.com", options={...})
+    sent = await ts.send("acme", "u1", Draft(to=["c@example.org"], subject="Hi", text="..."))
+    await ts.run_once()
+
+Host events arrive through the hooks in :mod:`core.hookspecs` on the plugins
+passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from core import accounts, compose, daemon, views
+from core.compose import Draft
+from core.config import Settings, load
+from core.kernel import Kernel
+from core.store import Store
+from core.vault import Vault
+
+
+class Threadsync:
+    """One threadsync instance over one database and one secret key."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        plugins: Iterable[object] = (),
+        load_entry_points: bool = True,
+        environ: Mapping[str, str] | None = None,
+    ) -> Threadsync:
+        return cls(
+            Kernel.build(
+                settings,
+                plugins=tuple(plugins),
+                load_entry_points=load_entry_points,
+                environ=environ,
+            )
+        )
+
+    @classmethod
+    def from_config(cls, path: str | Path | None = None, **kwargs: Any) -> Threadsync:
+        return cls.from_settings(load(path), **kwargs)
+
+    @staticmethod
+    def init(settings: Settings) -> dict[str, Any]:
+        """Create or upgrade the database and the secret key; idempotent."""
+        made_key = Vault.create_key_file(settings.secret_key_file)
+        store = Store(settings.database_url)
+        try:
+            store.upgrade()
+            revision = store.current_revision()
+        finally:
+            store.dispose()
+        return {
+            "database": "ready",
+            "revision": revision,
+            "secret_key_file": str(settings.secret_key_file),
+            "secret_key_created": made_key,
+        }
+
+    def check_ready(self) -> None:
+        self.kernel.store.check_ready()
+
+    def close(self) -> None:
+        self.kernel.store.dispose()
+
+    # ---- Labs ------------------------------------------------------------------------
+
+    def labs(self, subaccount: str, *, enabled: bool) -> dict[str, Any]:
+        return accounts.set_labs(self.kernel, subaccount, enabled)
+
+    def labs_status(self, subaccount: str) -> dict[str, Any]:
+        return accounts.labs_status(self.kernel, subaccount)
+
+    # ---- connections -------------------------------------------------------------------
+
+    async def connect(
+        self, subaccount: str, user: str, provider: str, *, email: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return await accounts.connect(self.kernel, subaccount, user, provider, email, options)
+
+    async def update_email(
+        self, subaccount: str, user: str, provider: str, *, email: str, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return await accounts.update_email(
+            self.kernel, subaccount, user, provider, email, options
+        )
+
+    async def disconnect(self, subaccount: str, user: str) -> dict[str, Any]:
+        return await accounts.disconnect(self.kernel, subaccount, user)
+
+    def status(self, subaccount: str, user: str | None = None) -> dict[str, Any]:
+        return accounts.status(self.kernel, subaccount, user)
+
+    # ---- mail ------------------------------------------------------------------------
+
+    async def send(self, subaccount: str, user: str, draft: Draft) -> dict[str, Any]:
+        return await compose.send(self.kernel, subaccount, user, draft)
+
+    async def reply(self, thread_id: str, draft: Draft) -> dict[str, Any]:
+        return await compose.reply(self.kernel, thread_id, draft)
+
+    def threads(self, subaccount: str, user: str | None = None) -> dict[str, Any]:
+        return views.threads(self.kernel, subaccount, user)
+
+    def thread(self, thread_id: str, subaccount: str | None = None) -> dict[str, Any]:
+        return views.thread(self.kernel, thread_id, subaccount)
+
+    def events(self, subaccount: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
+        return views.events(self.kernel, subaccount, after, limit)
+
+    # ---- the daemon --------------------------------------------------------------------
+
+    async def run_once(self) -> daemon.OnceReport:
+        return await daemon.run_once(self.kernel)
+
+    def daemon(self) -> daemon.Daemon:
+        return daemon.Daemon(self.kernel)
+
+
+__all__ = ["Draft", "Threadsync"]

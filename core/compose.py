@@ -1,0 +1,244 @@
+"""CRM mail: ``send`` starts a thread, ``reply`` continues one (R3, R4, R8).
+
+The route is decided by :mod:`core.rules`; the message is built with a
+Message-ID carrying the thread token and stored, with its outbox entry, in one
+transaction before any network call (the transactional outbox). Delivery is then
+tried at once; if it cannot happen now, the daemon delivers it later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import delivery, rules
+from core.accounts import get_subaccount, labs_on, live_connection
+from core.errors import InvalidInput, NotFound
+from core.events import EventBuffer
+from core.kernel import Kernel
+from core.mime import AttachmentIn, build_message, check_address, check_header_value
+from core.models import Attachment, Connection, Message, OutboxEntry, SyncedThread, utcnow
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What the CRM wants to send."""
+
+    text: str
+    html: str | None = None
+    attachments: Sequence[AttachmentIn] = ()
+    to: Sequence[str] = ()
+    cc: Sequence[str] = ()
+    subject: str = ""
+
+
+def _attachment_rows(draft: Draft, keep_content: bool) -> list[Attachment]:
+    import hashlib
+
+    return [
+        Attachment(
+            filename=a.filename,
+            content_type=a.content_type,
+            size=len(a.data),
+            sha256=hashlib.sha256(a.data).hexdigest(),
+            inline=False,
+            content=a.data if keep_content else None,
+        )
+        for a in draft.attachments
+    ]
+
+
+def _result(thread: SyncedThread, msg: Message, route: rules.Route) -> dict[str, Any]:
+    return {
+        "thread_id": thread.id,
+        "message_id": msg.message_id,
+        "channel": route.channel,
+        "synced": route.synced,
+        "reason": route.reason,
+        "status": "queued",
+    }
+
+
+def _store_outgoing(
+    session: Session,
+    k: Kernel,
+    events: EventBuffer,
+    thread: SyncedThread,
+    conn: Connection | None,
+    route: rules.Route,
+    draft: Draft,
+    *,
+    in_reply_to: str | None,
+    references: list[str],
+    user_name: str | None = None,
+) -> Message:
+    domain = k.settings.sync.message_id_domain
+    message_id = rules.make_message_id(thread.token, domain)
+    mailbox = route.channel == "mailbox" and conn is not None
+    sender = conn.email if mailbox and conn is not None else k.settings.default_channel.from_address
+    reply_to = conn.email if not mailbox and conn is not None else None
+    raw = build_message(
+        sender=sender,
+        to=list(draft.to),
+        cc=list(draft.cc),
+        subject=draft.subject,
+        text=draft.text,
+        html=draft.html,
+        attachments=list(draft.attachments),
+        message_id=message_id,
+        in_reply_to=in_reply_to,
+        references=references,
+        reply_to=reply_to,
+        sender_name=user_name,
+    )
+    msg = Message(
+        thread_id=thread.id,
+        subaccount_id=thread.subaccount_id,
+        message_id=message_id,
+        direction="outbound",
+        origin="crm",
+        state="synced" if route.synced else "skipped",
+        reason=route.reason,
+        sender=sender,
+        to=list(draft.to),
+        cc=list(draft.cc),
+        subject=draft.subject,
+        date=utcnow().isoformat() + "Z",
+        headers={"in_reply_to": [in_reply_to] if in_reply_to else [], "references": references},
+        provider_refs={},
+        text=draft.text,
+        html=draft.html,
+    )
+    msg.attachments = _attachment_rows(draft, keep_content=route.synced)
+    session.add(msg)
+    session.flush()
+    session.add(
+        OutboxEntry(
+            message_pk=msg.id,
+            connection_id=conn.id if mailbox and conn is not None else None,
+            channel=route.channel,
+            status="pending",
+            sender=sender,
+            recipients=[*draft.to, *draft.cc],
+            raw=raw,
+            attempts=0,
+        )
+    )
+    if not route.synced:
+        events.message(session, thread, msg)
+    return msg
+
+
+def _validate(draft: Draft, *, need_recipients: bool) -> Draft:
+    to = [check_address(a, "to address") for a in draft.to]
+    cc = [check_address(a, "cc address") for a in draft.cc]
+    if need_recipients and not to:
+        raise InvalidInput("at least one --to address is needed")
+    if len(to) + len(cc) > 500:
+        raise InvalidInput("at most 500 recipients per message")
+    subject = check_header_value(draft.subject, "subject")
+    for a in draft.attachments:
+        check_header_value(a.filename, "attachment filename")
+        check_header_value(a.content_type, "attachment content type")
+    return Draft(
+        text=draft.text, html=draft.html, attachments=draft.attachments,
+        to=to, cc=cc, subject=subject,
+    )
+
+
+async def send(k: Kernel, subaccount: str, user: str, draft: Draft) -> dict[str, Any]:
+    """Start a thread from the CRM (R3): through the mailbox when the route allows."""
+    draft = _validate(draft, need_recipients=True)
+    events = EventBuffer()
+    limit = k.settings.sync.max_attachment_bytes
+
+    def work(session: Session) -> tuple[dict[str, Any], int]:
+        get_subaccount(session, subaccount, create=True)
+        conn = live_connection(session, subaccount, user)
+        route = rules.route_first_message(
+            labs_on=labs_on(session, subaccount),
+            connection_state=conn.state if conn else None,
+            attachment_sizes=[len(a.data) for a in draft.attachments],
+            limit=limit,
+        )
+        synced = route.channel == "mailbox"
+        thread = SyncedThread(
+            id=rules.new_thread_id(),
+            token=rules.new_token(),
+            subaccount_id=subaccount,
+            user_id=user,
+            connection_id=conn.id if synced and conn else None,
+            email=conn.email if conn else None,
+            state="active" if synced else "unsynced",
+            stop_reason=None if synced else route.reason,
+            subject=draft.subject,
+        )
+        session.add(thread)
+        session.flush()
+        msg = _store_outgoing(
+            session, k, events, thread, conn, route, draft, in_reply_to=None, references=[]
+        )
+        return _result(thread, msg, route), msg.id
+
+    result, message_pk = await k.store.run(work)
+    events.announce(k.pm)
+    result["status"] = await delivery.deliver_now(k, message_pk)
+    return result
+
+
+async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
+    """Reply from the CRM in an existing thread (R4), threaded for mail clients."""
+    draft = _validate(draft, need_recipients=False)
+    events = EventBuffer()
+    limit = k.settings.sync.max_attachment_bytes
+
+    def work(session: Session) -> tuple[dict[str, Any], int]:
+        thread = session.get(SyncedThread, thread_id)
+        if thread is None:
+            raise NotFound(f"thread {thread_id!r} not found")
+        msgs = session.scalars(
+            select(Message).where(Message.thread_id == thread.id).order_by(Message.id)
+        ).all()
+        if not msgs:
+            raise NotFound(f"thread {thread_id!r} has no message to reply to")
+        conn = session.get(Connection, thread.connection_id) if thread.connection_id else None
+        route = rules.route_reply(
+            thread_state=thread.state,
+            labs_on=labs_on(session, thread.subaccount_id),
+            connection_state=conn.state if conn else None,
+            attachment_sizes=[len(a.data) for a in draft.attachments],
+            limit=limit,
+        )
+        last = msgs[-1]
+        own = {a.lower() for a in (conn.email if conn else "", thread.email or "") if a}
+        if draft.to:
+            to, cc = list(draft.to), list(draft.cc)
+        elif last.direction == "inbound" and last.sender:
+            to = [last.sender]
+            cc = [a for a in [*last.to, *last.cc] if a.lower() not in own and a != last.sender]
+        else:
+            to, cc = list(last.to), list(last.cc)
+        chain = [m.message_id for m in msgs]
+        full = Draft(
+            text=draft.text,
+            html=draft.html,
+            attachments=draft.attachments,
+            to=to,
+            cc=cc,
+            subject=draft.subject or rules.reply_subject(thread.subject),
+        )
+        msg = _store_outgoing(
+            session, k, events, thread, conn, route, full,
+            in_reply_to=last.message_id,
+            references=rules.references_for_reply(chain),
+        )
+        return _result(thread, msg, route), msg.id
+
+    result, message_pk = await k.store.run(work)
+    events.announce(k.pm)
+    result["status"] = await delivery.deliver_now(k, message_pk)
+    return result

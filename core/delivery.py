@@ -1,0 +1,354 @@
+"""Delivers the transactional outbox, at most once per CRM message (R9).
+
+An entry moves ``pending`` -> ``claimed`` (a lease, before any network call) ->
+``transmitting`` (committed by the provider's checkpoint, immediately before the
+step after which the message may have left: SMTP DATA, Graph send) -> ``sent``.
+
+After a crash:
+
+* ``claimed`` with a dead or expired lease: nothing left; it is sent again.
+* ``transmitting``: it may have left. It is never sent again; the Sent folder is
+  checked for its Message-ID and the copy filed if missing. On loopback and LAN
+  the window between that commit and the server taking the message is a single
+  socket write, so in practice this is exactly once; where it is not, threadsync
+  prefers a missing message over a duplicate, as PRODUCT.md R9 demands.
+
+A failure before the checkpoint returns the entry to ``pending`` with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from core import rules
+from core.accounts import labs_on
+from core.errors import ProviderError, ProviderProtocolError
+from core.events import EventBuffer
+from core.kernel import Kernel
+from core.models import Connection, Message, OutboxEntry, utcnow
+from core.provider import OutgoingMail, Provider
+from core.relay import send_via_relay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Claim:
+    entry_id: int
+    channel: str
+    connection_id: int | None
+    mail: OutgoingMail
+    was_transmitting: bool
+    sent_copy_stored: bool
+    already_sent: bool
+
+
+def _lease_is_dead(owner: str | None, until: datetime | None, now: datetime) -> bool:
+    if owner is None or until is None or until <= now:
+        return True
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _claim(k: Kernel, entry_id: int, *, force: bool = False) -> Claim | None:
+    """Take the lease on an entry, or ``None`` when it is not ours to deliver now."""
+
+    def work(session: Session) -> Claim | None:
+        entry = session.get(OutboxEntry, entry_id)
+        if entry is None:
+            return None
+        now = utcnow()
+        if entry.status == "sent":
+            if entry.channel == "mailbox" and not entry.sent_copy_stored:
+                if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
+                    return None
+            else:
+                return None
+        elif entry.status in ("claimed", "transmitting"):
+            if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
+                return None
+        elif entry.status == "pending":
+            if not force and entry.next_attempt_at and entry.next_attempt_at > now:
+                return None
+        else:
+            return None
+        was_transmitting = entry.status == "transmitting"
+        already_sent = entry.status == "sent"
+        # Compare-and-set, so that two workers never both win the same entry.
+        won = session.execute(
+            update(OutboxEntry)
+            .where(
+                OutboxEntry.id == entry.id,
+                OutboxEntry.status == entry.status,
+                OutboxEntry.lease_owner.is_(None)
+                if entry.lease_owner is None
+                else OutboxEntry.lease_owner == entry.lease_owner,
+            )
+            .values(
+                status="claimed" if entry.status in ("pending", "claimed") else entry.status,
+                lease_owner=k.worker,
+                lease_until=now + timedelta(seconds=k.settings.sync.lease_seconds),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if won.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        msg = session.get(Message, entry.message_pk)
+        assert msg is not None
+        return Claim(
+            entry_id=entry.id,
+            channel=entry.channel,
+            connection_id=entry.connection_id,
+            mail=OutgoingMail(
+                raw=entry.raw,
+                message_id=msg.message_id,
+                sender=entry.sender,
+                recipients=tuple(entry.recipients),
+            ),
+            was_transmitting=was_transmitting,
+            sent_copy_stored=entry.sent_copy_stored,
+            already_sent=already_sent,
+        )
+
+    return k.store.call(work)
+
+
+def _update(k: Kernel, entry_id: int, events: EventBuffer | None = None, **values: object) -> None:
+    def work(session: Session) -> None:
+        entry = session.get(OutboxEntry, entry_id)
+        if entry is None:
+            return
+        for key, value in values.items():
+            setattr(entry, key, value)
+        if values.get("status") == "sent" and events is not None and entry.channel == "mailbox":
+            msg = session.get(Message, entry.message_pk)
+            if msg is not None and msg.state == "synced":
+                events.message(session, msg.thread, msg)
+
+    k.store.call(work)
+
+
+def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
+    when = rules.backoff(
+        failures,
+        k.settings.sync.backoff_base_seconds,
+        k.settings.sync.backoff_max_seconds,
+        utcnow(),
+    )
+
+    def work(session: Session) -> None:
+        entry = session.get(OutboxEntry, claim.entry_id)
+        if entry is None:
+            return
+        entry.status = "pending"
+        entry.lease_owner = None
+        entry.lease_until = None
+        entry.attempts = (entry.attempts or 0) + 1
+        entry.last_error = error
+        entry.next_attempt_at = when
+
+    k.store.call(work)
+
+
+async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = None) -> str:
+    """Try to deliver one entry; returns ``"sent"`` or ``"queued"``.
+
+    ``provider`` is an open provider of the entry's connection (the daemon's), or
+    ``None`` to open one for this delivery only.
+    """
+    claim = await _run(k, _claim, entry_id)
+    if claim is None:
+        return await _status(k, entry_id)
+    if claim.channel == "default":
+        return await _deliver_default(k, claim)
+    return await _deliver_mailbox(k, claim, provider)
+
+
+async def _run(k: Kernel, fn, *args):  # type: ignore[no-untyped-def]
+    import asyncio
+
+    return await asyncio.to_thread(fn, k, *args)
+
+
+async def _status(k: Kernel, entry_id: int) -> str:
+    def work(session: Session) -> str:
+        entry = session.get(OutboxEntry, entry_id)
+        return "sent" if entry is not None and entry.status == "sent" else "queued"
+
+    return await k.store.run(work)
+
+
+def _checkpoint(k: Kernel, claim: Claim):  # type: ignore[no-untyped-def]
+    async def checkpoint() -> None:
+        await _run(k, _update, claim.entry_id, None, status="transmitting")  # type: ignore[arg-type]
+
+    return checkpoint
+
+
+async def _deliver_default(k: Kernel, claim: Claim) -> str:
+    if claim.was_transmitting:
+        await _run(k, _mark_sent, claim, True)
+        return "sent"
+    channel = k.settings.default_channel
+    password = k.environ.get(channel.password_env) if channel.password_env else None
+    try:
+        await send_via_relay(channel, claim.mail, password, _checkpoint(k, claim))
+    except ProviderProtocolError as exc:
+        await _run(k, _fail, claim, str(exc))
+        return "queued"
+    except ProviderError as exc:
+        log.warning("default channel failed: %s", exc, extra={"outbox_id": claim.entry_id})
+        await _run(k, _release, claim, str(exc))
+        return "queued"
+    await _run(k, _mark_sent, claim, True)
+    return "sent"
+
+
+def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
+    events = EventBuffer()
+    _update(
+        k,
+        claim.entry_id,
+        events,
+        status="sent",
+        sent_at=utcnow(),
+        sent_copy_stored=copy_stored,
+        lease_owner=None if copy_stored else k.worker,
+        last_error=None,
+    )
+    events.announce(k.pm)
+
+
+def _fail(k: Kernel, claim: Claim, error: str) -> None:
+    _update(k, claim.entry_id, None, status="failed", last_error=error, lease_owner=None)
+
+
+def _connection_ready(k: Kernel, claim: Claim) -> bool:
+    def work(session: Session) -> bool:
+        conn = session.get(Connection, claim.connection_id) if claim.connection_id else None
+        return bool(
+            conn is not None
+            and conn.state == "connected"
+            and labs_on(session, conn.subaccount_id)
+            and (conn.next_attempt_at is None or conn.next_attempt_at <= utcnow())
+        )
+
+    return k.store.call(work)
+
+
+async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -> str:
+    if not await _run(k, _connection_ready, claim):
+        await _run(k, _release_quietly, claim)
+        return "queued"
+    own = provider is None
+    if provider is None:
+        conn = await k.store.run(lambda s: k.get_connection(s, claim.connection_id or 0))
+        provider = k.provider_for(conn)
+    try:
+        if own:
+            await provider.open()
+        if not (claim.was_transmitting or claim.already_sent):
+            try:
+                await provider.send(claim.mail, _checkpoint(k, claim))
+            except ProviderProtocolError as exc:
+                await _run(k, _fail, claim, str(exc))
+                return "queued"
+            await _run(k, _mark_sent, claim, provider.files_sent_copy)
+        elif claim.was_transmitting:
+            # It may have left before the crash: never send again (R9).
+            await _run(k, _mark_sent, claim, provider.files_sent_copy)
+        if not provider.files_sent_copy and not claim.sent_copy_stored:
+            if not await provider.find_sent(claim.mail.message_id):
+                await provider.store_sent_copy(claim.mail)
+            await _run(k, _update, claim.entry_id, None, sent_copy_stored=True, lease_owner=None)
+        return "sent"
+    except ProviderError as exc:
+        await _run(k, _connection_failed, claim, exc)
+        return await _status(k, claim.entry_id)
+    finally:
+        if own:
+            await provider.close()
+
+
+def _release_quietly(k: Kernel, claim: Claim) -> None:
+    def work(session: Session) -> None:
+        entry = session.get(OutboxEntry, claim.entry_id)
+        if entry is not None and entry.status == "claimed":
+            entry.status = "pending"
+            entry.lease_owner = None
+            entry.lease_until = None
+
+    k.store.call(work)
+
+
+def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
+    events = EventBuffer()
+
+    def work(session: Session) -> None:
+        entry = session.get(OutboxEntry, claim.entry_id)
+        if entry is not None and entry.status in ("claimed", "transmitting"):
+            # An error raised by the provider means the server did not take it.
+            entry.status = "pending"
+            entry.attempts = (entry.attempts or 0) + 1
+            entry.last_error = str(exc)
+        if entry is not None:
+            entry.lease_owner = None
+            entry.lease_until = None
+        if claim.connection_id is not None:
+            k.record_failure(session, events, claim.connection_id, exc)
+
+    k.store.call(work)
+    events.announce(k.pm)
+
+
+async def deliver_now(k: Kernel, message_pk: int) -> str:
+    """Deliver the outbox entry of a just-stored CRM message, if possible now."""
+
+    def find(session: Session) -> int | None:
+        return session.scalar(select(OutboxEntry.id).where(OutboxEntry.message_pk == message_pk))
+
+    entry_id = await k.store.run(find)
+    if entry_id is None:
+        return "queued"
+    return await deliver_entry(k, entry_id)
+
+
+def due_entries(k: Kernel, connection_id: int | None) -> list[int]:
+    """Entries to try now: pending and due, stale leases, sent copies not filed."""
+    now = utcnow()
+
+    def work(session: Session) -> list[int]:
+        query = select(OutboxEntry.id).where(
+            or_(
+                (OutboxEntry.status == "pending")
+                & (or_(OutboxEntry.next_attempt_at.is_(None), OutboxEntry.next_attempt_at <= now)),
+                OutboxEntry.status.in_(("claimed", "transmitting")),
+                (OutboxEntry.status == "sent")
+                & (OutboxEntry.channel == "mailbox")
+                & (OutboxEntry.sent_copy_stored.is_(False)),
+            )
+        )
+        if connection_id is None:
+            query = query.where(OutboxEntry.channel == "default")
+        else:
+            query = query.where(OutboxEntry.connection_id == connection_id)
+        return list(session.scalars(query.order_by(OutboxEntry.id)).all())
+
+    return k.store.call(work)

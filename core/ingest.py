@@ -1,0 +1,305 @@
+"""Reads new mail of a connection and stores what belongs to synced threads.
+
+For each watched folder: ask the provider for headers since the stored cursor,
+decide membership from our own tables (PRODUCT.md "Thread membership"), fetch
+only the members' bodies (R5), apply the attachment limit (R8), and store the
+accepted messages together with the new cursor in one transaction, so that a crash
+at any point replays a batch instead of losing or doubling it (R9). The unique
+constraint on (thread, Message-ID) is the last line of defence when two workers
+race or a folder is rescanned after a UIDVALIDITY reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core import rules
+from core.errors import MessageParseError, ProviderError
+from core.events import EventBuffer
+from core.kernel import Kernel
+from core.mime import ParsedMessage, parse_message
+from core.models import Attachment, Connection, Cursor, Message, SyncedThread
+from core.provider import Folder, HeaderSummary, Provider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Accepted:
+    """A message that belongs to a thread, fetched and parsed."""
+
+    thread_id: str
+    header: HeaderSummary
+    message_id: str
+    parsed: ParsedMessage | None
+    error: str | None = None
+
+
+@dataclass
+class PassReport:
+    """What one pass over a connection did (for logs, tests and benchmarks)."""
+
+    seen: int = 0
+    stored: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    folders: dict[str, int] = field(default_factory=dict)
+
+
+def _candidate_ids(h: HeaderSummary) -> list[str]:
+    return list(dict.fromkeys([*h.in_reply_to, *h.references]))
+
+
+def _classify(
+    k: Kernel, conn_id: int, headers: list[HeaderSummary]
+) -> list[tuple[HeaderSummary, str]]:
+    """Which headers belong to an active thread of this connection: (header, thread).
+
+    Decided from our tables only: a thread token inside a referenced Message-ID of
+    ours, or a referenced Message-ID already stored in the thread. Headers whose own
+    Message-ID is already stored (the CRM's sent copy, INBOX+Sent) are left out.
+    """
+    domain = k.settings.sync.message_id_domain
+    refs: set[str] = set()
+    tokens: set[str] = set()
+    own: set[str] = set()
+    for h in headers:
+        for mid in _candidate_ids(h):
+            refs.add(mid)
+            token = rules.token_of(mid, domain)
+            if token:
+                tokens.add(token)
+        if h.message_id:
+            own.add(h.message_id)
+    if not refs:
+        return []
+
+    def work(session: Session) -> tuple[dict[str, str], dict[str, str], set[str]]:
+        by_token: dict[str, str] = {}
+        by_mid: dict[str, str] = {}
+        known: set[str] = set()
+        active = select(SyncedThread.id).where(
+            SyncedThread.connection_id == conn_id, SyncedThread.state == "active"
+        )
+        if tokens:
+            for tid, token in session.execute(
+                select(SyncedThread.id, SyncedThread.token).where(
+                    SyncedThread.token.in_(tokens),
+                    SyncedThread.connection_id == conn_id,
+                    SyncedThread.state == "active",
+                )
+            ):
+                by_token[token] = tid
+        for chunk in _chunks(sorted(refs | own), 500):
+            for mid, tid in session.execute(
+                select(Message.message_id, Message.thread_id).where(
+                    Message.message_id.in_(chunk), Message.thread_id.in_(active)
+                )
+            ):
+                by_mid[mid] = tid
+                known.add(mid)
+        return by_token, by_mid, known
+
+    by_token, by_mid, known = k.store.call(work)
+    members: list[tuple[HeaderSummary, str]] = []
+    for h in headers:
+        if h.message_id and h.message_id in known:
+            continue
+        thread_id = None
+        for mid in reversed(_candidate_ids(h)):
+            thread_id = by_mid.get(mid)
+            if thread_id is None:
+                token = rules.token_of(mid, domain)
+                thread_id = by_token.get(token) if token else None
+            if thread_id:
+                break
+        if thread_id is None:
+            continue
+        members.append((h, thread_id))
+        if h.message_id:
+            # A later header in the same batch may reply to this one.
+            by_mid[h.message_id] = thread_id
+            known.add(h.message_id)
+    return members
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _synthetic_id(raw_ref: str, h: HeaderSummary, conn_id: int) -> str:
+    """A stable id for a message without Message-ID, so replays still dedupe."""
+    basis = f"{conn_id}|{h.sender}|{h.date}|{h.subject}|{h.in_reply_to}|{h.references}"
+    return f"<missing-{hashlib.sha256(basis.encode()).hexdigest()[:32]}@threadsync.invalid>"
+
+
+def _store(
+    k: Kernel,
+    conn_id: int,
+    folder: Folder,
+    accepted: list[Accepted],
+    cursor: dict[str, Any],
+    events: EventBuffer,
+    report: PassReport,
+) -> None:
+    """Store accepted messages and the folder cursor in one transaction."""
+    limit = k.settings.sync.max_attachment_bytes
+
+    def work(session: Session) -> None:
+        conn = k.get_connection(session, conn_id)
+        own_address = conn.email.lower()
+        for item in accepted:
+            thread = session.get(SyncedThread, item.thread_id)
+            if thread is None or thread.state != "active":
+                continue
+            exists = session.scalar(
+                select(Message).where(
+                    Message.thread_id == thread.id, Message.message_id == item.message_id
+                )
+            )
+            if exists is not None:
+                refs = dict(exists.provider_refs or {})
+                refs.setdefault(folder.role, item.header.ref)
+                exists.provider_refs = refs
+                report.duplicates += 1
+                continue
+            msg = _message_row(thread, item, folder, own_address, limit)
+            session.add(msg)
+            session.flush()
+            if msg.state == "synced":
+                report.stored += 1
+            else:
+                report.skipped += 1
+            events.message(session, thread, msg)
+        row = session.scalar(
+            select(Cursor).where(Cursor.connection_id == conn_id, Cursor.role == folder.role)
+        )
+        if row is None:
+            session.add(Cursor(connection_id=conn_id, role=folder.role, folder=folder.name, data=cursor))
+        else:
+            row.folder = folder.name
+            row.data = cursor
+
+    # A concurrent worker may have stored one of these messages between our check
+    # and our insert: the unique constraint refuses it, and the retry skips it.
+    for attempt in range(3):
+        try:
+            k.store.call(work)
+            return
+        except IntegrityError:
+            if attempt == 2:
+                raise
+            events.pending.clear()
+            log.info("batch raced another worker; retrying", extra={"connection_id": conn_id})
+
+
+def _message_row(
+    thread: SyncedThread, item: Accepted, folder: Folder, own_address: str, limit: int
+) -> Message:
+    h, p = item.header, item.parsed
+    sender = (p.sender if p else None) or h.sender
+    outbound = folder.role == "sent" or (sender or "").lower() == own_address
+    msg = Message(
+        thread_id=thread.id,
+        subaccount_id=thread.subaccount_id,
+        message_id=item.message_id,
+        direction="outbound" if outbound else "inbound",
+        origin="mailbox",
+        sender=sender,
+        to=list(p.to) if p else [],
+        cc=list(p.cc) if p else [],
+        subject=(p.subject if p else h.subject) or "",
+        date=(p.date if p else None) or h.date,
+        headers={
+            "in_reply_to": list(p.in_reply_to if p else h.in_reply_to),
+            "references": list(p.references if p else h.references),
+        },
+        provider_refs={folder.role: h.ref},
+    )
+    if p is None:
+        msg.state, msg.reason = "skipped", rules.UNPARSEABLE
+        return msg
+    too_large = rules.over_limit((a.size for a in p.attachments), limit)
+    msg.state = "skipped" if too_large else "synced"
+    msg.reason = rules.ATTACHMENT_TOO_LARGE if too_large else None
+    if not too_large:
+        msg.text, msg.html = p.text, p.html
+    msg.attachments = [
+        Attachment(
+            filename=a.filename,
+            content_type=a.content_type,
+            size=a.size,
+            sha256=a.sha256,
+            inline=a.inline,
+            content=None if too_large else a.data,
+        )
+        for a in p.attachments
+    ]
+    return msg
+
+
+async def sync_folder(
+    k: Kernel, conn_id: int, provider: Provider, folder: Folder, report: PassReport
+) -> None:
+    """Read one folder up to its current end, batch by batch."""
+
+    def load(session: Session) -> dict[str, Any] | None:
+        row = session.scalar(
+            select(Cursor).where(Cursor.connection_id == conn_id, Cursor.role == folder.role)
+        )
+        if row is None or row.folder != folder.name:
+            return None
+        return dict(row.data)
+
+    cursor = await k.store.run(load)
+    while True:
+        batch = await provider.changes(folder, cursor, k.settings.sync.batch_size)
+        report.seen += len(batch.headers)
+        members = await asyncio.to_thread(_classify, k, conn_id, batch.headers)
+        accepted: list[Accepted] = []
+        for header, thread_id in members:
+            mid = header.message_id or _synthetic_id(header.ref, header, conn_id)
+            try:
+                raw = await provider.fetch(folder, header.ref)
+                parsed: ParsedMessage | None = parse_message(raw)
+                error = None
+            except MessageParseError as exc:
+                parsed, error = None, str(exc)
+            accepted.append(Accepted(thread_id, header, mid, parsed, error))
+        events = EventBuffer()
+        await asyncio.to_thread(
+            _store, k, conn_id, folder, accepted, batch.cursor, events, report
+        )
+        events.announce(k.pm)
+        report.folders[folder.role] = report.folders.get(folder.role, 0) + len(batch.headers)
+        cursor = batch.cursor
+        if not batch.more:
+            return
+
+
+async def sync_connection(k: Kernel, conn_id: int, provider: Provider) -> PassReport:
+    """One pass over every watched folder of an open provider. Provider errors
+    propagate to the caller, which records them on the connection."""
+    report = PassReport()
+    for folder in await provider.folders():
+        await sync_folder(k, conn_id, provider, folder, report)
+    events = EventBuffer()
+    await k.store.run(lambda s: k.record_success(s, events, conn_id))
+    events.announce(k.pm)
+    return report
+
+
+def connection_is_live(session: Session, conn_id: int) -> Connection | None:
+    conn = session.get(Connection, conn_id)
+    return conn if conn is not None and conn.state in ("connected", "error") else None
+
+
+__all__ = ["PassReport", "ProviderError", "sync_connection", "sync_folder"]

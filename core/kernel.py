@@ -1,0 +1,159 @@
+"""The kernel's shared context: settings, store, vault, plugins and live provider
+sessions, plus the connection state machine (R2) that every other kernel module
+uses when a provider succeeds or fails.
+
+Nothing outside ``core`` changes a connection's state; providers only raise
+:mod:`core.errors` exceptions, and :meth:`Kernel.record_failure` decides what
+they mean.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+from sqlalchemy.orm import Session
+
+from core import rules
+from core.config import Settings
+from core.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    NotFound,
+    ProviderError,
+    TransientProviderError,
+)
+from core.events import EventBuffer
+from core.models import Connection, utcnow
+from core.provider import Account, Provider
+from core.registry import RegisteredProvider, get_plugin_manager, providers
+from core.store import Store
+from core.vault import Vault
+
+log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    """Who holds an outbox lease: host and process, so a dead holder is recognised."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Kernel:
+    """Everything a unit of kernel work needs, built once per process."""
+
+    settings: Settings
+    store: Store
+    vault: Vault
+    pm: pluggy.PluginManager
+    registry: dict[str, RegisteredProvider] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    worker: str = field(default_factory=worker_id)
+    #: Provider kernel-wide settings (timeouts), per provider name, from config.
+    provider_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        plugins: tuple[object, ...] = (),
+        load_entry_points: bool = True,
+        environ: Mapping[str, str] | None = None,
+    ) -> Kernel:
+        pm = get_plugin_manager(plugins, load_entry_points=load_entry_points)
+        return cls(
+            settings=settings,
+            store=Store(settings.database_url),
+            vault=Vault.from_file(settings.secret_key_file),
+            pm=pm,
+            registry=providers(pm),
+            environ=dict(os.environ) if environ is None else dict(environ),
+            provider_settings={k: dict(v) for k, v in settings.providers.items()},
+        )
+
+    # ---- providers -------------------------------------------------------------------
+
+    def provider_class(self, name: str) -> type[Provider]:
+        try:
+            return self.registry[name].cls
+        except KeyError:
+            known = ", ".join(sorted(self.registry)) or "none"
+            raise ConfigError(f"unknown provider {name!r} (registered: {known})") from None
+
+    def provider_for(self, conn: Connection) -> Provider:
+        """A new (unopened) provider instance for a stored connection."""
+        cls = self.provider_class(conn.provider)
+        account = Account(
+            email=conn.email,
+            settings=dict(conn.settings or {}),
+            secrets=self.vault.open(conn.secrets),
+        )
+        return cls(account, self.provider_settings.get(conn.provider, {}))
+
+    # ---- the connection state machine (R2) ---------------------------------------------
+
+    def set_state(
+        self,
+        session: Session,
+        events: EventBuffer,
+        conn: Connection,
+        state: str,
+        *,
+        error: str | None = None,
+    ) -> None:
+        """Move ``conn`` to ``state`` and record the event when it really changed."""
+        previous = conn.state
+        conn.last_error = error
+        if state == "connected":
+            conn.failures = 0
+            conn.next_attempt_at = None
+        if previous != state:
+            conn.state = state
+            conn.since = utcnow()
+            events.connection(session, conn, previous)
+
+    def record_failure(
+        self, session: Session, events: EventBuffer, conn_id: int, exc: ProviderError
+    ) -> str:
+        """What a provider failure means for the connection; returns the new state.
+
+        Rejected credentials -> ``needs_reauth`` (nothing is lost; cursors stay, so
+        re-authorising catches up). Anything else -> ``error`` with backoff.
+        """
+        conn = session.get(Connection, conn_id)
+        if conn is None or conn.state not in ("connected", "needs_reauth", "error"):
+            return conn.state if conn is not None else "gone"
+        message = str(exc) or exc.__class__.__name__
+        if isinstance(exc, AuthenticationFailed):
+            self.set_state(session, events, conn, "needs_reauth", error=message)
+            return conn.state
+        conn.failures = (conn.failures or 0) + 1
+        sync = self.settings.sync
+        when = rules.backoff(
+            conn.failures, sync.backoff_base_seconds, sync.backoff_max_seconds, utcnow()
+        )
+        if isinstance(exc, TransientProviderError) and exc.retry_after:
+            when = max(when, rules.backoff(1, exc.retry_after, exc.retry_after, utcnow()))
+        conn.next_attempt_at = when
+        self.set_state(session, events, conn, "error", error=message)
+        return conn.state
+
+    def record_success(self, session: Session, events: EventBuffer, conn_id: int) -> None:
+        conn = session.get(Connection, conn_id)
+        if conn is None:
+            return
+        conn.last_sync_at = utcnow()
+        if conn.state == "error":
+            self.set_state(session, events, conn, "connected")
+
+    def get_connection(self, session: Session, conn_id: int) -> Connection:
+        conn = session.get(Connection, conn_id)
+        if conn is None:
+            raise NotFound(f"connection {conn_id} not found")
+        return conn
