@@ -125,9 +125,11 @@ def init(ctx: Ctx) -> None:
     result = Threadsync.init(ctx.settings)
     ctx.emit(
         result,
-        lambda r: f"database ready (schema {r['revision']}); secret key "
-        + ("created" if r["secret_key_created"] else "kept")
-        + f" at {r['secret_key_file']}",
+        lambda r: (
+            f"database ready (schema {r['revision']}); secret key "
+            + ("created" if r["secret_key_created"] else "kept")
+            + f" at {r['secret_key_file']}"
+        ),
     )
 
 
@@ -174,7 +176,8 @@ def labs_status(ctx: Ctx, subaccount: str) -> None:
 def _connection_text(c: dict[str, Any]) -> str:
     paused = " (paused: Labs off)" if c.get("paused") else ""
     err = f" - {c['last_error']}" if c.get("last_error") else ""
-    return f"{c['subaccount']}/{c['user']}: {c['email']} via {c['provider']} is {c['state']}{paused}{err}"
+    who = f"{c['subaccount']}/{c['user']}"
+    return f"{who}: {c['email']} via {c['provider']} is {c['state']}{paused}{err}"
 
 
 def _provider_options(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +193,9 @@ def _connect_command(name: str, doc: str, update: bool) -> click.Command:
     def command(ctx: Ctx, subaccount: str, user: str, provider: str, email: str, **kw: Any) -> None:
         ts = ctx.threadsync()
         fn = ts.update_email if update else ts.connect
-        result = run_async(fn(subaccount, user, provider, email=email, options=_provider_options(kw)))
+        result = run_async(
+            fn(subaccount, user, provider, email=email, options=_provider_options(kw))
+        )
         ctx.emit(result, _connection_text)
 
     command.__doc__ = doc
@@ -241,7 +246,9 @@ def _body(text: str | None, text_file: Path | None) -> str:
 
 
 def _send_text(r: dict[str, Any]) -> str:
-    how = "through the user's mailbox" if r["channel"] == "mailbox" else "through the default channel"
+    how = (
+        "through the user's mailbox" if r["channel"] == "mailbox" else "through the default channel"
+    )
     sync = "synced" if r["synced"] else f"not synced ({r['reason']})"
     return f"{r['status']} {how}; thread {r['thread_id']} {sync}; message {r['message_id']}"
 
@@ -251,7 +258,10 @@ _body_options = [
     click.option("--text-file", type=click.Path(dir_okay=False, path_type=Path), default=None),
     click.option("--html-file", type=click.Path(dir_okay=False, path_type=Path), default=None),
     click.option(
-        "--attach", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="File to attach."
+        "--attach",
+        multiple=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="File to attach.",
     ),
 ]
 
@@ -371,7 +381,9 @@ def thread(ctx: Ctx, thread_id: str) -> None:
         for m in r["messages"]:
             arrow = "<-" if m["direction"] == "inbound" else "->"
             state = m["state"] + (f" ({m['reason']})" if m["reason"] else "")
-            lines.append(f"  {arrow} {m['from']} ({m['origin']}) {m['date']}: {m['subject']} [{state}]")
+            lines.append(
+                f"  {arrow} {m['from']} ({m['origin']}) {m['date']}: {m['subject']} [{state}]"
+            )
             for a in m["attachments"]:
                 lines.append(f"     attachment {a['filename']} {a['size']} bytes")
         return "\n".join(lines)
@@ -397,9 +409,11 @@ def run(ctx: Ctx, once: bool) -> None:
         }
         ctx.emit(
             data,
-            lambda d: f"pass done: {d['connections']} connection(s), {d['stored']} stored, "
-            f"{d['skipped']} skipped, {d['sent']} sent"
-            + "".join(f"\n  {e}" for e in d["errors"]),
+            lambda d: (
+                f"pass done: {d['connections']} connection(s), {d['stored']} stored, "
+                f"{d['skipped']} skipped, {d['sent']} sent"
+                + "".join(f"\n  {e}" for e in d["errors"])
+            ),
         )
         return
     if not logging.getLogger().isEnabledFor(logging.INFO):
@@ -431,7 +445,9 @@ def plugins(ctx: Ctx) -> None:
     }
     ctx.emit(
         data,
-        lambda d: "\n".join(f"{p['name']:<12} from {p['plugin']}: {p['title']}" for p in d["providers"]),
+        lambda d: "\n".join(
+            f"{p['name']:<12} from {p['plugin']}: {p['title']}" for p in d["providers"]
+        ),
     )
 
 

@@ -85,7 +85,10 @@ def set_labs(k: Kernel, subaccount: str, enabled: bool) -> dict[str, Any]:
 def labs_status(k: Kernel, subaccount: str) -> dict[str, Any]:
     def work(session: Session) -> dict[str, Any]:
         sub = session.get(SubAccount, subaccount)
-        return {"subaccount": subaccount, "two_way_email_sync": bool(sub and sub.two_way_email_sync)}
+        return {
+            "subaccount": subaccount,
+            "two_way_email_sync": bool(sub and sub.two_way_email_sync),
+        }
 
     return k.store.call(work)
 
@@ -104,14 +107,16 @@ def _check_id(value: str, what: str) -> None:
 # ---- connect / re-authorise (R2, R2a) -----------------------------------------------------
 
 
-async def _verified(k: Kernel, cls: type[Provider], account: Account) -> list[tuple[str, str, dict[str, Any]]]:
+async def _verified(
+    k: Kernel, cls: type[Provider], account: Account
+) -> list[tuple[str, str, dict[str, Any]]]:
     """Log in to the mailbox and place a cursor at the end of each folder: history
     from before the connection is never read. Returns (role, folder, cursor)."""
     provider = cls(account, k.provider_settings.get(cls.name, {}))
     try:
         await provider.open()
         await provider.verify()
-        placed = []
+        placed: list[tuple[str, str, dict[str, Any]]] = []
         for folder in await provider.folders():
             batch = await provider.changes(folder, None)
             placed.append((folder.role, folder.name, batch.cursor))
@@ -169,7 +174,9 @@ async def connect(
             known = {c.role for c in conn.cursors}
             for role, folder, cursor in placed:
                 if role not in known:
-                    session.add(Cursor(connection_id=conn.id, role=role, folder=folder, data=cursor))
+                    session.add(
+                        Cursor(connection_id=conn.id, role=role, folder=folder, data=cursor)
+                    )
             k.set_state(session, events, conn, "connected")
             conn.next_attempt_at = None
         else:
@@ -212,9 +219,7 @@ def _new_connection(
 # ---- ending a connection (R6, R7) -----------------------------------------------------------
 
 
-def _end(
-    session: Session, k: Kernel, events: EventBuffer, conn: Connection, state: str
-) -> None:
+def _end(session: Session, k: Kernel, events: EventBuffer, conn: Connection, state: str) -> None:
     """Final state for ``conn``: credentials and cursors deleted, threads stopped,
     queued CRM mail sent by the default channel instead."""
     k.set_state(session, events, conn, state)
@@ -283,9 +288,7 @@ async def update_email(
             )
         live = live_connection(session, subaccount, user)
         if live is None:
-            raise NotFound(
-                f"user {user!r} has no connected mailbox to update; use connect"
-            )
+            raise NotFound(f"user {user!r} has no connected mailbox to update; use connect")
         return live
 
     await k.store.run(precheck)

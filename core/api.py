@@ -98,9 +98,7 @@ class Threadsync:
     async def update_email(
         self, subaccount: str, user: str, provider: str, *, email: str, options: Mapping[str, Any]
     ) -> dict[str, Any]:
-        return await accounts.update_email(
-            self.kernel, subaccount, user, provider, email, options
-        )
+        return await accounts.update_email(self.kernel, subaccount, user, provider, email, options)
 
     async def disconnect(self, subaccount: str, user: str) -> dict[str, Any]:
         return await accounts.disconnect(self.kernel, subaccount, user)

@@ -145,8 +145,12 @@ def _validate(draft: Draft, *, need_recipients: bool) -> Draft:
         check_header_value(a.filename, "attachment filename")
         check_header_value(a.content_type, "attachment content type")
     return Draft(
-        text=draft.text, html=draft.html, attachments=draft.attachments,
-        to=to, cc=cc, subject=subject,
+        text=draft.text,
+        html=draft.html,
+        attachments=draft.attachments,
+        to=to,
+        cc=cc,
+        subject=subject,
     )
 
 
@@ -232,7 +236,13 @@ async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
             subject=draft.subject or rules.reply_subject(thread.subject),
         )
         msg = _store_outgoing(
-            session, k, events, thread, conn, route, full,
+            session,
+            k,
+            events,
+            thread,
+            conn,
+            route,
+            full,
             in_reply_to=last.message_id,
             references=rules.references_for_reply(chain),
         )

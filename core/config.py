@@ -108,7 +108,7 @@ def _typed(section: str, data: dict[str, Any], key: str, kind: type, default: An
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"[{section}] {key} must be a {kind.__name__}, not {value!r}")
     return value
 

@@ -18,11 +18,14 @@ A failure before the checkpoint returns the entry to ``pending`` with backoff.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -33,10 +36,11 @@ from core.errors import ProviderError, ProviderProtocolError
 from core.events import EventBuffer
 from core.kernel import Kernel
 from core.models import Connection, Message, OutboxEntry, utcnow
-from core.provider import OutgoingMail, Provider
+from core.provider import Checkpoint, OutgoingMail, Provider
 from core.relay import send_via_relay
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -181,10 +185,9 @@ async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = No
     return await _deliver_mailbox(k, claim, provider)
 
 
-async def _run(k: Kernel, fn, *args):  # type: ignore[no-untyped-def]
-    import asyncio
-
-    return await asyncio.to_thread(fn, k, *args)
+async def _run(k: Kernel, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a database step in a worker thread (the loop never waits on the DB)."""
+    return await asyncio.to_thread(fn, k, *args, **kwargs)
 
 
 async def _status(k: Kernel, entry_id: int) -> str:
@@ -195,9 +198,9 @@ async def _status(k: Kernel, entry_id: int) -> str:
     return await k.store.run(work)
 
 
-def _checkpoint(k: Kernel, claim: Claim):  # type: ignore[no-untyped-def]
+def _checkpoint(k: Kernel, claim: Claim) -> Checkpoint:
     async def checkpoint() -> None:
-        await _run(k, _update, claim.entry_id, None, status="transmitting")  # type: ignore[arg-type]
+        await _run(k, _update, claim.entry_id, None, status="transmitting")
 
     return checkpoint
 
@@ -240,21 +243,26 @@ def _fail(k: Kernel, claim: Claim, error: str) -> None:
     _update(k, claim.entry_id, None, status="failed", last_error=error, lease_owner=None)
 
 
-def _connection_ready(k: Kernel, claim: Claim) -> bool:
+def _connection_ready(k: Kernel, claim: Claim, provider_open: bool) -> bool:
+    """Whether the mailbox may be used now. With a provider the daemon just opened,
+    a connection in ``error`` is usable (it is recovering); for a one-off delivery
+    it must be ``connected`` and past any backoff."""
+
     def work(session: Session) -> bool:
         conn = session.get(Connection, claim.connection_id) if claim.connection_id else None
-        return bool(
-            conn is not None
-            and conn.state == "connected"
-            and labs_on(session, conn.subaccount_id)
-            and (conn.next_attempt_at is None or conn.next_attempt_at <= utcnow())
+        if conn is None or not labs_on(session, conn.subaccount_id):
+            return False
+        if provider_open:
+            return conn.state in ("connected", "error")
+        return conn.state == "connected" and (
+            conn.next_attempt_at is None or conn.next_attempt_at <= utcnow()
         )
 
     return k.store.call(work)
 
 
 async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -> str:
-    if not await _run(k, _connection_ready, claim):
+    if not await _run(k, _connection_ready, claim, provider is not None):
         await _run(k, _release_quietly, claim)
         return "queued"
     own = provider is None

@@ -183,7 +183,9 @@ def _store(
             select(Cursor).where(Cursor.connection_id == conn_id, Cursor.role == folder.role)
         )
         if row is None:
-            session.add(Cursor(connection_id=conn_id, role=folder.role, folder=folder.name, data=cursor))
+            session.add(
+                Cursor(connection_id=conn_id, role=folder.role, folder=folder.name, data=cursor)
+            )
         else:
             row.folder = folder.name
             row.data = cursor
@@ -275,9 +277,7 @@ async def sync_folder(
                 parsed, error = None, str(exc)
             accepted.append(Accepted(thread_id, header, mid, parsed, error))
         events = EventBuffer()
-        await asyncio.to_thread(
-            _store, k, conn_id, folder, accepted, batch.cursor, events, report
-        )
+        await asyncio.to_thread(_store, k, conn_id, folder, accepted, batch.cursor, events, report)
         events.announce(k.pm)
         report.folders[folder.role] = report.folders.get(folder.role, 0) + len(batch.headers)
         cursor = batch.cursor

@@ -145,9 +145,7 @@ class SyncedThread(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
-    messages: Mapped[list[Message]] = relationship(
-        back_populates="thread", order_by="Message.id"
-    )
+    messages: Mapped[list[Message]] = relationship(back_populates="thread", order_by="Message.id")
 
 
 class Message(Base):

@@ -166,9 +166,7 @@ class Provider(ABC):
     # ---- set-up -----------------------------------------------------------------
 
     @classmethod
-    def prepare(
-        cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]
-    ) -> Account:
+    def prepare(cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]) -> Account:
         """Validate connect options and build the :class:`Account`; no network.
 
         The default copies every declared option into ``settings`` and, for

@@ -8,7 +8,6 @@ loopback (R11).
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 
 import aiosmtplib
@@ -28,9 +27,7 @@ async def send_via_relay(
 ) -> None:
     """Send ``mail`` through the relay, awaiting ``checkpoint`` right before DATA."""
     if channel.username and password is None:
-        raise ConfigError(
-            f"[outbound.default] password_env {channel.password_env!r} is not set"
-        )
+        raise ConfigError(f"[outbound.default] password_env {channel.password_env!r} is not set")
     context = ssl.create_default_context()
     smtp = aiosmtplib.SMTP(
         hostname=channel.host,
@@ -64,11 +61,11 @@ async def send_via_relay(
         if exc.code >= 500:
             raise ProviderProtocolError(f"{where} refused the message: {exc.code}") from None
         raise TransientProviderError(f"{where} deferred the message: {exc.code}") from None
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+    except (TimeoutError, aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
         raise TransientProviderError(f"{where} unreachable: {exc.__class__.__name__}") from None
     finally:
         if smtp.is_connected:
             try:
                 await smtp.quit()
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 smtp.close()

@@ -42,9 +42,7 @@ class Vault:
         try:
             key = path.read_bytes().strip()
         except FileNotFoundError:
-            raise ConfigError(
-                f"secret key file {path} is missing: run `threadsync init`"
-            ) from None
+            raise ConfigError(f"secret key file {path} is missing: run `threadsync init`") from None
         except OSError as exc:
             raise ConfigError(f"cannot read secret key file {path}: {exc.strerror}") from None
         return cls(key)

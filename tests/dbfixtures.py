@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,10 @@ def postgres_available() -> bool:
     return _pg_ok
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database URL: SQLite in tmp_path, or a new PostgreSQL schema."""
-    if request.param == "sqlite":
+    if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'threadsync.db'}"
         return
     if not postgres_available():
@@ -57,3 +58,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Runs the test once on SQLite and once on PostgreSQL."""
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def scenario_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """SQLite unless a test parametrizes it (indirect) with "postgresql"."""
+    with fresh_database(getattr(request, "param", "sqlite"), tmp_path) as url:
+        yield url

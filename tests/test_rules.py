@@ -45,7 +45,10 @@ def test_where_a_first_crm_message_goes(labs, state, sizes, expected) -> None:  
 )
 def test_where_a_crm_reply_goes(thread, labs, state, sizes, expected) -> None:  # type: ignore[no-untyped-def]
     r = rules.route_reply(
-        thread_state=thread, labs_on=labs, connection_state=state, attachment_sizes=sizes,
+        thread_state=thread,
+        labs_on=labs,
+        connection_state=state,
+        attachment_sizes=sizes,
         limit=LIMIT,
     )
     assert (r.channel, r.synced, r.reason) == expected

@@ -16,7 +16,6 @@ from core.store import Store, safe_url
 from core.vault import Vault
 
 
-
 @pytest.fixture
 def store(database_url: str) -> Iterator[Store]:
     s = Store(database_url)
@@ -36,8 +35,12 @@ def _thread(session, sub: str = "acme", tid: str = "th_1", token: str = "tok1") 
 
 def _message(tid: str, mid: str) -> Message:
     return Message(
-        thread_id=tid, subaccount_id="acme", message_id=mid, direction="inbound",
-        origin="mailbox", state="synced",
+        thread_id=tid,
+        subaccount_id="acme",
+        message_id=mid,
+        direction="inbound",
+        origin="mailbox",
+        state="synced",
     )
 
 
@@ -49,8 +52,17 @@ def test_upgrade_from_empty_is_idempotent(database_url: str) -> None:
     s.upgrade()
     s.check_ready()
     tables = set(inspect(s.engine).get_table_names())
-    assert {"subaccounts", "connections", "threads", "messages", "attachments", "cursors",
-            "outbox", "events", "alembic_version"} <= tables
+    assert {
+        "subaccounts",
+        "connections",
+        "threads",
+        "messages",
+        "attachments",
+        "cursors",
+        "outbox",
+        "events",
+        "alembic_version",
+    } <= tables
     s.dispose()
 
 
@@ -67,8 +79,14 @@ def test_one_message_per_message_id_per_thread(store: Store) -> None:
 
 def test_one_live_connection_per_user(store: Store) -> None:
     def conn(state: str, email: str) -> Connection:
-        return Connection(subaccount_id="acme", user_id="u1", provider="imap_smtp",
-                          email=email, state=state, settings={})
+        return Connection(
+            subaccount_id="acme",
+            user_id="u1",
+            provider="imap_smtp",
+            email=email,
+            state=state,
+            settings={},
+        )
 
     with store.session_scope() as session:
         session.add(SubAccount(id="acme", two_way_email_sync=True))
@@ -86,8 +104,14 @@ def test_one_cursor_per_folder_role_and_one_outbox_entry_per_message(store: Stor
     with store.session_scope() as session:
         session.add(SubAccount(id="acme", two_way_email_sync=True))
         session.flush()
-        c = Connection(subaccount_id="acme", user_id="u1", provider="p", email="a@x.test",
-                       state="connected", settings={})
+        c = Connection(
+            subaccount_id="acme",
+            user_id="u1",
+            provider="p",
+            email="a@x.test",
+            state="connected",
+            settings={},
+        )
         session.add(c)
         session.flush()
         session.add(Cursor(connection_id=c.id, role="inbox", folder="INBOX", data={"uidnext": 1}))
@@ -95,14 +119,24 @@ def test_one_cursor_per_folder_role_and_one_outbox_entry_per_message(store: Stor
         m = _message(t.id, "<b@x>")
         session.add(m)
         session.flush()
-        session.add(OutboxEntry(message_pk=m.id, channel="mailbox", sender="a@x.test",
-                                recipients=["b@y.test"], raw=b"x"))
+        session.add(
+            OutboxEntry(
+                message_pk=m.id,
+                channel="mailbox",
+                sender="a@x.test",
+                recipients=["b@y.test"],
+                raw=b"x",
+            )
+        )
         cid, mpk = c.id, m.id
     with pytest.raises(IntegrityError), store.session_scope() as session:
         session.add(Cursor(connection_id=cid, role="inbox", folder="INBOX", data={}))
     with pytest.raises(IntegrityError), store.session_scope() as session:
-        session.add(OutboxEntry(message_pk=mpk, channel="mailbox", sender="a@x.test",
-                                recipients=[], raw=b"x"))
+        session.add(
+            OutboxEntry(
+                message_pk=mpk, channel="mailbox", sender="a@x.test", recipients=[], raw=b"x"
+            )
+        )
 
 
 def test_unreachable_database_is_a_store_error() -> None:

@@ -43,8 +43,18 @@ STATE_SELECTED: str = _imap.SELECTED
 STATE_NONAUTH: str = _imap.NONAUTH
 
 
+# UNSELECT (RFC 3691) is missing from the library's command table, which
+# ``execute`` consults for the states a command is valid in.
+_imap.Commands.setdefault(
+    "UNSELECT", _imap.Cmd("UNSELECT", (_imap.SELECTED,), _imap.Exec.is_sync)
+)
+
+
 class ImapProtocol(_imap.IMAP4ClientProtocol):  # type: ignore[misc]
     """An ``IMAP4ClientProtocol`` with the fixes listed in the module docstring."""
+
+    incomplete_line: bytes
+    current_command: Any
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop, None)
@@ -59,7 +69,9 @@ class ImapProtocol(_imap.IMAP4ClientProtocol):  # type: ignore[misc]
 
     def data_received(self, d: bytes) -> None:
         try:
-            self._handle_responses(self.incomplete_line + d, self._handle_line, self.current_command)
+            self._handle_responses(
+                self.incomplete_line + d, self._handle_line, self.current_command
+            )
             self.incomplete_line = b""
             self.current_command = None
         except _imap.IncompleteRead as incomplete:
@@ -169,3 +181,6 @@ def new_command(name: str, tag: str, *args: str, prefix: str | None = None,
 def new_idle_command(tag: str, queue: asyncio.Queue[list[bytes]]) -> Any:
     """An aioimaplib IDLE command that forwards server pushes to ``queue``."""
     return _imap.IdleCommand(tag, queue)
+
+#: The library's response tuple (``result``, ``lines``).
+Response: type[Any] = _imap.Response

@@ -1,0 +1,455 @@
+"""``ImapSmtpProvider``: any mailbox reachable over IMAP (reading) and SMTP (sending).
+
+Reading uses one IMAP session per provider, opened by :meth:`open` and reopened
+on the next call after a network failure. Folder changes are found with UIDs:
+the cursor is ``{"uidvalidity", "uidnext"}`` (plus ``"highestmodseq"`` when the
+server has CONDSTORE), so a pass with no new mail is a single ``STATUS`` that
+costs the same on a small or a huge mailbox. New messages are read with
+``EXAMINE`` (read-only) and ``BODY.PEEK`` header fetches, so ``\\Seen`` never
+changes, and only the header fields needed for thread membership are fetched
+(R5). Sending is one SMTP connection per message (:mod:`.smtp`).
+
+Calls may come from several tasks: IMAP work is serialised by a lock, and an
+IDLE in progress (:meth:`wait_for_changes`) is ended as soon as another call
+needs the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+from core.errors import (
+    ConfigError,
+    ProviderProtocolError,
+    TransientProviderError,
+)
+from core.mime import summarize_headers
+from core.provider import (
+    Account,
+    ChangeBatch,
+    Checkpoint,
+    Folder,
+    HeaderSummary,
+    OutgoingMail,
+    Provider,
+    ProviderOption,
+)
+from plugins.imap_smtp import smtp
+from plugins.imap_smtp.imap import ImapEndpoint, ImapSession
+from plugins.imap_smtp.imap_syntax import quote, uid_set
+from plugins.imap_smtp.options import OPTIONS, MailboxSettings, normalise, secrets_of
+from plugins.imap_smtp.tls import client_context
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INBOX = "INBOX"
+#: Tried in this order when the server marks no folder ``\\Sent``.
+COMMON_SENT_NAMES = ("Sent", "Sent Items", "Sent Messages", "Sent Mail", "INBOX.Sent",
+                     "INBOX/Sent")
+#: Header fields read to decide thread membership; nothing else is fetched.
+HEADER_FIELDS = "MESSAGE-ID IN-REPLY-TO REFERENCES FROM SUBJECT DATE"
+#: Most messages per UID FETCH, to keep every response short.
+FETCH_CHUNK = 250
+#: UIDs probed per UID SEARCH when looking for new messages, and probes per call.
+SEARCH_WINDOW = 1000
+SEARCH_ROUNDS = 16
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class ImapSmtpProvider(Provider):
+    """IMAP for reading (IDLE when offered), SMTP for sending, password or XOAUTH2."""
+
+    name: ClassVar[str] = "imap_smtp"
+    title: ClassVar[str] = "Any IMAP/SMTP mailbox (password or XOAUTH2)"
+    options: ClassVar[Sequence[ProviderOption]] = OPTIONS
+
+    def __init__(self, account: Account, settings: Mapping[str, Any] | None = None) -> None:
+        super().__init__(account, settings)
+        self.config = MailboxSettings.from_account(account)
+        self.timeout = float(self.settings.get("timeout", 30))
+        self._session: ImapSession | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._lock = asyncio.Lock()
+        self._waiters = 0
+        self._wakeup = asyncio.Event()
+        self._sent_folder: str | None = None
+        #: Per folder, (uidvalidity, uidnext) of the last cursor handed out.
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    @classmethod
+    def prepare(
+        cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]
+    ) -> Account:
+        """Check the options without touching the network (see :mod:`.options`)."""
+        return normalise(super().prepare(email, options, environ))
+
+    # ---- session ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        async with self._imap():
+            pass
+
+    async def verify(self) -> None:
+        """Log in to SMTP too, so bad SMTP settings fail at connect time."""
+        await smtp.check_login(await self._smtp_endpoint())
+
+    async def close(self) -> None:
+        self._waiters += 1
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(self._lock.acquire(), self.timeout)
+        except TimeoutError:
+            session, self._session = self._session, None
+            if session is not None:
+                await session.close()
+            return
+        finally:
+            self._waiters -= 1
+        try:
+            session, self._session = self._session, None
+            if session is not None:
+                await session.close()
+        finally:
+            self._lock.release()
+
+    @contextlib.asynccontextmanager
+    async def _imap(self) -> AsyncIterator[ImapSession]:
+        """Exclusive use of a logged-in session; ends a running IDLE first."""
+        self._waiters += 1
+        self._wakeup.set()
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiters -= 1
+        try:
+            yield await self._live_session()
+        finally:
+            self._lock.release()
+
+    async def _live_session(self) -> ImapSession:
+        if self._session is not None and self._session.alive:
+            return self._session
+        if self._session is not None:
+            old, self._session = self._session, None
+            await old.close()
+        session = await ImapSession.connect(await self._imap_endpoint())
+        try:
+            password, token = secrets_of(self.account, self.config.auth)
+            if token is not None:
+                await session.xoauth2(self.config.username, token)
+            elif password is not None:
+                await session.login(self.config.username, password)
+            else:
+                raise ConfigError("imap_smtp has no credentials for this connection")
+        except BaseException:
+            await session.close()
+            raise
+        self._session = session
+        return session
+
+    async def _reading(self, operation: Callable[[ImapSession], Awaitable[T]]) -> T:
+        """Run a read-only ``operation`` with the session; if the server dropped
+        the connection meanwhile (idle timeout, restart, Dovecot closing a session
+        whose folder changed UIDVALIDITY), run it once more on a new session.
+        Reads are idempotent, so the retry is safe; writes never retry."""
+        async with self._imap() as imap:
+            try:
+                return await operation(imap)
+            except TransientProviderError:
+                if imap.alive or imap.timed_out:
+                    raise
+                log.info("IMAP connection dropped; retrying once", extra=self._extra())
+            return await operation(await self._live_session())
+
+    async def _tls_context(self) -> ssl.SSLContext | None:
+        if self.config.security == "none":
+            return None
+        if self._ssl is None:
+            # Loading the trust store reads files: keep it off the event loop.
+            self._ssl = await asyncio.to_thread(client_context, self.config.ca_file)
+        return self._ssl
+
+    async def _imap_endpoint(self) -> ImapEndpoint:
+        c = self.config
+        return ImapEndpoint(c.imap_host, c.imap_port, c.security, await self._tls_context(),
+                            self.timeout)
+
+    async def _smtp_endpoint(self) -> smtp.SmtpEndpoint:
+        c = self.config
+        password, token = secrets_of(self.account, c.auth)
+        return smtp.SmtpEndpoint(
+            host=c.smtp_host,
+            port=c.smtp_port,
+            security=c.security,
+            ssl_context=await self._tls_context(),
+            username=c.username,
+            password=password,
+            access_token=token,
+            timeout=self.timeout,
+            local_hostname=self.settings.get("local_hostname"),
+        )
+
+    def _extra(self, **fields: Any) -> dict[str, Any]:
+        return {"mailbox": self.account.email, "provider": self.name, **fields}
+
+    # ---- folders ------------------------------------------------------------------------
+
+    async def folders(self) -> list[Folder]:
+        sent = await self._reading(self._sent)
+        return [Folder(INBOX, "inbox"), Folder(sent, "sent")]
+
+    async def _sent(self, imap: ImapSession) -> str:
+        """The Sent folder: the ``sent_folder`` option if given (it must exist),
+        else the folder marked ``\\Sent`` (RFC 6154), else a common name."""
+        if self._sent_folder is not None:
+            return self._sent_folder
+        wanted = self.config.sent_folder
+        if wanted is not None:
+            listed = await imap.list_mailboxes(wanted)
+            if not any(m.name == wanted and "\\noselect" not in m.attributes for m in listed):
+                raise ProviderProtocolError(
+                    f"the Sent folder {wanted!r} given by --sent-folder does not exist "
+                    f"on {self.config.imap_host}"
+                )
+            self._sent_folder = wanted
+            return wanted
+        found: str | None = None
+        if imap.has("SPECIAL-USE"):
+            found = _marked_sent(await imap.list_mailboxes(special_use_only=True))
+        if found is None:
+            everything = [m for m in await imap.list_mailboxes()
+                          if "\\noselect" not in m.attributes
+                          and "\\nonexistent" not in m.attributes]
+            found = _marked_sent(everything)
+            by_name = {m.name.lower(): m.name for m in everything}
+            for name in COMMON_SENT_NAMES:
+                if found is None and name.lower() in by_name:
+                    found = by_name[name.lower()]
+        if found is None:
+            raise ProviderProtocolError(
+                f"no Sent folder found on {self.config.imap_host}; pass --sent-folder NAME"
+            )
+        log.info("IMAP Sent folder found", extra=self._extra(folder=found))
+        self._sent_folder = found
+        return found
+
+    # ---- reading ------------------------------------------------------------------------
+
+    async def changes(
+        self, folder: Folder, cursor: Mapping[str, Any] | None, limit: int = 250
+    ) -> ChangeBatch:
+        limit = max(1, int(limit))
+        known = None if cursor is None else _read_cursor(cursor)
+
+        async def operation(imap: ImapSession) -> ChangeBatch:
+            return await self._changes(imap, folder, known, limit)
+
+        return await self._reading(operation)
+
+    async def _changes(
+        self, imap: ImapSession, folder: Folder, known: tuple[int, int] | None, limit: int
+    ) -> ChangeBatch:
+        items = ["UIDVALIDITY", "UIDNEXT"]
+        if imap.has("CONDSTORE"):
+            items.append("HIGHESTMODSEQ")
+        status = await imap.fresh_status(folder.name, items)
+        if "UIDVALIDITY" not in status or "UIDNEXT" not in status:
+            raise ProviderProtocolError(
+                f"IMAP STATUS of {folder.name!r} lacks UIDVALIDITY or UIDNEXT"
+            )
+        validity, uidnext = status["UIDVALIDITY"], status["UIDNEXT"]
+        modseq = status.get("HIGHESTMODSEQ")
+        if known is None:
+            return self._batch(folder, [], validity, uidnext, modseq)
+        old_validity, start = known
+        reset = old_validity != validity
+        if reset:
+            log.warning("IMAP UIDVALIDITY changed; rereading folder headers",
+                        extra=self._extra(folder=folder.name))
+            start = 1
+        elif uidnext <= start:
+            return self._batch(folder, [], validity, start, modseq)
+        return await self._new_headers(
+            imap, folder, start, reset, (validity, uidnext, modseq), limit
+        )
+
+    async def _new_headers(
+        self,
+        imap: ImapSession,
+        folder: Folder,
+        start: int,
+        reset: bool,
+        status: tuple[int, int, int | None],
+        limit: int,
+    ) -> ChangeBatch:
+        status_validity, uidnext, modseq = status
+        selection = await imap.examine(folder.name)
+        validity = selection.uidvalidity
+        if validity != status_validity:
+            reset, start = True, 1  # it changed between STATUS and EXAMINE
+        end = max(selection.uidnext or uidnext, start)  # exclusive
+        uids, searched_to = await self._find_uids(imap, start, end - 1, limit)
+        taken = uids[:limit]
+        headers = await self._headers(imap, taken)
+        if len(uids) > limit:
+            next_uid, more = taken[-1] + 1, True
+        elif searched_to < end - 1:
+            next_uid, more = searched_to + 1, True
+        else:
+            next_uid, more = end, False
+        log.debug("IMAP new headers", extra=self._extra(folder=folder.name, count=len(headers),
+                                                         more=more))
+        return self._batch(folder, headers, validity, next_uid, modseq, more=more, reset=reset)
+
+    def _batch(
+        self,
+        folder: Folder,
+        headers: list[HeaderSummary],
+        validity: int,
+        uidnext: int,
+        modseq: int | None,
+        *,
+        more: bool = False,
+        reset: bool = False,
+    ) -> ChangeBatch:
+        cursor: dict[str, Any] = {"uidvalidity": validity, "uidnext": uidnext}
+        if modseq is not None:
+            cursor["highestmodseq"] = modseq
+        self._seen[folder.name] = (validity, uidnext)
+        return ChangeBatch(headers=headers, cursor=cursor, more=more, reset=reset)
+
+    @staticmethod
+    async def _find_uids(
+        imap: ImapSession, low: int, high: int, limit: int
+    ) -> tuple[list[int], int]:
+        """UIDs in ``low..high`` (explicit bounds: ``n:*`` would match the last
+        message when ``n`` is past it), searched in windows so no answer is huge;
+        stops once more than ``limit`` are known. Returns them and the last UID
+        searched."""
+        found: list[int] = []
+        searched = low - 1
+        window = max(SEARCH_WINDOW, 4 * limit)
+        for _ in range(SEARCH_ROUNDS):
+            if searched >= high or len(found) > limit:
+                break
+            first, last = searched + 1, min(high, searched + window)
+            found += [u for u in await imap.uid_search("UID", f"{first}:{last}")
+                      if first <= u <= last]
+            searched = last
+        return found, searched
+
+    async def _headers(self, imap: ImapSession, uids: list[int]) -> list[HeaderSummary]:
+        summaries: list[HeaderSummary] = []
+        items = f"(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})])"
+        for i in range(0, len(uids), FETCH_CHUNK):
+            fetched = await imap.uid_fetch(uid_set(uids[i : i + FETCH_CHUNK]), items)
+            for message in sorted(fetched, key=lambda m: m.uid):
+                # Bare-LF header blocks (pymap) are fine: the parser copes.
+                summaries.append(
+                    summarize_headers(str(message.uid), message.body or b"", message.size)
+                )
+        return summaries
+
+    async def fetch(self, folder: Folder, ref: str) -> bytes:
+        if not ref.isdigit():
+            raise ProviderProtocolError(f"{ref!r} is not an IMAP UID")
+        uid = int(ref)
+
+        async def operation(imap: ImapSession) -> bytes:
+            reuse = imap.selected is not None and imap.selected.name == folder.name
+            for again in (False, True):
+                selection = imap.selected
+                if selection is None or not reuse or again:
+                    selection = await imap.examine(folder.name)
+                known = self._seen.get(folder.name)
+                if known is not None and known[0] != selection.uidvalidity:
+                    # The UID may now name another message, perhaps a personal one.
+                    raise ProviderProtocolError(
+                        f"UIDVALIDITY of {folder.name!r} changed; UID {ref} is stale"
+                    )
+                for message in await imap.uid_fetch(str(uid), "(UID BODY.PEEK[])"):
+                    if message.uid == uid and message.body is not None:
+                        return message.body
+                if not reuse:
+                    break  # a fresh EXAMINE already saw everything
+            raise ProviderProtocolError(f"message {ref} is not in {folder.name!r} any more")
+
+        return await self._reading(operation)
+
+    async def wait_for_changes(self, timeout: float) -> bool:
+        """IDLE on INBOX when the server offers it (True on new mail), else sleep.
+
+        Returns True at once if INBOX grew since the last :meth:`changes` of it,
+        so mail that arrived between that call and IDLE is not missed.
+        """
+        if timeout <= 0:
+            return False
+        async with self._lock:
+            if self._waiters:
+                return False
+            imap = await self._live_session()
+            if imap.has("IDLE"):
+                self._wakeup.clear()
+                selection = await imap.examine(INBOX)
+                seen = self._seen.get(INBOX)
+                if seen is not None and (
+                    selection.uidvalidity != seen[0] or (selection.uidnext or 0) > seen[1]
+                ):
+                    return True
+                return await imap.idle(timeout, self._wakeup)
+        await asyncio.sleep(timeout)
+        return False
+
+    # ---- writing ------------------------------------------------------------------------
+
+    async def send(self, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
+        await smtp.send(await self._smtp_endpoint(), mail, checkpoint)
+
+    async def store_sent_copy(self, mail: OutgoingMail) -> None:
+        """APPEND ``mail`` to Sent, marked ``\\Seen`` (skipped if ``append_sent``
+        is false because the server files sent mail itself)."""
+        if not self.config.append_sent:
+            return
+        raw = _BARE_LF.sub(b"\r\n", mail.raw)
+        async with self._imap() as imap:
+            sent = await self._sent(imap)
+            await imap.append(sent, raw, "(\\Seen)")
+        log.info("IMAP sent copy stored", extra=self._extra(folder=sent))
+
+    async def find_sent(self, message_id: str) -> bool:
+        mid = message_id.strip()
+        if not mid.startswith("<"):
+            mid = f"<{mid}>"
+        if not mid.isascii() or not mid.isprintable():
+            raise ProviderProtocolError("a Message-ID must be printable ASCII")
+
+        async def operation(imap: ImapSession) -> bool:
+            await imap.examine(await self._sent(imap))
+            return bool(await imap.uid_search("HEADER", "Message-ID", quote(mid)))
+
+        return await self._reading(operation)
+
+
+def _marked_sent(listed: Sequence[Any]) -> str | None:
+    for mailbox in listed:
+        if "\\sent" in mailbox.attributes and "\\noselect" not in mailbox.attributes:
+            return str(mailbox.name)
+    return None
+
+
+def _read_cursor(cursor: Mapping[str, Any]) -> tuple[int, int]:
+    try:
+        validity, uidnext = int(cursor["uidvalidity"]), int(cursor["uidnext"])
+    except (KeyError, TypeError, ValueError):
+        raise ProviderProtocolError(f"unusable imap_smtp cursor {dict(cursor)!r}") from None
+    if validity < 1 or uidnext < 1:
+        raise ProviderProtocolError(f"unusable imap_smtp cursor {dict(cursor)!r}")
+    return validity, uidnext

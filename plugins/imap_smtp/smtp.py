@@ -1,0 +1,200 @@
+"""Sending through the mailbox's own SMTP submission server, over aiosmtplib.
+
+One connection per message: connect (implicit TLS, STARTTLS or loopback
+plaintext, certificate verified), authenticate (PLAIN/LOGIN/CRAM-MD5 as offered,
+or XOAUTH2), MAIL FROM, RCPT TO for each recipient, then the caller's checkpoint,
+and only then DATA. Everything before the checkpoint can fail without the
+message having left; DATA is the point of no return (see
+:data:`core.provider.Checkpoint`). Errors leave as :mod:`core.errors` only:
+rejected credentials -> ``AuthenticationFailed``; 4xx replies, network errors
+and timeouts -> ``TransientProviderError``; 5xx -> ``ProviderProtocolError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from core.errors import (
+    AuthenticationFailed,
+    ProviderError,
+    ProviderProtocolError,
+    TransientProviderError,
+)
+from core.provider import Checkpoint, OutgoingMail
+from plugins.imap_smtp.tls import certificate_error, certificate_failure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SmtpEndpoint:
+    """Where to submit mail and with which credentials (password or token)."""
+
+    host: str
+    port: int
+    security: str  # "tls" | "starttls" | "none"
+    ssl_context: ssl.SSLContext | None
+    username: str
+    password: str | None = None
+    access_token: str | None = None
+    timeout: float = 30.0
+    local_hostname: str | None = None
+
+    def __repr__(self) -> str:  # never show credentials
+        return f"SmtpEndpoint({self.host!r}, {self.port}, {self.security!r})"
+
+
+async def check_login(endpoint: SmtpEndpoint) -> None:
+    """Connect, authenticate and QUIT: proves the SMTP settings work."""
+    client = await _open(endpoint)
+    await _quit(client)
+
+
+async def send(endpoint: SmtpEndpoint, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
+    """Submit ``mail``; ``checkpoint`` is awaited after RCPT and before DATA.
+
+    An exception from ``checkpoint`` propagates unchanged and nothing is sent.
+    Recipients refused while others are accepted are logged and skipped:
+    retrying would duplicate the message for the accepted ones.
+    """
+    if not mail.recipients:
+        raise ProviderProtocolError("a message needs at least one recipient")
+    client = await _open(endpoint)
+    try:
+        with _translated(endpoint, "MAIL/RCPT"):
+            await _envelope(client, mail)
+        await checkpoint()
+        with _translated(endpoint, "DATA"):
+            await client.data(mail.raw)
+        log.info(
+            "SMTP message submitted",
+            extra={"smtp_host": endpoint.host, "recipient_count": len(mail.recipients)},
+        )
+    finally:
+        await _quit(client)
+
+
+async def _envelope(client: aiosmtplib.SMTP, mail: OutgoingMail) -> None:
+    options: list[str] = []
+    encoding = "ascii"
+    if not all(a.isascii() for a in (mail.sender, *mail.recipients)):
+        if not client.supports_extension("smtputf8"):
+            raise ProviderProtocolError(
+                "an address is not ASCII and the SMTP server does not offer SMTPUTF8"
+            )
+        options.append("SMTPUTF8")
+        encoding = "utf-8"
+    if not mail.raw.isascii() and client.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    if client.supports_extension("size"):
+        options.append(f"SIZE={len(mail.raw)}")
+    await client.mail(mail.sender, options=options, encoding=encoding)
+
+    refused: dict[str, int] = {}
+    for recipient in mail.recipients:
+        try:
+            await client.rcpt(recipient, encoding=encoding)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            refused[recipient] = exc.code
+    if len(refused) == len(mail.recipients):
+        codes = sorted(set(refused.values()))
+        text = f"the SMTP server refused every recipient (codes {codes})"
+        if any(400 <= c < 500 for c in codes):
+            raise TransientProviderError(text)
+        raise ProviderProtocolError(text)
+    if refused:
+        log.warning(
+            "SMTP server refused some recipients; sending to the others",
+            extra={"refused_count": len(refused), "codes": sorted(set(refused.values()))},
+        )
+
+
+async def _open(endpoint: SmtpEndpoint) -> aiosmtplib.SMTP:
+    tls = endpoint.security != "none"
+    client = aiosmtplib.SMTP(
+        hostname=endpoint.host,
+        port=endpoint.port,
+        use_tls=endpoint.security == "tls",
+        start_tls=endpoint.security == "starttls",
+        tls_context=endpoint.ssl_context if tls else None,
+        timeout=endpoint.timeout,
+        local_hostname=endpoint.local_hostname,
+    )
+    try:
+        with _translated(endpoint, "connect"):
+            await client.connect()
+            await _authenticate(client, endpoint)
+    except BaseException:
+        client.close()
+        await asyncio.sleep(0)  # let the transport finish closing
+        raise
+    return client
+
+
+async def _authenticate(client: aiosmtplib.SMTP, endpoint: SmtpEndpoint) -> None:
+    if endpoint.access_token is not None:
+        await client.ehlo()
+        if "xoauth2" not in client.server_auth_methods:
+            raise ProviderProtocolError(f"SMTP server {endpoint.host} does not offer XOAUTH2")
+        await client.auth_xoauth2(endpoint.username, endpoint.access_token)
+    else:
+        await client.login(endpoint.username, endpoint.password or "")
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    if client.is_connected:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            await client.quit()
+    client.close()
+    await asyncio.sleep(0)
+
+
+@contextlib.contextmanager
+def _translated(endpoint: SmtpEndpoint, stage: str) -> Iterator[None]:
+    """Turn aiosmtplib and network errors raised inside into core errors."""
+    try:
+        yield
+    except ProviderError:
+        raise
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        if 400 <= exc.code < 500:
+            raise TransientProviderError(
+                f"SMTP server {endpoint.host} cannot authenticate now ({exc.code})"
+            ) from None
+        raise AuthenticationFailed(
+            f"SMTP login as {endpoint.username} at {endpoint.host} was rejected "
+            f"({exc.code} {_short(exc.message)})"
+        ) from None
+    except aiosmtplib.SMTPResponseException as exc:
+        text = f"SMTP {stage} at {endpoint.host}: {exc.code} {_short(exc.message)}"
+        if 400 <= exc.code < 500:
+            raise TransientProviderError(text) from None
+        raise ProviderProtocolError(text) from None
+    except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected,
+            aiosmtplib.SMTPTimeoutError, OSError, TimeoutError) as exc:
+        cert = certificate_error(exc)
+        if cert is not None:
+            raise certificate_failure(endpoint.host, endpoint.port, cert) from None
+        if isinstance(exc, ssl.SSLError):
+            raise ProviderProtocolError(
+                f"TLS with SMTP server {endpoint.host}:{endpoint.port} failed: {exc.reason}"
+            ) from None
+        raise TransientProviderError(
+            f"SMTP {stage} at {endpoint.host}:{endpoint.port} failed: {_short(str(exc))}"
+        ) from None
+    except aiosmtplib.SMTPException as exc:
+        # Missing extensions (AUTH, STARTTLS) and similar: not fixed by retrying.
+        raise ProviderProtocolError(
+            f"SMTP {stage} at {endpoint.host}: {_short(str(exc))}"
+        ) from None
+
+
+def _short(text: str) -> str:
+    return " ".join(text.split())[:200]

@@ -1,0 +1,1 @@
+"""Tests of the providers and integrations in ``plugins/``."""
