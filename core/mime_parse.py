@@ -160,21 +160,30 @@ def _defect_text(defect: MessageDefect) -> str:
     return f"{text}: {detail[:80]!r}" if detail else text
 
 
+#: A line that is neither a header nor a continuation (nor an mbox "From " line),
+#: as the stdlib parser's own pattern decides; it ends the header block early.
+_NOT_HEADER_LINE_RE = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[ \t])", re.MULTILINE)
+
+
 def _parse_entity(data: bytes) -> _Entity:
     head, body = _split_head(data)
+    odd = _NOT_HEADER_LINE_RE.search(head)
+    if odd is not None and odd.start() < len(head):
+        # Like the stdlib, read that line and all after it as body. Cut here rather
+        # than ask the parser: its get_payload() re-decodes 8-bit text with the
+        # charset parameter and raises TypeError on an RFC 2231 one.
+        head, body = head[: odd.start()], data[odd.start() :]
+        defects = ["headers end early, at a line that is not a header"]
+    else:
+        defects = []
     if not head:
-        return _Entity([], body)
+        return _Entity([], body, defects)
     try:
         msg = _HEADER_PARSER.parsebytes(head)
     except (MessageError, ValueError, TypeError, IndexError, LookupError) as exc:
         return _Entity([], data, [f"header block unreadable ({type(exc).__name__})"])
     headers = [(str(name).strip().lower(), str(value)) for name, value in msg.raw_items()]
-    extra = msg.get_payload()
-    if isinstance(extra, str) and extra:
-        # A line that is neither a header nor a continuation ended the header block
-        # early: like the stdlib, read it and what follows as body.
-        body = extra.encode("utf-8", "surrogateescape") + data[len(head) :]
-    return _Entity(headers, body, [_defect_text(d) for d in msg.defects])
+    return _Entity(headers, body, defects + [_defect_text(d) for d in msg.defects])
 
 
 @dataclass

@@ -69,36 +69,45 @@ async def test_sigkill_at_random_points_loses_and_doubles_nothing(
     for i in range(6):
         sent = await world.ts.send(SUB, USER, Draft(to=[CONTACT], subject=f"Offer {i}", text="hi"))
         threads.append(sent)
-    # Queue CRM replies: the user's SMTP server is down while the CRM writes them.
-    port = world.submission.port
-    world.submission.stop()
-    queued = []
-    for i in range(24):
-        r = await world.ts.reply(threads[i % len(threads)]["thread_id"], Draft(text=f"reply {i}"))
-        assert r["status"] == "queued"
-        queued.append(r["message_id"])
-    world.submission.port = port
-    world.submission.start()
-    # Contact replies and unrelated mail pile up in the INBOX.
-    replies = [
-        world.contact_replies(threads[i % len(threads)], body=f"answer {i}") for i in range(60)
-    ]
-    for i in range(120):
-        raw, _ = make_mail(sender=f"news{i}@example.net", to=world.email, subject="News", body="x")
-        world.imap.deliver(world.email, raw)
-    world.ts.close()
-
     cfg = write_config(world, tmp_path)
     env = dict(world.ts.kernel.environ)
-    kills = 0
-    for _ in range(10):
+    queued: list[str] = []
+    replies: list[str] = []
+    progress: list[tuple[int, int]] = []
+    for round_no in range(8):
+        # New work piles up while no daemon runs: CRM replies queued because the
+        # user's SMTP server is down, contact replies and unrelated mail in INBOX.
+        port = world.submission.port
+        world.submission.stop()
+        for i in range(6):
+            thread = threads[(round_no + i) % len(threads)]
+            r = await world.ts.reply(thread["thread_id"], Draft(text=f"reply {round_no}.{i}"))
+            assert r["status"] == "queued"
+            queued.append(r["message_id"])
+        world.submission.port = port
+        world.submission.start()
+        for i in range(15):
+            thread = threads[(round_no * 3 + i) % len(threads)]
+            replies.append(world.contact_replies(thread, body=f"answer {round_no}.{i}"))
+        for i in range(30):
+            raw, _ = make_mail(
+                sender=f"news{i}@example.net", to=world.email, subject="News", body="x"
+            )
+            world.imap.deliver(world.email, raw)
+        world.ts.close()
+        # The daemon starts and is killed at a random moment of its work.
         proc = daemon(cfg, env)
-        time.sleep(rng.uniform(0.3, 2.0))
+        time.sleep(rng.uniform(0.5, 2.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         assert proc.stderr is not None
         proc.stderr.close()
-        kills += 1
+        progress.append(
+            (
+                sum(world.count_messages(mid) for mid in replies),
+                sum(len(world.submission.by_message_id(mid)) for mid in queued),
+            )
+        )
     # Let the leases of the killed workers be recognised and finish the work.
     for _ in range(3):
         done = daemon(cfg, env, "--once")
@@ -117,4 +126,13 @@ async def test_sigkill_at_random_points_loses_and_doubles_nothing(
         assert sent_ids.count(mid) == 1, mid
     total = sum(t["message_count"] for t in world.ts.threads(SUB)["threads"])
     assert total == len(threads) + len(queued) + len(replies)
-    assert kills == 10
+    # The kills really landed in the middle of the work, not before or after it.
+    print("progress after each kill:", progress)
+    done_so_far = [a + b for a, b in progress]
+    due_so_far = [21 * (i + 1) for i in range(len(progress))]
+    interrupted = [
+        i
+        for i in range(len(progress))
+        if (done_so_far[i - 1] if i else 0) < done_so_far[i] < due_so_far[i]
+    ]
+    assert interrupted, progress

@@ -7,6 +7,7 @@ parsers (see the CPython ``email`` section of the pitfalls file).
 from __future__ import annotations
 
 import base64
+import binascii
 import email
 import hashlib
 import os
@@ -76,7 +77,9 @@ def assert_safe(parsed: ParsedMessage) -> None:
     for attachment in parsed.attachments:
         assert attachment.size == len(attachment.data)
         assert attachment.sha256 == hashlib.sha256(attachment.data).hexdigest()
-        assert re.fullmatch(r"[a-z0-9!#$%&'*+.^_`{|}~-]+/[a-z0-9!#$%&'*+.^_`{|}~-]+", attachment.content_type)
+        assert re.fullmatch(
+            r"[a-z0-9!#$%&'*+.^_`{|}~-]+/[a-z0-9!#$%&'*+.^_`{|}~-]+", attachment.content_type
+        )
     assert parsed.largest_attachment == max((a.size for a in parsed.attachments), default=0)
 
 
@@ -267,7 +270,9 @@ def test_display_names_are_decoded() -> None:
     [b"x-unknown", b'"../../etc/passwd"', b"base64", b"zlib", b"idna", b"utf-99", b"x" * 300],
 )
 def test_unknown_charset_falls_back(charset: bytes) -> None:
-    raw = simple(b"Content-Type: text/plain; charset=" + charset + b"\n", b"Caf\xc3\xa9 ol\xc3\xa9\n")
+    raw = simple(
+        b"Content-Type: text/plain; charset=" + charset + b"\n", b"Caf\xc3\xa9 ol\xc3\xa9\n"
+    )
     parsed = parse_message(raw)
     assert parsed.text == "Café olé\n"
     assert any("charset" in d for d in parsed.defects)
@@ -284,7 +289,9 @@ def test_invalid_bytes_for_declared_charset() -> None:
     utf8 = parse_message(simple(b"Content-Type: text/plain; charset=utf-8\n", b"ok \xff\xfe.\n"))
     assert utf8.text == "ok \ufffd\ufffd.\n"
     assert any("not valid" in d for d in utf8.defects)
-    ascii_label = parse_message(simple(b"Content-Type: text/plain; charset=us-ascii\n", b"\xc3\xa9\n"))
+    ascii_label = parse_message(
+        simple(b"Content-Type: text/plain; charset=us-ascii\n", b"\xc3\xa9\n")
+    )
     assert ascii_label.text == "é\n"  # the usual truth behind a wrong label
     latin1 = parse_message(simple(b"Content-Type: text/plain; charset=iso-8859-1\n", b"\x81\xe9\n"))
     assert latin1.text == "\x81é\n"
@@ -499,12 +506,10 @@ def test_inline_images() -> None:
         b"--rel\nContent-Type: image/png\nContent-ID: <logo@x>\n"
         b'Content-Disposition: inline; filename="logo.png"\nContent-Transfer-Encoding: base64\n\n'
         + image
-        + b"--rel\nContent-Type: image/png\nContent-ID: <sig@x>\nContent-Transfer-Encoding: base64\n\n"
-        + image
-        + b"--rel\nContent-Type: image/png\n"
-        b'Content-Disposition: attachment; filename="photo.png"\nContent-Transfer-Encoding: base64\n\n'
-        + image
-        + b"--rel--\n",
+        + b"--rel\nContent-Type: image/png\nContent-ID: <sig@x>\n"
+        b"Content-Transfer-Encoding: base64\n\n" + image + b"--rel\nContent-Type: image/png\n"
+        b'Content-Disposition: attachment; filename="photo.png"\n'
+        b"Content-Transfer-Encoding: base64\n\n" + image + b"--rel--\n",
     )
     parsed = parse_message(raw)
     assert parsed.html == '<img src="cid:logo@x"><img src="cid:sig@x">'
@@ -554,7 +559,7 @@ def test_alternative_prefers_last_form_and_mixed_joins_text() -> None:
         (b'attachment; filename="unclosed.pdf', "unclosed.pdf"),
         (b"attachment; filename=plain.pdf; size=123", "plain.pdf"),
         (b"attachment; filename*=x-unknown''caf%E9.txt", "café.txt"),
-        (b"attachment; filename=\"r\xc3\xa9sum\xc3\xa9.pdf\"", "résumé.pdf"),
+        (b'attachment; filename="r\xc3\xa9sum\xc3\xa9.pdf"', "résumé.pdf"),
     ],
 )
 def test_attachment_filenames(disposition: bytes, expected: str | None) -> None:
@@ -609,11 +614,12 @@ def test_boundary_prefix_lines_are_content() -> None:
 def test_uuencoded_and_quoted_printable_parts() -> None:
     data = os.urandom(100)
     lines = [b"begin 644 data.bin"]
-    lines += [bytes(__import__("binascii").b2a_uu(data[i : i + 45])).rstrip(b"\n") for i in range(0, 100, 45)]
+    lines += [binascii.b2a_uu(data[i : i + 45]).rstrip(b"\n") for i in range(0, 100, 45)]
     lines += [b"`", b"end"]
     raw = simple(
         b'Content-Type: multipart/mixed; boundary="b"\n',
-        b"--b\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
+        b"--b\nContent-Type: text/plain; charset=utf-8\n"
+        b"Content-Transfer-Encoding: quoted-printable\n\n"
         b"caf=C3=A9 soft=\nbreak\n"
         b'--b\nContent-Type: application/octet-stream; name="data.bin"\n'
         b"Content-Transfer-Encoding: x-uuencode\n\n" + b"\n".join(lines) + b"\n--b--\n",
@@ -635,11 +641,13 @@ def test_headers_only_and_odd_starts() -> None:
 
 
 def test_header_line_without_colon_ends_headers() -> None:
-    parsed = parse_message(crlf(b"Subject: ok\nthis is not a header\nTo: late@example.com\n\nbody\n"))
+    parsed = parse_message(
+        crlf(b"Subject: ok\nthis is not a header\nTo: late@example.com\n\nbody\n")
+    )
     assert parsed.subject == "ok"
     assert parsed.to == ()
     assert parsed.text == "this is not a header\nTo: late@example.com\n\nbody\n"
-    assert parsed.defects
+    assert any("not a header" in d for d in parsed.defects)
 
 
 @pytest.mark.parametrize("raw", [b"", b"   ", b"\r\n\r\n", bytearray(b"")])
@@ -693,7 +701,9 @@ def test_four_megabyte_message_parses_fast() -> None:
 
 def test_deep_nesting_and_many_parts_stay_cheap() -> None:
     depth = 400
-    head = b"".join(b'Content-Type: multipart/mixed; boundary="b%d"\n\n--b%d\n' % (i, i) for i in range(depth))
+    head = b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\n\n--b%d\n' % (i, i) for i in range(depth)
+    )
     tail = b"".join(b"\n--b%d--\n" % i for i in reversed(range(depth)))
     deep = b"From: a@example.com\n" + head + b"Content-Type: text/plain\n\ndeep" + tail
     started = time.perf_counter()
@@ -714,7 +724,7 @@ def test_deep_nesting_and_many_parts_stay_cheap() -> None:
         b'Content-Type: text/plain; a="' + b";" * 65536 + b"\n",
         b"Content-Type: text/plain;" + b" a=b;" * 13000 + b"\n",
         b"Content-Type: text/plain; " + b"(" * 65536 + b"\n",
-        b'Content-Disposition: attachment; filename="' + b"\\\"" * 30000 + b"\n",
+        b'Content-Disposition: attachment; filename="' + b'\\"' * 30000 + b"\n",
         b"To: " + b"a@" * 30000 + b"\n",
         b"Cc: " + b"(" * 60000 + b"\n",
         b"References: " + b'"\\' * 30000 + b"\n",
@@ -797,7 +807,7 @@ def test_round_trip() -> None:
     refs = [f"<ref{i}.{'z' * 30}@example.com>" for i in range(30)] + ["<t1.abc@threadsync.local>"]
     raw = build_message(
         sender="Ann.Lee@Example.COM",
-        sender_name="Zoë O'Brien, \"Sales\"",
+        sender_name='Zoë O\'Brien, "Sales"',
         to=["bob@example.org", "Carl@Example.NET"],
         cc=["dora@example.com"],
         reply_to="replies@example.com",
@@ -819,7 +829,7 @@ def test_round_trip() -> None:
     assert parsed.defects == ()
     assert parsed.subject == ("Grüße aus Köln — 日本語 ✓ " + "long " * 30).strip()
     assert parsed.sender == "Ann.Lee@example.com"
-    assert parsed.sender_display == "Zoë O'Brien, \"Sales\" <Ann.Lee@example.com>"
+    assert parsed.sender_display == 'Zoë O\'Brien, "Sales" <Ann.Lee@example.com>'
     assert parsed.to == ("bob@example.org", "Carl@example.net")
     assert parsed.cc == ("dora@example.com",)
     assert parsed.reply_to == ("replies@example.com",)
@@ -881,7 +891,9 @@ def test_build_defaults_and_controls() -> None:
 
 
 def test_non_seven_bit_attached_message_goes_as_file() -> None:
-    raw = build(attachments=[AttachmentIn("m.eml", "message/rfc822", b"Subject: \xff\r\n\r\nx\r\n")])
+    raw = build(
+        attachments=[AttachmentIn("m.eml", "message/rfc822", b"Subject: \xff\r\n\r\nx\r\n")]
+    )
     (attachment,) = parse_message(raw).attachments
     assert attachment.content_type == "application/octet-stream"
     assert attachment.data == b"Subject: \xff\r\n\r\nx\r\n"
