@@ -185,8 +185,8 @@ def _provider_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _connect_command(name: str, doc: str, update: bool) -> click.Command:
-    @click.argument("user")
     @click.argument("subaccount")
+    @click.argument("user")
     @click.option("--provider", required=True, help="Provider name (see `threadsync plugins`).")
     @click.option("--email", required=True, help="The mailbox address to connect.")
     @pass_ctx

@@ -11,6 +11,7 @@ envelope carries Bcc recipients).
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -102,16 +103,24 @@ def _check_domain(domain: str, what: str, addr: str) -> str:
     return name
 
 
-def _address(addr: str, display_name: str = "") -> Address:
+def _address(addr: str) -> Address:
     # Built from parts: the header registry would re-parse an addr-spec string.
     local, _, domain = addr.rpartition("@")
-    return Address(display_name=display_name, username=local, domain=domain)
+    return Address(username=local, domain=domain)
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: str) -> str:
+    # A lone surrogate (possible in JSON input) cannot be encoded to UTF-8.
+    return _SURROGATE_RE.sub("\ufffd", value)
 
 
 def _header_text(value: str, what: str) -> str:
     # CR/LF/NUL are refused; other line-ending characters (VT, FF, NEL, U+2028 ...)
     # would make EmailMessage raise ValueError, so they become blanks.
-    return _HEADER_BREAKS_RE.sub(" ", check_header_value(value, what))
+    return _HEADER_BREAKS_RE.sub(" ", _text(check_header_value(value, what)))
 
 
 _SENDABLE_ID_RE = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+>")
@@ -131,33 +140,81 @@ def _message_ids(values: Sequence[str], what: str) -> list[str]:
     return ids
 
 
-class _FoldedIds(str):
-    """Message-ID, In-Reply-To or References, folded between ids only.
+class _Folded(str):
+    """A header value as atoms that this module folds and encodes itself.
 
-    EmailPolicy writes a value that has ``name`` and ``fold()`` as the value
-    folds itself (the documented header-object protocol). Its own folding treats
-    In-Reply-To and References as unstructured text and RFC 2047-encodes an id
-    longer than a line, which no mail client matches any more.
+    EmailPolicy writes a value that has ``name`` and ``fold()`` as the value folds
+    itself (the documented header-object protocol). Its own folding RFC 2047-encodes
+    a Message-ID longer than a line, which no client matches any more, and, when
+    it folds between two encoded words, moves a blank out of them, where decoders
+    drop it ("Söhne März" comes back as "SöhneMärz" in about one long non-ASCII
+    subject in eight).
     """
 
     name: str
-    ids: tuple[str, ...]
+    atoms: tuple[str, ...]
 
-    def __new__(cls, name: str, ids: Sequence[str]) -> _FoldedIds:
-        self = super().__new__(cls, " ".join(ids))
+    def __new__(cls, name: str, atoms: Sequence[str]) -> _Folded:
+        self = super().__new__(cls, " ".join(atoms))
         self.name = name
-        self.ids = tuple(ids)
+        self.atoms = tuple(atoms)
         return self
 
     def fold(self, *, policy: EmailPolicy) -> str:
+        """Atoms joined by single blanks, a line break before a blank where a line
+        would pass the policy's width (78)."""
         width = policy.max_line_length or 78
         lines = [f"{self.name}:"]
-        for ident in self.ids:
-            if len(lines[-1]) + 1 + len(ident) > width and lines[-1] != f"{self.name}:":
-                lines.append(f" {ident}")
+        for atom in self.atoms:
+            if len(lines[-1]) + 1 + len(atom) > width and lines[-1] != f"{self.name}:":
+                lines.append(f" {atom}")
             else:
-                lines[-1] += f" {ident}"
+                lines[-1] += f" {atom}"
         return policy.linesep.join(lines) + policy.linesep
+
+
+#: UTF-8 bytes per encoded word: "=?utf-8?b?" + 56 base64 characters + "?=" is 68
+#: characters, so even "Subject: " plus one word stays within 78.
+_WORD_BYTES = 42
+#: Blanks where an ASCII text may be folded: single ones between two non-blanks
+#: (a fold before a run of blanks could leave a line of blanks only).
+_FOLD_POINT_RE = re.compile(r"(?<=[^ ]) (?=[^ ])")
+_PLAIN_PHRASE_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ .-]*")
+
+
+def _encoded_words(text: str) -> list[str]:
+    """``text`` as RFC 2047 words of whole UTF-8 characters, blanks inside them."""
+    chunks: list[bytes] = []
+    chunk = b""
+    for char in text:
+        data = char.encode("utf-8")
+        if chunk and len(chunk) + len(data) > _WORD_BYTES:
+            chunks.append(chunk)
+            chunk = b""
+        chunk += data
+    if chunk:
+        chunks.append(chunk)
+    return [f"=?utf-8?b?{base64.b64encode(c).decode('ascii')}?=" for c in chunks]
+
+
+def _text_atoms(text: str) -> list[str]:
+    """Subject text as atoms: plain ASCII folded at blanks, else encoded words."""
+    atoms = _FOLD_POINT_RE.split(text)
+    if text.isascii() and "=?" not in text and max(map(len, atoms)) < 900:
+        return atoms
+    return _encoded_words(text)
+
+
+def _mailbox_atoms(display: str, addr: str) -> list[str]:
+    """From as atoms: display name (plain, quoted or encoded) and ``<addr>``."""
+    if not display:
+        return [addr]
+    if not display.isascii() or "=?" in display or len(display) > 900:
+        return [*_encoded_words(display), f"<{addr}>"]
+    if not _PLAIN_PHRASE_RE.fullmatch(display) or display.startswith(".") or "  " in display:
+        escaped = display.replace("\\", "\\\\").replace('"', '\\"')
+        display = f'"{escaped}"'
+    return [*_FOLD_POINT_RE.split(display), f"<{addr}>"]
 
 
 # ---- building ----------------------------------------------------------------------
@@ -235,6 +292,7 @@ def build_message(
             raise InvalidInput(f"{name} must be a list, not a single string")
     if not isinstance(text, str) or not isinstance(html, str | None):
         raise InvalidInput("text and html must be text")
+    text, html = _text(text), (None if html is None else _text(html))
     from_addr = check_address(sender, "sender address")
     to_addrs = [check_address(a, "to address") for a in to]
     cc_addrs = [check_address(a, "cc address") for a in cc]
@@ -252,20 +310,20 @@ def build_message(
 
     msg = EmailMessage(policy=_POLICY)
     try:
-        msg["From"] = _address(from_addr, display)
+        msg["From"] = _Folded("From", _mailbox_atoms(display, from_addr))
         if to_addrs:
             msg["To"] = [_address(a) for a in to_addrs]
         if cc_addrs:
             msg["Cc"] = [_address(a) for a in cc_addrs]
         if reply_addr is not None:
             msg["Reply-To"] = _address(reply_addr)
-        msg["Subject"] = subject_text
+        msg["Subject"] = _Folded("Subject", _text_atoms(subject_text))
         msg["Date"] = when
-        msg["Message-ID"] = _FoldedIds("Message-ID", own_id)
+        msg["Message-ID"] = _Folded("Message-ID", own_id)
         if parent:
-            msg["In-Reply-To"] = _FoldedIds("In-Reply-To", parent)
+            msg["In-Reply-To"] = _Folded("In-Reply-To", parent)
         if refs:
-            msg["References"] = _FoldedIds("References", refs)
+            msg["References"] = _Folded("References", refs)
         msg.set_content(text, subtype="plain", charset="utf-8", cte=_body_cte(text))
         if html is not None:
             msg.add_alternative(html, subtype="html", charset="utf-8", cte=_body_cte(html))
