@@ -279,6 +279,15 @@ def _split_multipart(body: bytes, boundary: str) -> tuple[list[bytes], bool] | N
     return parts, False
 
 
+#: The first "--token" line of a body: the boundary, when its parameter is broken.
+_DELIMITER_LINE_RE = re.compile(rb"^--([!-~]{1,70}?)[ \t]*\r?$", re.MULTILINE)
+
+
+def _guess_boundary(body: bytes) -> str | None:
+    found = _DELIMITER_LINE_RE.search(body)
+    return None if found is None else found.group(1).decode("ascii")
+
+
 _CTE_TOKEN_RE = re.compile(r"[\s(;]")
 _IDENTITY_CTES = frozenset({"", "7bit", "8bit", "binary"})
 _UUENCODE_CTES = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
@@ -320,6 +329,10 @@ class _Walker:
         if ctype.startswith("multipart/"):
             boundary = params.get("boundary", "")
             split = _split_multipart(entity.body, boundary) if boundary else None
+            guess = None if split is not None else _guess_boundary(entity.body)
+            if guess is not None:
+                self.notes.add(f"{where}: boundary parameter unusable; found {guess[:40]!r}")
+                split = _split_multipart(entity.body, guess)
             if split is None:
                 self.notes.add(f"{where}: {ctype} without a usable boundary, read as text")
                 ctype = "text/plain"

@@ -597,8 +597,18 @@ def test_missing_closing_boundary_and_missing_boundary() -> None:
     no_boundary = parse_message(simple(b"Content-Type: multipart/mixed\n", b"just text\n"))
     assert no_boundary.text == "just text\n"
     assert any("boundary" in d for d in no_boundary.defects)
-    wrong = parse_message(simple(b'Content-Type: multipart/mixed; boundary="zz"\n', b"--b\n\nx\n"))
-    assert wrong.text == "--b\n\nx\n"
+    # A broken boundary parameter (seen in bounces): the first delimiter line is used.
+    broken = parse_message(
+        simple(
+            b"Content-Type: multipart/report; report-type=delivery-status;\n\tbo\n",
+            b"This is a MIME-encapsulated message\n\n--JAB03.98/mx.example\n\nfailed\n"
+            b"--JAB03.98/mx.example\nContent-Type: message/delivery-status\n\nAction: failed\n"
+            b"--JAB03.98/mx.example--\n",
+        )
+    )
+    assert broken.text == "failed"
+    assert [a.content_type for a in broken.attachments] == ["message/delivery-status"]
+    assert any("JAB03.98/mx.example" in d for d in broken.defects)
 
 
 def test_boundary_prefix_lines_are_content() -> None:
@@ -853,6 +863,22 @@ def test_round_trip_text_only_and_with_html() -> None:
     assert (plain.text, plain.html, plain.attachments) == ("only text, ascii\n", None, ())
     both = parse_message(build(text="t\n", html="<p>h</p>\n"))
     assert (both.text, both.html) == ("t\n", "<p>h</p>\n")
+
+
+def test_long_non_ascii_subjects_and_names_keep_their_blanks() -> None:
+    # EmailMessage's own folding moves a blank out of two encoded words, where
+    # decoders drop it ("Söhne März" -> "SöhneMärz"); build_message encodes itself.
+    rng = random.Random(8)
+    words = ["Grüße", "aus", "Köln", "März", "über", "日本語", "€", "&", "-", "Re:", "a,b", '"q"']
+    for _ in range(300):
+        subject = " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
+        name = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        raw = build(subject=subject, sender_name=name)
+        assert all(len(line) <= 78 for line in raw.split(b"\r\n\r\n")[0].split(b"\r\n"))
+        parsed = parse_message(raw)
+        assert parsed.subject == subject
+        assert parsed.sender_display == f"{name} <ann@example.com>"
+        assert email.message_from_bytes(raw, policy=policy.default)["subject"] == subject
 
 
 def test_built_message_is_7bit_crlf_and_folded() -> None:
