@@ -90,7 +90,3 @@ def since(before: Counter[str]) -> dict[str, float]:
     now = snapshot()
     return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
 
-
-def bump_imap_commands(n: int = 1) -> None:
-    """For floor code that talks IMAP without going through ``execute``."""
-    _bump("imap_commands", n)
