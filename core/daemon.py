@@ -129,6 +129,7 @@ class Daemon:
         self.k = k
         self.supervise_seconds = supervise_seconds
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.providers: dict[int, Provider] = {}
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -158,6 +159,17 @@ class Daemon:
             self.tasks[conn_id] = asyncio.create_task(
                 self._connection_loop(conn_id), name=f"connection-{conn_id}"
             )
+        # CRM mail queued by another process (the CLI, the API) wakes its
+        # connection from IDLE instead of waiting for the next poll.
+        try:
+            waiting = await asyncio.to_thread(delivery.connections_with_due_mail, self.k)
+        except Exception:
+            log.exception("supervisor could not read the outbox")
+            return
+        for conn_id in waiting:
+            provider = self.providers.get(conn_id)
+            if provider is not None:
+                provider.wake()
 
     async def _cancel(self, conn_ids: list[int]) -> None:
         tasks = [self.tasks.pop(c) for c in conn_ids if c in self.tasks]
@@ -173,6 +185,7 @@ class Daemon:
         provider: Provider | None = None
         try:
             provider = await _open(k, conn_id)
+            self.providers[conn_id] = provider
             while True:
                 await work_connection(k, conn_id, provider)
                 await provider.wait_for_changes(
@@ -185,5 +198,6 @@ class Daemon:
         except Exception:  # one connection's bug must not stop the others
             log.exception("connection task crashed", extra={"connection_id": conn_id})
         finally:
+            self.providers.pop(conn_id, None)
             if provider is not None:
                 await asyncio.shield(provider.close())

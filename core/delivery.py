@@ -338,21 +338,38 @@ async def deliver_now(k: Kernel, message_pk: int) -> str:
     return await deliver_entry(k, entry_id)
 
 
+def _due_clause(now: datetime) -> Any:
+    return or_(
+        (OutboxEntry.status == "pending")
+        & (or_(OutboxEntry.next_attempt_at.is_(None), OutboxEntry.next_attempt_at <= now)),
+        OutboxEntry.status.in_(("claimed", "transmitting")),
+        (OutboxEntry.status == "sent")
+        & (OutboxEntry.channel == "mailbox")
+        & (OutboxEntry.sent_copy_stored.is_(False)),
+    )
+
+
+def connections_with_due_mail(k: Kernel) -> list[int]:
+    """Connections that have outbox entries to work on now."""
+    now = utcnow()
+
+    def work(session: Session) -> list[int]:
+        query = (
+            select(OutboxEntry.connection_id)
+            .where(_due_clause(now), OutboxEntry.connection_id.is_not(None))
+            .distinct()
+        )
+        return [c for c in session.scalars(query).all() if c is not None]
+
+    return k.store.call(work)
+
+
 def due_entries(k: Kernel, connection_id: int | None) -> list[int]:
     """Entries to try now: pending and due, stale leases, sent copies not filed."""
     now = utcnow()
 
     def work(session: Session) -> list[int]:
-        query = select(OutboxEntry.id).where(
-            or_(
-                (OutboxEntry.status == "pending")
-                & (or_(OutboxEntry.next_attempt_at.is_(None), OutboxEntry.next_attempt_at <= now)),
-                OutboxEntry.status.in_(("claimed", "transmitting")),
-                (OutboxEntry.status == "sent")
-                & (OutboxEntry.channel == "mailbox")
-                & (OutboxEntry.sent_copy_stored.is_(False)),
-            )
-        )
+        query = select(OutboxEntry.id).where(_due_clause(now))
         if connection_id is None:
             query = query.where(OutboxEntry.channel == "default")
         else:

@@ -148,8 +148,11 @@ class Kernel:
         conn = session.get(Connection, conn_id)
         if conn is None:
             return
-        conn.last_sync_at = utcnow()
-        if conn.state == "error":
+        now = utcnow()
+        conn.last_sync_at = now
+        # A failure recorded in this same pass (e.g. SMTP down while IMAP works)
+        # keeps the connection in ``error`` until its backoff has passed.
+        if conn.state == "error" and (conn.next_attempt_at is None or conn.next_attempt_at <= now):
             self.set_state(session, events, conn, "connected")
 
     def get_connection(self, session: Session, conn_id: int) -> Connection:

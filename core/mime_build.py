@@ -123,21 +123,23 @@ def _header_text(value: str, what: str) -> str:
     return _HEADER_BREAKS_RE.sub(" ", _text(check_header_value(value, what)))
 
 
-_SENDABLE_ID_RE = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+>")
+#: Printable ASCII without blanks or brackets inside; short enough that
+#: "In-Reply-To: <id>" fits the 998-character line limit.
+_SENDABLE_ID_RE = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]{1,900}>")
 
 
 def _message_ids(values: Sequence[str], what: str) -> list[str]:
-    ids: list[str] = []
+    """Ids in ``values`` (each may hold several), de-duplicated, in order."""
+    ids: dict[str, None] = {}
     for value in values:
         found = parse_msgid_list(check_header_value(value, what))
         if not found:
             raise InvalidInput(f"{what} {value[:80]!r} is not a Message-ID like <id@host>")
         for ident in found:
             if not _SENDABLE_ID_RE.fullmatch(ident):
-                raise InvalidInput(f"{what} {ident[:80]!r} is not printable ASCII")
-            if ident not in ids:
-                ids.append(ident)
-    return ids
+                raise InvalidInput(f"{what} {ident[:80]!r} is not a sendable Message-ID")
+            ids.setdefault(ident, None)
+    return list(ids)
 
 
 class _Folded(str):

@@ -374,18 +374,17 @@ def addresses(values: list[str], what: str, notes: Notes) -> list[tuple[str, str
     found: dict[str, str] = {}
     for value in values:
         text = raw_text(value, what, notes)
-        pairs: list[tuple[str, str]]
+        pairs: list[tuple[str, str]] = []
         if len(text) > _MAX_ADDRESS_HEADER:
-            pairs = []
+            notes.add(f"{what}: over {_MAX_ADDRESS_HEADER} characters; read by pattern")
         else:
             try:
                 # getaddresses flattens groups ("team: a@x, b@y;") and skips empty
                 # ones ("undisclosed-recipients:;"), unlike msg["to"].addresses.
                 pairs = getaddresses([text])
             except (RecursionError, ValueError, IndexError, TypeError, AttributeError):
-                pairs = []
+                notes.add(f"{what}: not parseable as addresses; read by pattern")
         if not pairs and "@" in text:
-            notes.add(f"{what}: not parseable as addresses; read by pattern")
             tokens = _ADDRESS_SEPARATORS_RE.split(text)
             pairs = [("", token) for token in tokens if token.count("@") == 1]
         for name, addr in pairs:

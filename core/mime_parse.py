@@ -247,32 +247,31 @@ def _split_multipart(body: bytes, boundary: str) -> tuple[list[bytes], bool] | N
 
     None when no delimiter line is found. A delimiter line is ``--boundary`` at the
     start of a line, then ``--`` for the closing one, then only blanks (RFC 2046
-    5.1.1); the line break before it belongs to it. ``bytes.find`` keeps this linear.
+    5.1.1); the line break before it belongs to it. Searching ``bytes.find`` for
+    the line break plus delimiter keeps this linear and fast.
     """
     delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
     parts: list[bytes] = []
     start = -1  # where the current part begins; -1 before the first delimiter
-    pos = 0
-    while (found := body.find(delimiter, pos)) >= 0:
-        pos = found + 1
-        if found > 0 and body[found - 1] != 0x0A:
-            continue  # not at the start of a line
+    found = 0 if body.startswith(delimiter) else body.find(b"\n" + delimiter) + 1
+    while found > 0 or (found == 0 and body.startswith(delimiter)):
         after = found + len(delimiter)
         close = body.startswith(b"--", after)
         eol = body.find(b"\n", after)
         line_end = len(body) if eol < 0 else eol + 1
-        if body[after + 2 * close : line_end].strip(b" \t\r\n"):
-            continue  # "--boundary" followed by more: content, or a longer boundary
-        if start >= 0:
-            end = found
-            if end > start and body[end - 1] == 0x0A:
-                end -= 1
-                if end > start and body[end - 1] == 0x0D:
+        # Anything but blanks after "--boundary": content, or a longer boundary.
+        if not body[after + 2 * close : line_end].strip(b" \t\r\n"):
+            if start >= 0:
+                end = found
+                if end > start and body[end - 1] == 0x0A:
                     end -= 1
-            parts.append(body[start:end])
-        if close:
-            return parts, True
-        start = pos = line_end
+                    if end > start and body[end - 1] == 0x0D:
+                        end -= 1
+                parts.append(body[start:end])
+            if close:
+                return parts, True
+            start = line_end
+        found = body.find(b"\n" + delimiter, after) + 1
     if start < 0:
         return None
     parts.append(body[start:])

@@ -162,6 +162,7 @@ class Provider(ABC):
         self.account = account
         #: Kernel-wide settings for providers (timeouts, chunk sizes); may be empty.
         self.settings: Mapping[str, Any] = settings or {}
+        self._woken = asyncio.Event()
 
     # ---- set-up -----------------------------------------------------------------
 
@@ -240,11 +241,25 @@ class Provider(ABC):
     async def wait_for_changes(self, timeout: float) -> bool:
         """Wait until the server reports a change (IMAP IDLE, a push) or ``timeout``.
 
-        Return ``True`` when something changed, ``False`` on timeout. The default
-        just sleeps: providers without push are polled.
+        Return ``True`` when something changed, ``False`` on timeout or when
+        :meth:`wake` was called. The default just sleeps (providers without push
+        are polled), waking early on :meth:`wake`.
         """
-        await asyncio.sleep(timeout)
+        try:
+            await asyncio.wait_for(self._woken.wait(), timeout)
+        except TimeoutError:
+            pass
+        self._woken.clear()
         return False
+
+    def wake(self) -> None:
+        """Make a running :meth:`wait_for_changes` return early (``False``).
+
+        Called by the kernel, from the event loop, when it has work for this
+        connection (CRM mail queued by another process). Harmless when nothing is
+        waiting. Providers that override :meth:`wait_for_changes` override this too.
+        """
+        self._woken.set()
 
     # ---- writing ----------------------------------------------------------------
 

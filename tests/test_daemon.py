@@ -81,7 +81,10 @@ async def test_daemon_idle_push_recovery_disconnect_and_sigterm(
         world.submission.port = port
         world.submission.start()
         # ...and the daemon delivers it once the connection works again.
-        await wait_until(lambda: len(world.submission.by_message_id(queued["message_id"])) == 1, 90)
+        took = await wait_until(
+            lambda: len(world.submission.by_message_id(queued["message_id"])) == 1, 30
+        )
+        assert took < 15, "queued CRM mail should wake the connection, not wait for the poll"
 
         # A disconnect from another process stops the connection's work.
         await world.ts.disconnect(SUB, USER)

@@ -408,6 +408,10 @@ class ImapSmtpProvider(Provider):
         await asyncio.sleep(timeout)
         return False
 
+    def wake(self) -> None:
+        """End a running IDLE early (the kernel has work for this connection)."""
+        self._wakeup.set()
+
     # ---- writing ------------------------------------------------------------------------
 
     async def send(self, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
