@@ -184,6 +184,17 @@ class World:
         self.imap.deliver(self.email, raw, "Sent")
         return mid
 
+    def count_messages_in(self, message_ids: list[str]) -> int:
+        """How many of these Message-IDs are stored (one query)."""
+        if not message_ids:
+            return 0
+
+        def work(session: Any) -> int:
+            q = select(func.count(Message.id)).where(Message.message_id.in_(message_ids))
+            return int(session.scalar(q) or 0)
+
+        return self.ts.kernel.store.call(work)
+
     def count_messages(self, message_id: str | None = None) -> int:
         def work(session: Any) -> int:
             q = select(func.count(Message.id))
