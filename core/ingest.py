@@ -271,7 +271,12 @@ async def sync_folder(
             mid = header.message_id or _synthetic_id(header.ref, header, conn_id)
             try:
                 raw = await provider.fetch(folder, header.ref)
-                parsed: ParsedMessage | None = parse_message(raw)
+                # Big messages are parsed off the loop so IDLE and sends never stall.
+                parsed: ParsedMessage | None = (
+                    parse_message(raw)
+                    if len(raw) < 256 * 1024
+                    else await asyncio.to_thread(parse_message, raw)
+                )
                 error = None
             except MessageParseError as exc:
                 parsed, error = None, str(exc)
