@@ -19,19 +19,11 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-# `tests.servers` is imported by its package name; make that work for a bare
-# `pytest` run too (`python -m pytest` already has the repository on sys.path).
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-from tests.servers import (  # noqa: E402
+from tests.servers import (
     IMAP_KIND_ENV,
     ImapServer,
     available_imap_kinds,
@@ -39,8 +31,8 @@ from tests.servers import (  # noqa: E402
     make_test_ca,
     start_imap_server,
 )
-from tests.servers.smtp import SmtpServer  # noqa: E402
-from tests.servers.tlscerts import TestCA  # noqa: E402
+from tests.servers.smtp import SmtpServer
+from tests.servers.tlscerts import TestCA
 
 
 def _imap_kinds() -> list[str]:

@@ -28,10 +28,13 @@ from tests.servers import (
     available_imap_kinds,
     default_imap_kind,
     dovecot_installed,
+    imap_utf7_encode,
     port_is_open,
     pymap_installed,
     start_imap_server,
 )
+from tests.servers.dovecot import DovecotServer
+from tests.servers.pymap_server import PymapServer
 from tests.servers.smtp import SmtpServer
 from tests.servers.tlscerts import TestCA
 
@@ -79,7 +82,7 @@ def make_message(subject: str, *, to: str = "someone@example.net") -> tuple[byte
 
 def imap_login(server: ImapServer, email: str, password: str) -> imaplib.IMAP4:
     conn = imaplib.IMAP4(server.host, server.port, timeout=10)
-    conn._encoding = "utf-8"  # LOGIN with a non-ASCII password (sent as a literal)
+    conn._encoding = "utf-8"  # type: ignore[attr-defined]  # non-ASCII LOGIN
     try:
         conn.login(email, password)
     except imaplib.IMAP4.error:
@@ -122,9 +125,7 @@ async def test_aioimaplib_plain_login(server: ImapServer, user: tuple[str, str])
     await aio_logout(client)
 
 
-async def test_aioimaplib_wrong_password_refused(
-    server: ImapServer, user: tuple[str, str]
-) -> None:
+async def test_aioimaplib_wrong_password_refused(server: ImapServer, user: tuple[str, str]) -> None:
     email, _ = user
     client = aioimaplib.IMAP4(host=server.host, port=server.port, timeout=10)
     await client.wait_hello_from_server()
@@ -138,7 +139,7 @@ def test_starttls_verifies_against_test_ca(server: ImapServer, user: tuple[str, 
     with imaplib.IMAP4(server.host, server.port, timeout=10) as conn:
         assert "STARTTLS" in conn.capabilities
         conn.starttls(ssl_context=server.ca.client_context())
-        conn._encoding = "utf-8"
+        conn._encoding = "utf-8"  # type: ignore[attr-defined]
         assert conn.login(email, password)[0] == "OK"
         assert conn.sock.version() is not None  # type: ignore[attr-defined]
         conn.logout()
@@ -163,7 +164,7 @@ def test_implicit_tls(server: ImapServer, user: tuple[str, str]) -> None:
     with imaplib.IMAP4_SSL(
         server.host, server.tls_port, ssl_context=server.ca.client_context(), timeout=10
     ) as conn:
-        conn._encoding = "utf-8"
+        conn._encoding = "utf-8"  # type: ignore[attr-defined]
         assert conn.login(email, password)[0] == "OK"
         conn.logout()
 
@@ -189,11 +190,11 @@ def test_add_user_creates_inbox_and_sent(server: ImapServer, user: tuple[str, st
         assert select_count(conn, "Sent")[0] == 0
     finally:
         conn.logout()
-    sent = [line.decode() for line in listing if line.endswith(b" Sent")]
+    sent = [ln.decode() for ln in listing if isinstance(ln, bytes) and ln.endswith(b" Sent")]
     assert len(sent) == 1, listing
     if server.kind == "dovecot":
         assert "\\Sent" in sent[0]  # SPECIAL-USE
-    assert any(line.endswith(b" Sent") for line in subscribed), subscribed
+    assert any(isinstance(ln, bytes) and ln.endswith(b" Sent") for ln in subscribed), subscribed
 
 
 def test_add_user_is_idempotent_and_updates_password(
@@ -210,7 +211,7 @@ def test_add_user_is_idempotent_and_updates_password(
 
 
 def test_deliver_then_select_count(server: ImapServer, user: tuple[str, str]) -> None:
-    email, password = user
+    email, _ = user
     first, _ = make_message("first")
     second, _ = make_message("second")
     server.deliver(email, first)
@@ -246,11 +247,27 @@ def test_flags_reflect_store(server: ImapServer, user: tuple[str, str]) -> None:
     assert server.flags(email) == [set(), {"\\Seen", "\\Answered", "$Forwarded"}]
 
 
-def test_deliver_creates_missing_folder(server: ImapServer, user: tuple[str, str]) -> None:
+@pytest.mark.parametrize("folder", ["Archive", "CRM Synced", "Entwürfe"])
+def test_deliver_to_other_folders(server: ImapServer, user: tuple[str, str], folder: str) -> None:
     email, _ = user
-    raw, _ = make_message("archived")
-    server.deliver(email, raw, folder="Archive")
-    assert server.messages(email, "Archive") == [raw]
+    raw, _ = make_message("filed")
+    server.deliver(email, raw, folder=folder)  # created when missing
+    assert server.messages(email, folder) == [raw]
+    conn = imap_login(server, *user)
+    try:
+        assert select_count(conn, '"' + imap_utf7_encode(folder) + '"')[0] == 1
+    finally:
+        conn.logout()
+
+
+def test_dovecot_lda_delivery(server: ImapServer, user: tuple[str, str]) -> None:
+    if not isinstance(server, DovecotServer) or server.binaries.lda is None:
+        pytest.skip("needs Dovecot with dovecot-lda")
+    email, _ = user
+    raw, _ = make_message("via lda")
+    server.deliver_with_lda(email, raw, sender="sender@example.org")
+    [stored] = server.messages(email)
+    assert stored.endswith(raw)  # the LDA may prepend Return-Path and the like
 
 
 def test_reset_uidvalidity(server: ImapServer, user: tuple[str, str]) -> None:
@@ -297,17 +314,31 @@ async def test_idle_sees_delivery(server: ImapServer, user: tuple[str, str]) -> 
     await aio_logout(client)
 
 
-def test_stop_closes_port_and_is_idempotent(tmp_path: Path, test_ca: TestCA) -> None:
-    for kind in available_imap_kinds():
-        started = time.monotonic()
-        srv = start_imap_server(tmp_path / kind, kind, ca=test_ca)
-        elapsed = time.monotonic() - started
+@pytest.mark.parametrize("kind", available_imap_kinds())
+def test_stop_closes_port_and_restart_keeps_data(
+    tmp_path: Path, test_ca: TestCA, kind: str
+) -> None:
+    srv = start_imap_server(tmp_path, kind, ca=test_ca)
+    try:
+        srv.add_user("restart@threadsync.test", "pw")
+        srv.deliver("restart@threadsync.test", make_message("before outage")[0])
         ports = [p for p in (srv.port, srv.tls_port) if p]
         assert all(port_is_open(srv.host, p) for p in ports)
+        started = time.monotonic()
         srv.stop()
+        print(f"{kind}: stop {time.monotonic() - started:.2f} s")
         assert not any(port_is_open(srv.host, p) for p in ports)
+        srv.stop()  # idempotent
+        assert isinstance(srv, DovecotServer | PymapServer)
+        srv.start()
+        assert [p for p in (srv.port, srv.tls_port) if p] == ports
+        conn = imap_login(srv, "restart@threadsync.test", "pw")
+        try:
+            assert select_count(conn)[0] == 1
+        finally:
+            conn.logout()
+    finally:
         srv.stop()
-        print(f"{kind}: start {elapsed:.2f} s")
 
 
 def test_default_kind_follows_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -431,13 +462,20 @@ async def test_smtp_deliver_to_local_inbox(
         conn.logout()
 
 
-def test_smtp_stop_closes_port() -> None:
+async def test_smtp_stop_closes_port_and_restart_keeps_it() -> None:
     smtp = SmtpServer().start()
-    port = smtp.port
-    assert port_is_open(smtp.host, port)
-    smtp.stop()
-    assert not port_is_open(smtp.host, port)
-    smtp.stop()
+    try:
+        port = smtp.port
+        assert port_is_open(smtp.host, port)
+        smtp.stop()
+        assert not port_is_open(smtp.host, port)
+        smtp.stop()  # idempotent
+        smtp.start()
+        assert smtp.port == port
+        await send(smtp, make_message("after restart")[0], recipients=["a@example.net"])
+        assert len(await smtp.wait_for(1)) == 1
+    finally:
+        smtp.stop()
 
 
 # ---------------------------------------------------------------- conftest fixtures

@@ -27,14 +27,16 @@ import errno
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from .tlscerts import TestCA, make_test_ca
 
 __all__ = [
+    "IMAP_KINDS",
     "IMAP_KIND_ENV",
     "ImapServer",
     "ServerStartError",
@@ -43,10 +45,14 @@ __all__ = [
     "default_imap_kind",
     "dovecot_installed",
     "free_port",
+    "imap_utf7_encode",
     "make_test_ca",
     "port_is_open",
+    "pymap_installed",
     "start_imap_server",
 ]
+
+_T = TypeVar("_T")
 
 IMAP_KIND_ENV = "THREADSYNC_TEST_IMAP"
 IMAP_KINDS = ("dovecot", "pymap")
@@ -60,10 +66,23 @@ class ServerStartError(RuntimeError):
 class ImapServer(Protocol):
     """The common interface of the test IMAP servers.
 
-    ``deliver``, ``messages``, ``flags`` and ``reset_uidvalidity`` work on the
-    mail store directly (no IMAP session). Flags are IMAP flag names such as
-    ``\\Seen`` or ``$Forwarded``; the session flag ``\\Recent`` is never
-    reported.
+    * ``add_user`` is idempotent (a new password replaces the old one) and
+      creates INBOX plus a subscribed ``Sent`` folder (special-use ``\\Sent``
+      where the server supports SPECIAL-USE). E-mail addresses are
+      case-insensitive; they must not contain ``/``, ``:`` or whitespace.
+    * ``has_user`` tells whether ``add_user`` was called for an address.
+    * ``deliver``, ``messages``, ``flags`` and ``reset_uidvalidity`` work on
+      the mail store directly, without an IMAP session. ``deliver`` creates a
+      missing folder and stores the message without flags.
+    * ``messages`` returns the stored bytes in UID order. Dovecot stores CRLF
+      line endings whatever it was given; pymap stores ``deliver``'d bytes as
+      given but APPENDed messages with bare LF. Compare with line endings
+      normalised when a test runs on both.
+    * ``flags`` are IMAP flag names (``\\Seen``, ``$Forwarded``); the session
+      flag ``\\Recent`` is never reported.
+    * ``reset_uidvalidity`` gives the folder a new, larger UIDVALIDITY and keeps
+      its messages, their UIDs and flags.
+    * ``stop`` is idempotent and returns once the ports are closed.
     """
 
     kind: str
@@ -209,13 +228,28 @@ def wait_for_greeting(
         delay = min(delay * 1.5, 0.2)
 
 
-def log_tail(path: Path, lines: int = 40) -> str:
-    """The last *lines* of a log file, or a note that there is none."""
+def die_with_parent_prefix() -> list[str]:
+    """Command prefix making a server die when this process dies.
+
+    ``setpriv --pdeathsig TERM`` (util-linux) exec()s the server with a parent
+    death signal, so a test run that is killed outright (no fixture
+    teardown) does not leave a server running. The signal fires when the
+    *thread* that started the child exits, so it is only used from the main
+    thread.
+    """
+    setpriv = which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"]
+
+
+def log_tail(path: Path, lines: int = 40, *, start: int = 0) -> str:
+    """The last *lines* of a log file from byte offset *start*, or a note."""
     try:
-        text = path.read_text(errors="replace")
+        data = path.read_bytes()[start:]
     except OSError:
         return f"(no log at {path})"
-    return "\n".join(text.splitlines()[-lines:])
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
 # --------------------------------------------------------------------------
@@ -241,8 +275,9 @@ def imap_utf7_encode(name: str) -> str:
     def flush() -> None:
         if pending:
             data = "".join(pending).encode("utf-16-be")
-            out.append("&" + base64.b64encode(data).decode("ascii").rstrip("=").replace("/", ",")
-                       + "-")
+            out.append(
+                "&" + base64.b64encode(data).decode("ascii").rstrip("=").replace("/", ",") + "-"
+            )
             pending.clear()
 
     for char in name:
@@ -312,45 +347,60 @@ def _ordered_files(folder_dir: Path) -> list[Path]:
     return ordered
 
 
+def _retrying(read: Callable[[], _T], folder_dir: Path) -> _T:
+    """Run *read*, retrying when a file vanishes under it: the server renames
+    message files on flag changes and on the new/ -> cur/ move."""
+    for _attempt in range(10):
+        try:
+            return read()
+        except FileNotFoundError:
+            time.sleep(0.01)
+    raise OSError(errno.EAGAIN, f"maildir kept changing while being read: {folder_dir}")
+
+
 def read_maildir_messages(folder_dir: Path) -> list[bytes]:
     """Raw bytes of every message in a Maildir folder, in UID order."""
-    for _attempt in range(5):
-        contents: list[bytes] = []
-        try:
-            for path in _ordered_files(folder_dir):
-                contents.append(path.read_bytes())
-        except FileNotFoundError:
-            # Renamed under us by a concurrent flag change or new -> cur move.
-            time.sleep(0.01)
-            continue
-        return contents
-    raise OSError(errno.EAGAIN, f"maildir kept changing while being read: {folder_dir}")
+    return _retrying(lambda: [p.read_bytes() for p in _ordered_files(folder_dir)], folder_dir)
+
+
+def _read_keywords(folder_dir: Path) -> dict[str, str]:
+    """Maildir keyword letter -> IMAP keyword, from ``dovecot-keywords``."""
+    keywords: dict[str, str] = {}
+    try:
+        text = (folder_dir / "dovecot-keywords").read_text(errors="replace")
+    except FileNotFoundError:
+        return keywords
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) < 26:
+            keywords[chr(ord("a") + int(parts[0]))] = parts[1]
+    return keywords
+
+
+def _file_flags(path: Path, keywords: dict[str, str]) -> set[str]:
+    flags: set[str] = set()
+    if ":2," in path.name:
+        for letter in path.name.rsplit(":2,", 1)[1]:
+            if letter in _SYSTEM_FLAG_LETTERS:
+                flags.add(_SYSTEM_FLAG_LETTERS[letter])
+            elif letter in keywords:
+                flags.add(keywords[letter])
+    return flags
 
 
 def read_maildir_flags(folder_dir: Path) -> list[set[str]]:
     """IMAP flags of every message in a Maildir folder, in UID order."""
-    keywords: dict[str, str] = {}
-    try:
-        for line in (folder_dir / "dovecot-keywords").read_text(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) < 26:
-                keywords[chr(ord("a") + int(parts[0]))] = parts[1]
-    except FileNotFoundError:
-        pass
-    result: list[set[str]] = []
-    for path in _ordered_files(folder_dir):
-        flags: set[str] = set()
-        if ":2," in path.name:
-            for letter in path.name.rsplit(":2,", 1)[1]:
-                if letter in _SYSTEM_FLAG_LETTERS:
-                    flags.add(_SYSTEM_FLAG_LETTERS[letter])
-                elif letter in keywords:
-                    flags.add(keywords[letter])
-        result.append(flags)
-    return result
+
+    def read() -> list[set[str]]:
+        keywords = _read_keywords(folder_dir)
+        return [_file_flags(path, keywords) for path in _ordered_files(folder_dir)]
+
+    return _retrying(read, folder_dir)
 
 
-def which(name: str, extra_dirs: Iterable[str] = ("/usr/sbin", "/usr/local/sbin", "/sbin")) -> str | None:
+def which(
+    name: str, extra_dirs: Iterable[str] = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+) -> str | None:
     """Like :func:`shutil.which`, also looking in the sbin directories."""
     found = shutil.which(name)
     if found:

@@ -11,20 +11,25 @@ and runs ``dovecot -F -c CONF`` as a child process (in its own process group):
 * a special-use ``\\Sent`` folder named ``Sent`` (``auto = subscribe``),
   CONDSTORE/QRESYNC and IDLE (Dovecot 2.3 defaults), plaintext LOGIN allowed;
 * ``base_dir``/``state_dir``/log inside the directory, so nothing collides
-  with a system instance; the auth process cannot reach anvil's penalty
-  socket (``mode = 0``), so failed logins do not trigger Dovecot's per-IP auth penalty (2 s to 15 s added to
-  every later login, successful ones included). A failed login still takes
-  0.5 s: with ``auth_failure_delay = 0`` Dovecot 2.3 flushes failures on a
-  500 ms timer.
+  with a system instance;
+* no auth penalty: the auth process cannot reach anvil's penalty socket
+  (``mode = 0``). Otherwise each failed login adds a per-IP delay of 2 s to
+  15 s to every later login from 127.0.0.1, successful ones included. A
+  failed login still takes 0.5 s: with ``auth_failure_delay = 0``, Dovecot
+  2.3 still answers failures from a 500 ms timer.
 
 Running as root, Dovecot refuses to access mail as uid 0, so mail belongs to
 ``nobody``; every directory on the path to the configuration, the users file
 and the mail store must then be traversable by that user and by Dovecot's
-internal users. When the given working directory is not (pytest's
-``/tmp/pytest-of-root`` is mode 0700), the instance lives in a fresh
-world-traversable temporary directory instead, which is removed on
-:meth:`DovecotServer.stop` after copying the log next to the working
-directory. As non-root, everything runs as the calling user.
+internal users. When the given working directory is not (pytest's per-user
+base temporary directory is mode 0700), the instance lives in a fresh
+world-traversable temporary directory instead (named in
+``dovecot-root.txt`` in the working directory, its log copied there as
+``dovecot.log`` on each stop), removed when the server object is collected or
+the interpreter exits. As non-root, everything runs as the calling user.
+
+:meth:`DovecotServer.stop` keeps users and mail, and :meth:`~DovecotServer.start`
+after it brings the instance back on the same ports (to simulate an outage).
 
 Mail store access without an IMAP session: ``deliver`` uses ``doveadm save``,
 ``reset_uidvalidity`` ``doveadm mailbox update --uid-validity`` (message UIDs
@@ -38,6 +43,7 @@ returns, not necessarily the bytes given to ``deliver``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import grp
 import os
 import pwd
@@ -49,12 +55,14 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from . import (
     ServerStartError,
+    die_with_parent_prefix,
     free_port,
     log_tail,
     maildir_folder_path,
@@ -70,6 +78,7 @@ __all__ = ["DovecotBinaries", "DovecotServer", "find_binaries"]
 
 _START_ATTEMPTS = 3
 _COMMAND_TIMEOUT = 30.0
+_STOP_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,11 @@ def find_binaries() -> DovecotBinaries | None:
     if dovecot is None or doveadm is None:
         return None
     lda = next(
-        (p for p in ("/usr/lib/dovecot/dovecot-lda", "/usr/libexec/dovecot/dovecot-lda")
-         if os.access(p, os.X_OK)),
+        (
+            p
+            for p in ("/usr/lib/dovecot/dovecot-lda", "/usr/libexec/dovecot/dovecot-lda")
+            if os.access(p, os.X_OK)
+        ),
         None,
     )
     return DovecotBinaries(dovecot=dovecot, doveadm=doveadm, lda=lda)
@@ -132,6 +144,7 @@ class DovecotServer:
         self.tls_port: int | None = None
         self.root = self.workdir / "dovecot"
         self._root_is_private_tmp = False
+        self._prepared = False
         self._users: dict[str, str] = {}
         self._lock = threading.RLock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -170,8 +183,12 @@ class DovecotServer:
     def _prepare_root(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self._running_as_root and not _traversable_by_others(self.workdir):
-            candidates = [Path(tempfile.gettempdir()), Path("/tmp"), Path("/var/tmp"),
-                          Path("/dev/shm")]
+            candidates = [
+                Path(tempfile.gettempdir()),
+                Path("/tmp"),
+                Path("/var/tmp"),
+                Path("/dev/shm"),
+            ]
             base = next((c for c in candidates if c.is_dir() and _traversable_by_others(c)), None)
             if base is None:
                 raise ServerStartError(
@@ -181,6 +198,9 @@ class DovecotServer:
             self.root = Path(tempfile.mkdtemp(prefix="threadsync-dovecot-", dir=base))
             self._root_is_private_tmp = True
             (self.workdir / "dovecot-root.txt").write_text(f"{self.root}\n")
+            # Kept across stop()/start(); removed when this object is
+            # collected or the interpreter exits.
+            weakref.finalize(self, shutil.rmtree, self.root, True)
         else:
             self.root = self.workdir / "dovecot"
             self.root.mkdir(parents=True, exist_ok=True)
@@ -198,6 +218,8 @@ class DovecotServer:
 
     def _config_text(self) -> str:
         root = self.root
+        # Only root may chroot(); as non-root the chrooting services run unjailed.
+        no_chroot = [] if self._running_as_root else ["  chroot ="]
         lines = [
             "# Private test instance; generated, do not edit.",
             "protocols = imap",
@@ -208,7 +230,7 @@ class DovecotServer:
             f"log_path = {self.log_file}",
             f"info_log_path = {self.log_file}",
             f"debug_log_path = {self.log_file}",
-            "log_timestamp = \"%Y-%m-%d %H:%M:%S \"",
+            'log_timestamp = "%Y-%m-%d %H:%M:%S "',
             f"first_valid_uid = {self.mail_uid}",
             "last_valid_uid = 0",
             "disable_plaintext_auth = no",
@@ -239,6 +261,7 @@ class DovecotServer:
             "  }",
             "}",
             "service imap-login {",
+            *no_chroot,
             "  inet_listener imap {",
             f"    address = {self.host}",
             f"    port = {self.port}",
@@ -254,6 +277,7 @@ class DovecotServer:
             "}",
             "# No auth penalty: the auth process cannot reach this socket.",
             "service anvil {",
+            *no_chroot,
             "  unix_listener anvil-auth-penalty {",
             "    mode = 0",
             "  }",
@@ -270,41 +294,48 @@ class DovecotServer:
         return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 15.0) -> DovecotServer:
-        """Write the configuration, start Dovecot and wait for its greeting."""
+        """Start Dovecot and wait for its greeting; returns self.
+
+        After :meth:`stop`, ``start`` brings the same instance back on the same
+        ports with the same users and mail (an outage in a test).
+        """
         with self._lock:
             if self._process is not None:
                 return self
-            self._prepare_root()
+            if not self._prepared:
+                self._prepare_root()
+                self._prepared = True
+            restart = self.port != 0
             last_error = ""
             for _attempt in range(_START_ATTEMPTS):
-                self.port = free_port(self.host)
-                self.tls_port = free_port(self.host)
-                if self.tls_port == self.port:
-                    continue
+                if not restart:
+                    self.port = free_port(self.host)
+                    self.tls_port = free_port(self.host)
+                    if self.tls_port == self.port:
+                        continue
                 self.config_file.write_text(self._config_text())
+                log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
                 self._spawn()
                 try:
                     wait_for_greeting(self.host, self.port, timeout=timeout, alive=self._alive)
-                    deadline = time.monotonic() + timeout
-                    while not port_is_open(self.host, self.tls_port):
-                        if time.monotonic() > deadline or not self._alive():
-                            raise ServerStartError("implicit TLS port never opened")
-                        time.sleep(0.02)
                     return self
-                except (ServerStartError, TimeoutError) as exc:
+                except BaseException as exc:
                     self._terminate()
-                    tail = log_tail(self.log_file)
+                    if not isinstance(exc, ServerStartError | TimeoutError):
+                        raise
+                    tail = log_tail(self.log_file, start=log_offset)
                     last_error = f"{exc}\n--- {self.log_file} ---\n{tail}"
                     if "Address already in use" not in tail:
                         break
-            self._cleanup_root()
+                    if restart:
+                        time.sleep(0.5)
             raise ServerStartError(f"Dovecot failed to start: {last_error}")
 
     def _spawn(self) -> None:
         self._close_log_handle()
         self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
         self._process = subprocess.Popen(
-            [self.binaries.dovecot, "-F", "-c", str(self.config_file)],
+            [*die_with_parent_prefix(), self.binaries.dovecot, "-F", "-c", str(self.config_file)],
             stdin=subprocess.DEVNULL,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
@@ -321,16 +352,17 @@ class DovecotServer:
         if process.poll() is None:
             process.terminate()
             try:
-                process.wait(timeout=10)
+                # A clean shutdown takes about 1 s; a login process still
+                # waiting for the stats process (stop right after start)
+                # holds the master for 5 s more, so do not wait for that.
+                process.wait(timeout=_STOP_GRACE)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
         # Anything the master left behind in its process group (it was the
         # group leader, so the group id is its pid).
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self._process = None
         self._close_log_handle()
 
@@ -339,14 +371,11 @@ class DovecotServer:
             self._log_handle.close()
             self._log_handle = None
 
-    def _cleanup_root(self) -> None:
-        if self._root_is_private_tmp and self.root.exists():
-            if self.log_file.exists():
-                shutil.copyfile(self.log_file, self.workdir / "dovecot.log")
-            shutil.rmtree(self.root, ignore_errors=True)
-
     def stop(self) -> None:
-        """Stop Dovecot and wait until its ports are closed. Idempotent."""
+        """Stop Dovecot and wait until its ports are closed. Idempotent.
+
+        Users and mail stay; :meth:`start` brings the instance back.
+        """
         with self._lock:
             if self._process is None:
                 return
@@ -357,7 +386,8 @@ class DovecotServer:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"Dovecot ports {ports} still open after stop")
                 time.sleep(0.02)
-            self._cleanup_root()
+            if self._root_is_private_tmp and self.log_file.exists():
+                shutil.copyfile(self.log_file, self.workdir / "dovecot.log")
 
     def __enter__(self) -> DovecotServer:
         return self.start()

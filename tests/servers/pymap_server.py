@@ -16,10 +16,12 @@ Limits and quirks compared with Dovecot (tests should branch on
   fall back to the folder name;
 * TLS only via STARTTLS (``tls_port`` is None), and LOGIN is accepted before
   STARTTLS;
-* ``BODY[HEADER.FIELDS ...]`` comes back with bare LF line endings;
+* messages come back with bare LF line endings (``BODY[]`` as well as
+  ``BODY[HEADER.FIELDS ...]``), and APPENDed messages are stored with LF, so
+  ``messages()`` returns them with LF; ``deliver`` stores bytes as given;
 * keywords are limited to those listed in each folder's ``dovecot-keywords``
-  file; :data:`KEYWORDS` are pre-defined in INBOX and Sent, any other keyword
-  in a STORE is silently dropped;
+  file; :data:`KEYWORDS` are pre-defined in INBOX, Sent and folders made by
+  ``deliver``, any other keyword in a STORE is silently dropped;
 * changes made behind its back (``deliver``) reach a selected/IDLE session on
   its next poll, within about a second;
 * ``reset_uidvalidity`` rewrites the UIDVALIDITY in ``dovecot-uidlist``
@@ -38,12 +40,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
 from . import (
     ServerStartError,
+    die_with_parent_prefix,
     free_port,
     log_tail,
     maildir_folder_path,
@@ -104,7 +107,11 @@ class PymapServer:
     # ------------------------------------------------------------- lifecycle
 
     def start(self, timeout: float = 20.0) -> PymapServer:
-        """Start pymap and wait for its greeting."""
+        """Start pymap and wait for its greeting; returns self.
+
+        After :meth:`stop`, ``start`` brings it back on the same port with the
+        same users and mail.
+        """
         with self._lock:
             if self._process is not None:
                 return self
@@ -116,19 +123,26 @@ class PymapServer:
             (self.root / "users").mkdir(exist_ok=True)
             (self.root / "tmp").mkdir(exist_ok=True)
             self._write_user_files()
+            restart = self.port != 0
             last_error = ""
             for _attempt in range(_START_ATTEMPTS):
-                self.port = free_port(self.host)
+                if not restart:
+                    self.port = free_port(self.host)
+                log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
                 self._spawn()
                 try:
                     wait_for_greeting(self.host, self.port, timeout=timeout, alive=self._alive)
                     return self
-                except (ServerStartError, TimeoutError) as exc:
+                except BaseException as exc:
                     self._terminate()
-                    tail = log_tail(self.log_file)
+                    if not isinstance(exc, ServerStartError | TimeoutError):
+                        raise
+                    tail = log_tail(self.log_file, start=log_offset)
                     last_error = f"{exc}\n--- {self.log_file} ---\n{tail}"
                     if "address already in use" not in tail.lower():
                         break
+                    if restart:
+                        time.sleep(0.5)
             raise ServerStartError(f"pymap failed to start: {last_error}")
 
     def _spawn(self) -> None:
@@ -141,7 +155,7 @@ class PymapServer:
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("PYTHONWARNINGS", None)
         args = [
-            sys.executable, "-c", _RUN_PYMAP,
+            *die_with_parent_prefix(), sys.executable, "-c", _RUN_PYMAP,
             "--no-service", "admin", "--no-service", "managesieve", "--no-service", "swim",
             "--host", self.host, "--port", str(self.port),
             "--cert", str(self.ca.cert_file), "--key", str(self.ca.key_file),
@@ -180,7 +194,10 @@ class PymapServer:
             self._log_handle = None
 
     def stop(self) -> None:
-        """Stop pymap and wait until its port is closed. Idempotent."""
+        """Stop pymap and wait until its port is closed. Idempotent.
+
+        Users and mail stay; :meth:`start` brings the server back.
+        """
         with self._lock:
             if self._process is None:
                 return
@@ -216,10 +233,8 @@ class PymapServer:
         try:
             yield
         finally:
-            try:
+            with suppress(FileNotFoundError):
                 os.unlink(lock_path)
-            except FileNotFoundError:
-                pass
 
     def _replace_file(self, path: Path, text: str, mode: int = 0o600) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -248,9 +263,7 @@ class PymapServer:
             (path / "maildirfolder").touch()
         keywords = path / "dovecot-keywords"
         if not keywords.exists():
-            self._replace_file(
-                keywords, "".join(f"{i} {kw}\n" for i, kw in enumerate(KEYWORDS))
-            )
+            self._replace_file(keywords, "".join(f"{i} {kw}\n" for i, kw in enumerate(KEYWORDS)))
 
     def has_user(self, email: str) -> bool:
         return email.lower() in self._users
@@ -271,8 +284,9 @@ class PymapServer:
             with self._file_lock(maildir / "subscriptions.lock"):
                 existing = subscriptions.read_text().split() if subscriptions.exists() else []
                 if "Sent" not in existing:
-                    self._replace_file(subscriptions, "".join(f"{s}\r\n" for s in
-                                                              [*existing, "Sent"]))
+                    self._replace_file(
+                        subscriptions, "".join(f"{s}\r\n" for s in [*existing, "Sent"])
+                    )
 
     def _folder_dir(self, email: str, folder: str, *, create: bool = False) -> Path:
         email = email.lower()
@@ -327,7 +341,8 @@ class PymapServer:
         folder_dir = self._folder_dir(email, folder, create=True)
         with self._file_lock(folder_dir / UidList.LOCK_FILE):
             uidlist = UidList.file_read(str(folder_dir))
-            uidlist.uid_validity = uidlist.uid_validity + 1 if uidlist.uid_validity < 0xFFFFFFFF else 1
+            current = uidlist.uid_validity
+            uidlist.uid_validity = current + 1 if current < 0xFFFFFFFF else 1
             self._write_uidlist(folder_dir, uidlist)
 
     def messages(self, email: str, folder: str = "INBOX") -> list[bytes]:

@@ -68,7 +68,7 @@ class _Handler:
     def __init__(self, server: SmtpServer) -> None:
         self._server = server
 
-    async def handle_MAIL(  # noqa: N802 - aiosmtpd hook name
+    async def handle_MAIL(
         self,
         smtp: SMTP,
         session: Session,
@@ -82,9 +82,7 @@ class _Handler:
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
-    async def handle_DATA(  # noqa: N802 - aiosmtpd hook name
-        self, smtp: SMTP, session: Session, envelope: Envelope
-    ) -> str:
+    async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         if isinstance(envelope.content, bytes) and not raw:
             raw = envelope.content
@@ -138,7 +136,7 @@ class SmtpServer:
         self.received: list[Received] = []
         self._received_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
         self._protocols: set[SMTP] = set()
         self._handler = _Handler(self)
@@ -147,7 +145,12 @@ class SmtpServer:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> SmtpServer:
-        """Start listening; returns self once the port accepts connections."""
+        """Start listening; returns self once the port accepts connections.
+
+        The first start binds a free port chosen by the kernel (no race); a
+        start after :meth:`stop` binds the same port again (``port`` may also
+        be set before starting). ``received`` is kept across restarts.
+        """
         if self._thread is not None:
             return self
         loop = asyncio.new_event_loop()
@@ -215,7 +218,7 @@ class SmtpServer:
 
     def _abort_connections(self, loop: asyncio.AbstractEventLoop) -> None:
         for smtp in list(self._protocols):
-            if smtp.transport is not None:
+            if isinstance(smtp.transport, asyncio.Transport):
                 smtp.transport.abort()
         # Connections no SMTP object knows yet (just accepted, or an implicit
         # TLS handshake in progress) are only known to the loop; abort them
@@ -228,10 +231,16 @@ class SmtpServer:
     def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
         """Runs in the server thread once the loop has stopped."""
         assert self._server is not None
+        # Stop accepting, then let accepts already in flight create their
+        # transports before closing the server: a connection accepted just
+        # before Server.close() would otherwise hit a closed server in
+        # asyncio's accept task and its socket would leak.
+        for sock in self._server.sockets:
+            loop.remove_reader(sock.fileno())
+        for _ in range(3):
+            loop.run_until_complete(asyncio.sleep(0))
         self._server.close()
-        # A few rounds: an accept already in flight creates its transport on
-        # the next iteration, and aborts schedule connection_lost callbacks.
-        for _ in range(5):
+        for _ in range(3):  # aborts schedule connection_lost callbacks
             self._abort_connections(loop)
             loop.run_until_complete(asyncio.sleep(0))
         tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
