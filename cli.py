@@ -194,7 +194,14 @@ def _connect_command(name: str, doc: str, update: bool) -> click.Command:
         ts = ctx.threadsync()
         fn = ts.update_email if update else ts.connect
         result = run_async(
-            fn(subaccount, user, provider, email=email, options=_provider_options(kw))
+            fn(
+                subaccount,
+                user,
+                provider,
+                email=email,
+                options=_provider_options(kw),
+                notify=lambda text: click.echo(text, err=True),
+            )
         )
         ctx.emit(result, _connection_text)
 

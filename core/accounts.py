@@ -8,7 +8,7 @@ transaction that records its result, so a failed login changes nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -132,8 +132,11 @@ async def connect(
     provider: str,
     email: str,
     options: Mapping[str, Any],
+    notify: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
-    """Connect a user's mailbox, or re-authorise one in ``needs_reauth``/``error``."""
+    """Connect a user's mailbox, or re-authorise one in ``needs_reauth``/``error``.
+
+    ``notify`` shows the user what an interactive sign-in needs (a consent URL)."""
     _check_id(subaccount, "sub-account")
     _check_id(user, "user")
     email = check_address(email, "email address")
@@ -161,7 +164,7 @@ async def connect(
         return live
 
     existing = await k.store.run(precheck)
-    account = cls.prepare(email, options, k.environ)
+    account = await cls.authorize(email, options, k.environ, notify)
     placed = await _verified(k, cls, account)
     events = EventBuffer()
 
@@ -274,6 +277,7 @@ async def update_email(
     provider: str,
     email: str,
     options: Mapping[str, Any],
+    notify: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Replace the connected address without a gap: the new connection is verified
     first, then in one transaction the old one becomes ``replaced``."""
@@ -292,7 +296,7 @@ async def update_email(
         return live
 
     await k.store.run(precheck)
-    account = cls.prepare(email, options, k.environ)
+    account = await cls.authorize(email, options, k.environ, notify)
     placed = await _verified(k, cls, account)
     events = EventBuffer()
 

@@ -17,7 +17,8 @@ passed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from core.config import Settings, load
 from core.kernel import Kernel
 from core.store import Store
 from core.vault import Vault
+
+
+def _log_notice(text: str) -> None:
+    logging.getLogger("threadsync").warning("%s", text)
 
 
 class Threadsync:
@@ -91,14 +96,35 @@ class Threadsync:
     # ---- connections -------------------------------------------------------------------
 
     async def connect(
-        self, subaccount: str, user: str, provider: str, *, email: str, options: Mapping[str, Any]
+        self,
+        subaccount: str,
+        user: str,
+        provider: str,
+        *,
+        email: str,
+        options: Mapping[str, Any],
+        notify: Callable[[str], None] = _log_notice,
     ) -> dict[str, Any]:
-        return await accounts.connect(self.kernel, subaccount, user, provider, email, options)
+        """Connect a mailbox. ``notify`` shows what an interactive sign-in needs
+        (a consent URL or a device code)."""
+        return await accounts.connect(
+            self.kernel, subaccount, user, provider, email, options, notify
+        )
 
     async def update_email(
-        self, subaccount: str, user: str, provider: str, *, email: str, options: Mapping[str, Any]
+        self,
+        subaccount: str,
+        user: str,
+        provider: str,
+        *,
+        email: str,
+        options: Mapping[str, Any],
+        notify: Callable[[str], None] = _log_notice,
     ) -> dict[str, Any]:
-        return await accounts.update_email(self.kernel, subaccount, user, provider, email, options)
+        """Replace the user's connected address (R7)."""
+        return await accounts.update_email(
+            self.kernel, subaccount, user, provider, email, options, notify
+        )
 
     async def disconnect(self, subaccount: str, user: str) -> dict[str, Any]:
         return await accounts.disconnect(self.kernel, subaccount, user)

@@ -77,6 +77,7 @@ async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[
         if await delivery.deliver_entry(k, entry_id, provider) == "sent":
             sent += 1
     report = await sync_connection(k, conn_id, provider)
+    await k.keep_refreshed_secrets(conn_id, provider)
     return report, sent
 
 

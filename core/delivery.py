@@ -293,6 +293,8 @@ async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -
     finally:
         if own:
             await provider.close()
+            if claim.connection_id is not None:
+                await k.keep_refreshed_secrets(claim.connection_id, provider)
 
 
 def _release_quietly(k: Kernel, claim: Claim) -> None:

@@ -155,6 +155,21 @@ class Kernel:
         if conn.state == "error" and (conn.next_attempt_at is None or conn.next_attempt_at <= now):
             self.set_state(session, events, conn, "connected")
 
+    async def keep_refreshed_secrets(self, conn_id: int, provider: Provider) -> None:
+        """Store a provider's refreshed token (``secrets_changed``), encrypted."""
+        account = provider.account
+        if not account.secrets_changed:
+            return
+        sealed = self.vault.seal(account.secrets)
+
+        def work(session: Session) -> None:
+            conn = session.get(Connection, conn_id)
+            if conn is not None and conn.secrets is not None:
+                conn.secrets = sealed
+
+        await self.store.run(work)
+        account.secrets_changed = False
+
     def get_connection(self, session: Session, conn_id: int) -> Connection:
         conn = session.get(Connection, conn_id)
         if conn is None:

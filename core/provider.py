@@ -29,6 +29,7 @@ provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -198,6 +199,22 @@ class Provider(ABC):
                 settings[opt.name] = value
         return Account(email=email, settings=settings, secrets=secrets)
 
+    @classmethod
+    async def authorize(
+        cls,
+        email: str,
+        options: Mapping[str, Any],
+        environ: Mapping[str, str],
+        notify: Callable[[str], None],
+    ) -> Account:
+        """Obtain the credentials for ``email`` at connect / update-email time.
+
+        May involve the user: an OAuth consent URL or a device code is shown with
+        ``notify(text)`` and the call waits for the user to finish. The default
+        needs no interaction and returns :meth:`prepare`'s account.
+        """
+        return cls.prepare(email, options, environ)
+
     # ---- session ----------------------------------------------------------------
 
     @abstractmethod
@@ -245,10 +262,8 @@ class Provider(ABC):
         :meth:`wake` was called. The default just sleeps (providers without push
         are polled), waking early on :meth:`wake`.
         """
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._woken.wait(), timeout)
-        except TimeoutError:
-            pass
         self._woken.clear()
         return False
 
