@@ -164,7 +164,9 @@ async def connect(
         return live
 
     existing = await k.store.run(precheck)
-    account = await cls.authorize(email, options, k.environ, notify)
+    account = await cls.authorize(
+        email, options, k.environ, notify, k.provider_settings.get(cls.name, {})
+    )
     placed = await _verified(k, cls, account)
     events = EventBuffer()
 
@@ -296,7 +298,9 @@ async def update_email(
         return live
 
     await k.store.run(precheck)
-    account = await cls.authorize(email, options, k.environ, notify)
+    account = await cls.authorize(
+        email, options, k.environ, notify, k.provider_settings.get(cls.name, {})
+    )
     placed = await _verified(k, cls, account)
     events = EventBuffer()
 

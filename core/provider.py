@@ -206,12 +206,15 @@ class Provider(ABC):
         options: Mapping[str, Any],
         environ: Mapping[str, str],
         notify: Callable[[str], None],
+        settings: Mapping[str, Any],
     ) -> Account:
         """Obtain the credentials for ``email`` at connect / update-email time.
 
         May involve the user: an OAuth consent URL or a device code is shown with
-        ``notify(text)`` and the call waits for the user to finish. The default
-        needs no interaction and returns :meth:`prepare`'s account.
+        ``notify(text)`` and the call waits for the user to finish. ``settings``
+        is this provider's section of config.toml (e.g. ``[outlook]``: tenant,
+        client id). The default needs no interaction and returns
+        :meth:`prepare`'s account.
         """
         return cls.prepare(email, options, environ)
 
