@@ -54,6 +54,15 @@ def labs_on(session: Session, subaccount: str) -> bool:
     return bool(sub and sub.two_way_email_sync)
 
 
+def require_labs(session: Session, subaccount: str) -> None:
+    """R1: connect and update-email need the sub-account's Labs flag."""
+    if not labs_on(session, subaccount):
+        raise LabsDisabled(
+            f"two-way email sync is a Labs feature: enable it for sub-account "
+            f"{subaccount!r} first (threadsync labs enable {subaccount})"
+        )
+
+
 def live_connection(session: Session, subaccount: str, user: str) -> Connection | None:
     return session.scalars(
         select(Connection).where(
@@ -143,11 +152,7 @@ async def connect(
     cls = k.provider_class(provider)
 
     def precheck(session: Session) -> Connection | None:
-        if not labs_on(session, subaccount):
-            raise LabsDisabled(
-                f"two-way email sync is a Labs feature: enable it for sub-account "
-                f"{subaccount!r} first (threadsync labs enable {subaccount})"
-            )
+        require_labs(session, subaccount)
         live = live_connection(session, subaccount, user)
         if live is None:
             return None
@@ -287,11 +292,7 @@ async def update_email(
     cls = k.provider_class(provider)
 
     def precheck(session: Session) -> Connection:
-        if not labs_on(session, subaccount):
-            raise LabsDisabled(
-                f"two-way email sync is a Labs feature: enable it for sub-account "
-                f"{subaccount!r} first (threadsync labs enable {subaccount})"
-            )
+        require_labs(session, subaccount)
         live = live_connection(session, subaccount, user)
         if live is None:
             raise NotFound(f"user {user!r} has no connected mailbox to update; use connect")

@@ -81,6 +81,28 @@ def make_settings(tmp_path: Path, database_url: str, relay_port: int, **sync: An
     return from_mapping(raw, base=tmp_path)
 
 
+def write_config(world: World, path: Path, **sync: float) -> Path:
+    """A config file for another process (the CLI, the daemon) on the same
+    database, key and relay as ``world``, with ``[sync]`` overrides."""
+    s = world.ts.kernel.settings
+    sync_lines = "".join(f"{k} = {v}\n" for k, v in sync.items())
+    path.write_text(
+        f"""[database]
+url = "{s.database_url}"
+[security]
+secret_key_file = "{s.secret_key_file}"
+[sync]
+{sync_lines}[outbound.default]
+host = "127.0.0.1"
+port = {s.default_channel.port}
+security = "none"
+from_address = "crm@threadsync.local"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
 def reply_to(parent: dict[str, Any] | str, chain: list[str] | None = None) -> dict[str, str]:
     """In-Reply-To and References headers of a reply to ``parent`` (a message dict
     from ``thread()`` or a Message-ID)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.kernelfixtures import CONTACT, World
+from tests.kernelfixtures import CONTACT, World, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,24 +42,7 @@ class Cli:
 
 @pytest.fixture
 def cli(world: World, tmp_path: Path) -> Cli:
-    s = world.ts.kernel.settings
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        f"""
-[database]
-url = "{s.database_url}"
-[security]
-secret_key_file = "{s.secret_key_file}"
-[sync]
-poll_interval_seconds = 1
-[outbound.default]
-host = "127.0.0.1"
-port = {s.default_channel.port}
-security = "none"
-from_address = "crm@threadsync.local"
-""",
-        encoding="utf-8",
-    )
+    cfg = write_config(world, tmp_path / "config.toml", poll_interval_seconds=1)
     return Cli(cfg, {"MAILPW": world.password})
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from core.compose import Draft
-from tests.kernelfixtures import CONTACT, SUB, USER, World, make_mail
+from tests.kernelfixtures import CONTACT, SUB, USER, World, make_mail, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUED, REPLIES = 8, 24
@@ -30,32 +30,6 @@ def done(world: World, replies: list[str], queued: list[str]) -> int:
     wanted = {mid.strip("<>") for mid in queued}
     delivered = sum(1 for r in list(world.submission.received) if r.message_id in wanted)
     return world.count_messages_in(replies) + delivered
-
-
-def write_config(world: World, tmp_path: Path) -> Path:
-    s = world.ts.kernel.settings
-    cfg = tmp_path / "crash.toml"
-    cfg.write_text(
-        f"""
-[database]
-url = "{s.database_url}"
-[security]
-secret_key_file = "{s.secret_key_file}"
-[sync]
-poll_interval_seconds = 0.2
-backoff_base_seconds = 0.05
-backoff_max_seconds = 0.2
-lease_seconds = 3
-batch_size = 4
-[outbound.default]
-host = "127.0.0.1"
-port = {s.default_channel.port}
-security = "none"
-from_address = "crm@threadsync.local"
-""",
-        encoding="utf-8",
-    )
-    return cfg
 
 
 def daemon(cfg: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
@@ -78,7 +52,15 @@ async def test_sigkill_at_random_points_loses_and_doubles_nothing(
     for i in range(6):
         sent = await world.ts.send(SUB, USER, Draft(to=[CONTACT], subject=f"Offer {i}", text="hi"))
         threads.append(sent)
-    cfg = write_config(world, tmp_path)
+    cfg = write_config(
+        world,
+        tmp_path / "crash.toml",
+        poll_interval_seconds=0.2,
+        backoff_base_seconds=0.05,
+        backoff_max_seconds=0.2,
+        lease_seconds=3,
+        batch_size=4,
+    )
     env = dict(world.ts.kernel.environ)
     queued: list[str] = []
     replies: list[str] = []

@@ -16,31 +16,19 @@ from pathlib import Path
 import pytest
 
 from core.compose import Draft
-from tests.kernelfixtures import CONTACT, SUB, USER, World
+from tests.kernelfixtures import CONTACT, SUB, USER, World, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_daemon(world: World, tmp_path: Path, poll: float) -> subprocess.Popen[bytes]:
-    s = world.ts.kernel.settings
-    cfg = tmp_path / "daemon.toml"
-    cfg.write_text(
-        f"""
-[database]
-url = "{s.database_url}"
-[security]
-secret_key_file = "{s.secret_key_file}"
-[sync]
-poll_interval_seconds = {poll}
-idle_seconds = {poll}
-backoff_base_seconds = 0.2
-backoff_max_seconds = 1
-[outbound.default]
-host = "127.0.0.1"
-port = {s.default_channel.port}
-security = "none"
-""",
-        encoding="utf-8",
+    cfg = write_config(
+        world,
+        tmp_path / "daemon.toml",
+        poll_interval_seconds=poll,
+        idle_seconds=poll,
+        backoff_base_seconds=0.2,
+        backoff_max_seconds=1,
     )
     return subprocess.Popen(
         [sys.executable, str(ROOT / "cli.py"), "--config", str(cfg), "run"],
@@ -96,7 +84,7 @@ async def test_daemon_idle_push_recovery_disconnect_and_sigterm(
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            out, err = proc.communicate(timeout=15)
+            _, err = proc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
