@@ -400,8 +400,15 @@ def thread(ctx: Ctx, thread_id: str) -> None:
 
 @cli.command()
 @click.option("--once", is_flag=True, help="One full pass, then exit 0.")
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Also serve the HTTP API and deliver webhooks here (default: [http] listen; "
+    "off when neither is set).",
+)
 @pass_ctx
-def run(ctx: Ctx, once: bool) -> None:
+def run(ctx: Ctx, once: bool, listen: str | None) -> None:
     """The daemon: sync every connection until stopped (SIGTERM, Ctrl-C)."""
     ts = ctx.threadsync()
     if once:
@@ -425,9 +432,23 @@ def run(ctx: Ctx, once: bool) -> None:
         return
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
+    from plugins.http_api.settings import http_settings
+
+    http = http_settings(ctx.settings, listen)
 
     async def main() -> None:
-        daemon = ts.daemon()
+        from core.daemon import Daemon
+
+        extra: list[Any] = []
+        if http.listen is not None:
+            from plugins.http_api.server import Service
+
+            service = Service.prepare(ts, http)
+            extra = service.coroutines()
+            logging.getLogger("threadsync").info("HTTP API on %s", service.address)
+            if ctx.as_json:
+                click.echo(json.dumps({"listening": service.address}))
+        daemon = Daemon(ts.kernel, extra=extra)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
@@ -436,6 +457,65 @@ def run(ctx: Ctx, once: bool) -> None:
         await daemon.run()
 
     run_async(main())
+
+
+# ---- API keys for the HTTP API -----------------------------------------------------------
+
+
+@cli.group()
+def apikey() -> None:
+    """API keys of the HTTP API: one per sub-account, or an admin key for operators."""
+
+
+@apikey.command("create")
+@click.argument("subaccount", required=False)
+@click.option("--admin", is_flag=True, help="An operator key that reaches every sub-account.")
+@click.option("--label", default="", help="A note for people (who uses the key).")
+@pass_ctx
+def apikey_create(ctx: Ctx, subaccount: str | None, admin: bool, label: str) -> None:
+    """Make a key for SUBACCOUNT (or --admin). The key is shown once; only its hash is kept."""
+    from core import apikeys
+
+    if admin == (subaccount is not None):
+        raise InvalidInput("give a SUBACCOUNT, or --admin for an operator key (not both)")
+    made = apikeys.create(ctx.threadsync().kernel.store, subaccount, label)
+    ctx.emit(
+        made,
+        lambda r: f"{r['key']}\n(key id {r['key_id']}, "
+        + ("admin" if r["admin"] else f"sub-account {r['subaccount']}")
+        + "; shown only now: keep it in the CRM's secret store)",
+    )
+
+
+@apikey.command("list")
+@click.argument("subaccount", required=False)
+@pass_ctx
+def apikey_list(ctx: Ctx, subaccount: str | None) -> None:
+    """Keys (all, or SUBACCOUNT's), revoked ones too; never the keys themselves."""
+    from core import apikeys
+
+    result = apikeys.list_keys(ctx.threadsync().kernel.store, subaccount)
+    ctx.emit(
+        result,
+        lambda r: "\n".join(
+            f"{k['key_id']}  {'admin' if k['admin'] else k['subaccount']}"
+            + ("  revoked" if k["revoked_at"] else "")
+            + (f"  {k['label']}" if k["label"] else "")
+            for k in r["keys"]
+        )
+        or "no API keys",
+    )
+
+
+@apikey.command("revoke")
+@click.argument("key_id")
+@pass_ctx
+def apikey_revoke(ctx: Ctx, key_id: str) -> None:
+    """Revoke the key KEY_ID (as listed); it stops working within seconds."""
+    from core import apikeys
+
+    result = apikeys.revoke(ctx.threadsync().kernel.store, key_id)
+    ctx.emit(result, lambda r: f"API key {r['key_id']} revoked")
 
 
 @cli.command()
@@ -456,6 +536,90 @@ def plugins(ctx: Ctx) -> None:
             f"{p['name']:<12} from {p['plugin']}: {p['title']}" for p in d["providers"]
         ),
     )
+
+
+# ---- trying it out: the local mail system and the demo ----------------------------------
+
+
+@cli.command()
+@click.option(
+    "--user",
+    "users",
+    multiple=True,
+    metavar="ADDRESS:PASSWORD",
+    help="Create a mailbox or set its password (repeatable); kept, hashed.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the mail is kept (default: [mailserver] data_dir, var/mail).",
+)
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option(
+    "--smtp-port",
+    type=int,
+    default=None,
+    help="SMTP port (default: the [outbound.default] port, 2525; 0 = any free).",
+)
+@click.option("--imap-port", type=int, default=None, help="IMAP port (default 1143; 0 = any).")
+@click.option(
+    "--list-outside", is_flag=True, help="List what the outside world received, then exit."
+)
+@pass_ctx
+def mailserver(
+    ctx: Ctx,
+    users: tuple[str, ...],
+    data_dir: Path | None,
+    host: str | None,
+    smtp_port: int | None,
+    imap_port: int | None,
+    list_outside: bool,
+) -> None:
+    """A local mail system (SMTP + IMAP) for trying threadsync out and for tests."""
+    from plugins.localmail import serve
+    from plugins.localmail.outside import list_outside as outside_messages
+    from plugins.localmail.settings import for_command
+
+    config = for_command(
+        ctx.settings,
+        os.environ,
+        users=users,
+        data_dir=data_dir,
+        host=host,
+        smtp_port=smtp_port,
+        imap_port=imap_port,
+    )
+    if list_outside:
+        found = outside_messages(config.outside_dir)
+        ctx.emit({"messages": [m.as_json() for m in found]}, serve.describe_outside(found))
+        return
+    serve.run(
+        config, lambda info: click.echo(json.dumps(info) if ctx.as_json else serve.describe(info))
+    )
+    if not ctx.as_json:
+        click.echo("local mail system stopped")
+
+
+@cli.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the demo's database and mail in this new folder (default: a "
+    "temporary folder, removed at the end).",
+)
+@pass_ctx
+def demo(ctx: Ctx, data_dir: Path | None) -> None:
+    """The whole story on the embedded defaults, against a local mail system."""
+    from plugins.localmail.demo import introduction, render_step, run_demo, summary
+
+    if not ctx.as_json:
+        click.echo(introduction())
+    transcript = run_demo(data_dir, None if ctx.as_json else lambda s: click.echo(render_step(s)))
+    ctx.emit(transcript, summary)
+    if not transcript["ok"]:
+        raise ThreadsyncError("the demo did not go as expected (see the steps above)")
 
 
 # ---- entry point --------------------------------------------------------------------
