@@ -283,7 +283,9 @@ async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -
             # It may have left before the crash: never send again (R9).
             await _run(k, _mark_sent, claim, provider.files_sent_copy)
         if not provider.files_sent_copy and not claim.sent_copy_stored:
-            if not await provider.find_sent(claim.mail.message_id):
+            # Only a recovery can find a copy already filed; a fresh send skips the search.
+            recovering = claim.was_transmitting or claim.already_sent
+            if not recovering or not await provider.find_sent(claim.mail.message_id):
                 await provider.store_sent_copy(claim.mail)
             await _run(k, _update, claim.entry_id, None, sent_copy_stored=True, lease_owner=None)
         return "sent"

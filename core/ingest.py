@@ -153,31 +153,48 @@ def _store(
     """Store accepted messages and the folder cursor in one transaction."""
     limit = k.settings.sync.max_attachment_bytes
 
+    counts = {"stored": 0, "skipped": 0, "duplicates": 0}
+
     def work(session: Session) -> None:
+        for key in counts:
+            counts[key] = 0
         conn = k.get_connection(session, conn_id)
         own_address = conn.email.lower()
-        for item in accepted:
-            thread = session.get(SyncedThread, item.thread_id)
-            if thread is None or thread.state != "active":
-                continue
-            exists = session.scalar(
-                select(Message).where(
-                    Message.thread_id == thread.id, Message.message_id == item.message_id
+        # Two queries for the whole batch instead of two per message.
+        thread_ids = {item.thread_id for item in accepted}
+        threads = {
+            t.id: t
+            for t in session.scalars(
+                select(SyncedThread).where(
+                    SyncedThread.id.in_(thread_ids), SyncedThread.state == "active"
                 )
             )
-            if exists is not None:
-                refs = dict(exists.provider_refs or {})
-                refs.setdefault(folder.role, item.header.ref)
-                exists.provider_refs = refs
-                report.duplicates += 1
+        }
+        existing = {
+            (m.thread_id, m.message_id): m
+            for m in session.scalars(
+                select(Message).where(
+                    Message.thread_id.in_(thread_ids),
+                    Message.message_id.in_({item.message_id for item in accepted}),
+                )
+            )
+        }
+        for item in accepted:
+            thread = threads.get(item.thread_id)
+            if thread is None:
+                continue
+            known = existing.get((thread.id, item.message_id))
+            if known is not None:
+                refs = dict(known.provider_refs or {})
+                if folder.role not in refs:
+                    refs[folder.role] = item.header.ref
+                    known.provider_refs = refs
+                counts["duplicates"] += 1
                 continue
             msg = _message_row(thread, item, folder, own_address, limit)
             session.add(msg)
-            session.flush()
-            if msg.state == "synced":
-                report.stored += 1
-            else:
-                report.skipped += 1
+            existing[(thread.id, item.message_id)] = msg
+            counts["stored" if msg.state == "synced" else "skipped"] += 1
             events.message(session, thread, msg)
         row = session.scalar(
             select(Cursor).where(Cursor.connection_id == conn_id, Cursor.role == folder.role)
@@ -186,7 +203,7 @@ def _store(
             session.add(
                 Cursor(connection_id=conn_id, role=folder.role, folder=folder.name, data=cursor)
             )
-        else:
+        elif row.data != cursor or row.folder != folder.name:
             row.folder = folder.name
             row.data = cursor
 
@@ -195,6 +212,9 @@ def _store(
     for attempt in range(3):
         try:
             k.store.call(work)
+            report.stored += counts["stored"]
+            report.skipped += counts["skipped"]
+            report.duplicates += counts["duplicates"]
             return
         except IntegrityError:
             if attempt == 2:
@@ -281,9 +301,12 @@ async def sync_folder(
             except MessageParseError as exc:
                 parsed, error = None, str(exc)
             accepted.append(Accepted(thread_id, header, mid, parsed, error))
-        events = EventBuffer()
-        await asyncio.to_thread(_store, k, conn_id, folder, accepted, batch.cursor, events, report)
-        events.announce(k.pm)
+        if accepted or batch.cursor != cursor:
+            events = EventBuffer()
+            await asyncio.to_thread(
+                _store, k, conn_id, folder, accepted, batch.cursor, events, report
+            )
+            events.announce(k.pm)
         report.folders[folder.role] = report.folders.get(folder.role, 0) + len(batch.headers)
         cursor = batch.cursor
         if not batch.more:
