@@ -68,6 +68,18 @@ class Ctx:
             self._ts.check_ready()
         return self._ts
 
+    def run(self, call: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+        """Run one API coroutine, then log out of the mailbox sessions it opened."""
+        ts = self.threadsync()
+
+        async def go() -> T:
+            try:
+                return await call(ts)
+            finally:
+                await ts.kernel.pool.aclose()
+
+        return asyncio.run(go())
+
     def emit(self, data: Any, text: Callable[[Any], str] | str | None = None) -> None:
         if self.as_json:
             click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
@@ -310,7 +322,7 @@ def send(
         cc=list(cc),
         subject=subject,
     )
-    ctx.emit(run_async(ctx.threadsync().send(subaccount, user, draft)), _send_text)
+    ctx.emit(ctx.run(lambda ts: ts.send(subaccount, user, draft)), _send_text)
 
 
 @cli.command()
@@ -333,7 +345,7 @@ def reply(
         html=_read_text(html_file, "html file"),
         attachments=_attachments(attach),
     )
-    ctx.emit(run_async(ctx.threadsync().reply(thread_id, draft)), _send_text)
+    ctx.emit(ctx.run(lambda ts: ts.reply(thread_id, draft)), _send_text)
 
 
 @cli.command()

@@ -83,7 +83,14 @@ class Threadsync:
         self.kernel.store.check_ready()
 
     def close(self) -> None:
+        """Release the database. Call :meth:`aclose` first from async code, so
+        that mailbox sessions kept open between sends are logged out."""
         self.kernel.store.dispose()
+
+    async def aclose(self) -> None:
+        """Log out of every mailbox session kept open, then release the database."""
+        await self.kernel.pool.aclose()
+        self.close()
 
     # ---- Labs ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -124,19 +125,33 @@ async def run_once(k: Kernel) -> OnceReport:
 
 
 class Daemon:
-    """Runs until :meth:`stop` is called (SIGTERM, Ctrl-C)."""
+    """Runs until :meth:`stop` is called (SIGTERM, Ctrl-C).
 
-    def __init__(self, k: Kernel, *, supervise_seconds: float = 2.0) -> None:
+    ``extra`` are coroutine functions run beside the sync loop for as long as it
+    runs (the HTTP API, the webhook dispatcher); they are cancelled when it
+    stops. One that ends or fails stops the daemon, so that a process supervisor
+    restarts the whole of it.
+    """
+
+    def __init__(
+        self,
+        k: Kernel,
+        *,
+        supervise_seconds: float = 2.0,
+        extra: Sequence[Callable[[], Awaitable[None]]] = (),
+    ) -> None:
         self.k = k
         self.supervise_seconds = supervise_seconds
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.providers: dict[int, Provider] = {}
+        self.extra = tuple(extra)
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
+        extras = [asyncio.create_task(self._beside(fn)) for fn in self.extra]
         try:
             while not self._stop.is_set():
                 await self._supervise()
@@ -144,6 +159,19 @@ class Daemon:
                     await asyncio.wait_for(self._stop.wait(), self.supervise_seconds)
         finally:
             await self._cancel(list(self.tasks))
+            for task in extras:
+                task.cancel()
+            await asyncio.gather(*extras, return_exceptions=True)
+
+    async def _beside(self, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+            log.error("a task beside the sync loop ended; stopping")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("a task beside the sync loop failed; stopping")
+        self.stop()
 
     async def _supervise(self) -> None:
         try:

@@ -265,38 +265,35 @@ async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -
     if not await _run(k, _connection_ready, claim, provider is not None):
         await _run(k, _release_quietly, claim)
         return "queued"
-    own = provider is None
-    if provider is None:
-        conn = await k.store.run(lambda s: k.get_connection(s, claim.connection_id or 0))
-        provider = k.provider_for(conn)
     try:
-        if own:
-            await provider.open()
-        if not (claim.was_transmitting or claim.already_sent):
-            try:
-                await provider.send(claim.mail, _checkpoint(k, claim))
-            except ProviderProtocolError as exc:
-                await _run(k, _fail, claim, str(exc))
-                return "queued"
-            await _run(k, _mark_sent, claim, provider.files_sent_copy)
-        elif claim.was_transmitting:
-            # It may have left before the crash: never send again (R9).
-            await _run(k, _mark_sent, claim, provider.files_sent_copy)
-        if not provider.files_sent_copy and not claim.sent_copy_stored:
-            # Only a recovery can find a copy already filed; a fresh send skips the search.
-            recovering = claim.was_transmitting or claim.already_sent
-            if not recovering or not await provider.find_sent(claim.mail.message_id):
-                await provider.store_sent_copy(claim.mail)
-            await _run(k, _update, claim.entry_id, None, sent_copy_stored=True, lease_owner=None)
-        return "sent"
+        if provider is not None:
+            return await _transmit(k, claim, provider)
+        async with k.pool.borrow(k, claim.connection_id or 0) as pooled:
+            return await _transmit(k, claim, pooled)
     except ProviderError as exc:
         await _run(k, _connection_failed, claim, exc)
         return await _status(k, claim.entry_id)
-    finally:
-        if own:
-            await provider.close()
-            if claim.connection_id is not None:
-                await k.keep_refreshed_secrets(claim.connection_id, provider)
+
+
+async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
+    """Send (unless a crash may already have sent it), then file the Sent copy."""
+    if not (claim.was_transmitting or claim.already_sent):
+        try:
+            await provider.send(claim.mail, _checkpoint(k, claim))
+        except ProviderProtocolError as exc:
+            await _run(k, _fail, claim, str(exc))
+            return "queued"
+        await _run(k, _mark_sent, claim, provider.files_sent_copy)
+    elif claim.was_transmitting:
+        # It may have left before the crash: never send again (R9).
+        await _run(k, _mark_sent, claim, provider.files_sent_copy)
+    if not provider.files_sent_copy and not claim.sent_copy_stored:
+        # Only a recovery can find a copy already filed; a fresh send skips the search.
+        recovering = claim.was_transmitting or claim.already_sent
+        if not recovering or not await provider.find_sent(claim.mail.message_id):
+            await provider.store_sent_copy(claim.mail)
+        await _run(k, _update, claim.entry_id, None, sent_copy_stored=True, lease_owner=None)
+    return "sent"
 
 
 def _release_quietly(k: Kernel, claim: Claim) -> None:

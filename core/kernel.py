@@ -30,6 +30,7 @@ from core.errors import (
 )
 from core.events import EventBuffer
 from core.models import Connection, utcnow
+from core.pool import ProviderPool
 from core.provider import Account, Provider
 from core.registry import RegisteredProvider, get_plugin_manager, providers
 from core.store import Store
@@ -56,6 +57,8 @@ class Kernel:
     worker: str = field(default_factory=worker_id)
     #: Provider kernel-wide settings (timeouts), per provider name, from config.
     provider_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Open providers reused by one-off deliveries (``send`` / ``reply``).
+    pool: ProviderPool = field(default_factory=ProviderPool)
 
     @classmethod
     def build(

@@ -252,3 +252,122 @@ class Event(Base):
     type: Mapped[str] = mapped_column(String(64))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# ---- the HTTP API and webhooks ---------------------------------------------------------
+
+
+class ApiKey(Base):
+    """A key for the HTTP API: one sub-account's, or an operator's (``subaccount_id``
+    ``None``, admin). Only the SHA-256 of the key is kept (R11); ``key_id`` is its
+    public, non-secret name."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    subaccount_id: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
+    label: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class IdempotencyRecord(Base):
+    """The answer to a ``send``/``reply`` made with an ``Idempotency-Key``, so that a
+    retried request is answered again instead of sending twice (R9).
+
+    ``state``: ``started`` (the request is running, or died with an unknown
+    outcome: never run again) or ``done`` (``status_code`` and ``response`` kept).
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("subaccount_id", "key", name="uq_idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subaccount_id: Mapped[str] = mapped_column(String(255))
+    key: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """A sub-account's webhook URL. ``secret`` is the Fernet token of the signing
+    secret (R11); ``event_types`` empty means every event; only events after
+    ``after_event_id`` (the newest when it was created) are delivered to it."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoint_owner", "subaccount_id", "active"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subaccount_id: Mapped[str] = mapped_column(String(255))
+    url: Mapped[str] = mapped_column(String(2048))
+    description: Mapped[str] = mapped_column(String(255), default="")
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    event_types: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    after_event_id: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: the durable webhook queue.
+
+    ``status``: ``pending`` (to be tried at ``next_attempt_at``), ``delivered`` or
+    ``dead`` (retries exhausted or the endpoint deleted). Deliveries with the same
+    ``ordering_key`` (the thread, or the user for connection events) go out in
+    event order: a later one waits while an earlier one is pending.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_delivery_event"),
+        Index("ix_webhook_delivery_due", "status", "next_attempt_at"),
+        Index("ix_webhook_delivery_order", "endpoint_id", "ordering_key", "status", "event_id"),
+        Index("ix_webhook_delivery_owner", "subaccount_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id"))
+    event_id: Mapped[int] = mapped_column(Integer)
+    subaccount_id: Mapped[str] = mapped_column(String(255))
+    event_type: Mapped[str] = mapped_column(String(64))
+    ordering_key: Mapped[str] = mapped_column(String(320))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    #: When the current retry window began (creation, or a manual retry).
+    retry_from: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class WebhookEventMark(Base):
+    """An event above the watermark that was already turned into deliveries.
+
+    Event ids need not become visible in id order (concurrent PostgreSQL
+    transactions), so the enqueuer marks each event it handled and moves the
+    watermark only past settled ids; marks below the watermark are deleted.
+    """
+
+    __tablename__ = "webhook_event_marks"
+
+    event_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+
+
+class WebhookState(Base):
+    """Named integers of the webhook queue: the enqueue ``watermark`` (every event
+    at or below it was handled) and rows that serialise workers (``*_lock``)."""
+
+    __tablename__ = "webhook_state"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)

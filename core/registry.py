@@ -53,7 +53,7 @@ def _ensure_builtin(pm: pluggy.PluginManager) -> None:
     not pip-installed (``python cli.py``), so the entry points are missing."""
     import importlib
 
-    for name in ("plugins.imap_smtp",):
+    for name in ("plugins.imap_smtp", "plugins.outlook"):
         module = importlib.import_module(name)
         if not pm.is_registered(module):
             pm.register(module, name=name.rsplit(".", 1)[-1])

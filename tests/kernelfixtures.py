@@ -252,7 +252,7 @@ async def world(
     ts = Threadsync.from_settings(settings, plugins=[recorder], environ=env)
     ts.labs(SUB, enabled=True)
     yield World(ts, imap_server, smtp_server, relay, email_addr, password, recorder, env)
-    ts.close()
+    await ts.aclose()
 
 
 @pytest.fixture
