@@ -22,12 +22,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from benchmarks.smtp_process import SmtpProcess
 from core.api import Threadsync
 from tests.kernelfixtures import make_settings
 from tests.servers import start_imap_server
 from tests.servers.dovecot import DovecotServer
-
-from benchmarks.smtp_process import SmtpProcess
 
 SUB = "bench"
 PASSWORD = "bench-password"

@@ -80,6 +80,10 @@ class SmtpProcess:
 
 
 def _child(port: int, host: str) -> None:
+    import logging
+
+    # aiosmtpd logs a deprecation warning about its own attribute on every AUTH.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     from tests.servers.smtp import SmtpServer
 
     users = json.loads(sys.stdin.readline())
