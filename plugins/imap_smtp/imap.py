@@ -182,6 +182,11 @@ class ImapSession:
         return not (self._broken or self._closing or self._protocol.closed.done())
 
     @property
+    def encrypted(self) -> bool:
+        """True when the connection runs over TLS (implicit or after STARTTLS)."""
+        return self._transport.get_extra_info("sslcontext") is not None
+
+    @property
     def capabilities(self) -> frozenset[str]:
         return frozenset(str(c).upper() for c in self._protocol.capabilities)
 
@@ -199,8 +204,9 @@ class ImapSession:
             sasl = base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii")
             await self._authenticate("PLAIN", sasl, username)
             return
-        reply = await self._run("LOGIN", self._command("LOGIN", syntax.quote(username),
-                                                       syntax.quote(password)))
+        reply = await self._run(
+            "LOGIN", self._command("LOGIN", syntax.quote(username), syntax.quote(password))
+        )
         await self._logged_in(reply, username)
 
     async def xoauth2(self, username: str, token: str) -> None:
@@ -332,7 +338,11 @@ class ImapSession:
         """UID FETCH in the selected mailbox. The timeout counts from the last
         byte received, so a large message may take longer as long as it flows."""
         command = wire.new_command(
-            "FETCH", self._protocol.new_tag(), uids, items, prefix="UID",
+            "FETCH",
+            self._protocol.new_tag(),
+            uids,
+            items,
+            prefix="UID",
             timeout=self.endpoint.timeout,
         )
         reply = await self._ok("UID FETCH", self._protocol.execute(command), limit=None)
@@ -390,6 +400,8 @@ class ImapSession:
                 )
                 if push not in done:
                     push.cancel()
+                    if push.done() and not push.cancelled():  # arrived meanwhile
+                        return any(_NEW_MAIL.match(bytes(line)) for line in push.result())
                     if self._protocol.closed.done():
                         raise TransientProviderError(
                             f"IMAP connection to {self.endpoint.host} lost during IDLE"

@@ -321,8 +321,10 @@ def parse_fetch(lines: Sequence[bytes | bytearray]) -> list[FetchedMessage]:
             elif key == "RFC822.SIZE":
                 size = as_int(value)
             elif key.startswith("BODY[") and body is None:
-                body = value.encode("utf-8") if isinstance(value, str) else (
-                    value if isinstance(value, bytes) else b""
+                body = (
+                    value.encode("utf-8")
+                    if isinstance(value, str)
+                    else (value if isinstance(value, bytes) else b"")
                 )
         if uid is not None:
             found.append(FetchedMessage(uid, size, body))

@@ -31,9 +31,7 @@ OPTIONS: tuple[ProviderOption, ...] = (
         "smtp_port", "SMTP port (default 465 with tls, 587 with starttls, 25 with none)", type=int
     ),
     ProviderOption("username", "login name for IMAP and SMTP (default: the email address)"),
-    ProviderOption(
-        "password_env", "environment variable holding the password", secret_env=True
-    ),
+    ProviderOption("password_env", "environment variable holding the password", secret_env=True),
     ProviderOption(
         "security",
         "tls, starttls or none (plaintext, loopback hosts only)",

@@ -3,11 +3,13 @@
 Reading uses one IMAP session per provider, opened by :meth:`open` and reopened
 on the next call after a network failure. Folder changes are found with UIDs:
 the cursor is ``{"uidvalidity", "uidnext"}`` (plus ``"highestmodseq"`` when the
-server has CONDSTORE), so a pass with no new mail is a single ``STATUS`` that
-costs the same on a small or a huge mailbox. New messages are read with
-``EXAMINE`` (read-only) and ``BODY.PEEK`` header fetches, so ``\\Seen`` never
-changes, and only the header fields needed for thread membership are fetched
-(R5). Sending is one SMTP connection per message (:mod:`.smtp`).
+server has CONDSTORE), so a pass with no new mail is one ``STATUS`` round trip
+(after an UNSELECT when the folder is still open, e.g. from IDLE), without SELECT
+or SEARCH, whatever the size of the folder. New messages are read
+with ``EXAMINE`` (read-only) and ``BODY.PEEK`` header fetches of at most 250
+messages each, so ``\\Seen`` never changes, and only the header fields needed for
+thread membership are fetched (R5). Sending is one SMTP connection per message
+(:mod:`.smtp`).
 
 Calls may come from several tasks: IMAP work is serialised by a lock, and an
 IDLE in progress (:meth:`wait_for_changes`) is ended as soon as another call
@@ -22,7 +24,7 @@ import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from core.errors import (
     ConfigError,
@@ -42,7 +44,7 @@ from core.provider import (
 )
 from plugins.imap_smtp import smtp
 from plugins.imap_smtp.imap import ImapEndpoint, ImapSession
-from plugins.imap_smtp.imap_syntax import quote, uid_set
+from plugins.imap_smtp.imap_syntax import ListedMailbox, quote, uid_set
 from plugins.imap_smtp.options import OPTIONS, MailboxSettings, normalise, secrets_of
 from plugins.imap_smtp.tls import client_context
 
@@ -52,8 +54,7 @@ T = TypeVar("T")
 
 INBOX = "INBOX"
 #: Tried in this order when the server marks no folder ``\\Sent``.
-COMMON_SENT_NAMES = ("Sent", "Sent Items", "Sent Messages", "Sent Mail", "INBOX.Sent",
-                     "INBOX/Sent")
+COMMON_SENT_NAMES = ("Sent", "Sent Items", "Sent Messages", "Sent Mail", "INBOX.Sent", "INBOX/Sent")
 #: Header fields read to decide thread membership; nothing else is fetched.
 HEADER_FIELDS = "MESSAGE-ID IN-REPLY-TO REFERENCES FROM SUBJECT DATE"
 #: Most messages per UID FETCH, to keep every response short.
@@ -85,9 +86,7 @@ class ImapSmtpProvider(Provider):
         self._seen: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def prepare(
-        cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]
-    ) -> Account:
+    def prepare(cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]) -> Account:
         """Check the options without touching the network (see :mod:`.options`)."""
         return normalise(super().prepare(email, options, environ))
 
@@ -102,27 +101,14 @@ class ImapSmtpProvider(Provider):
         await smtp.check_login(await self._smtp_endpoint())
 
     async def close(self) -> None:
-        self._waiters += 1
-        self._wakeup.set()
-        try:
-            await asyncio.wait_for(self._lock.acquire(), self.timeout)
-        except TimeoutError:
+        async with self._exclusive():
             session, self._session = self._session, None
             if session is not None:
                 await session.close()
-            return
-        finally:
-            self._waiters -= 1
-        try:
-            session, self._session = self._session, None
-            if session is not None:
-                await session.close()
-        finally:
-            self._lock.release()
 
     @contextlib.asynccontextmanager
-    async def _imap(self) -> AsyncIterator[ImapSession]:
-        """Exclusive use of a logged-in session; ends a running IDLE first."""
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """Hold the IMAP lock; a running IDLE is asked to end at once."""
         self._waiters += 1
         self._wakeup.set()
         try:
@@ -130,9 +116,15 @@ class ImapSmtpProvider(Provider):
         finally:
             self._waiters -= 1
         try:
-            yield await self._live_session()
+            yield
         finally:
             self._lock.release()
+
+    @contextlib.asynccontextmanager
+    async def _imap(self) -> AsyncIterator[ImapSession]:
+        """Exclusive use of a logged-in session (reconnecting if it was lost)."""
+        async with self._exclusive():
+            yield await self._live_session()
 
     async def _live_session(self) -> ImapSession:
         if self._session is not None and self._session.alive:
@@ -179,8 +171,9 @@ class ImapSmtpProvider(Provider):
 
     async def _imap_endpoint(self) -> ImapEndpoint:
         c = self.config
-        return ImapEndpoint(c.imap_host, c.imap_port, c.security, await self._tls_context(),
-                            self.timeout)
+        return ImapEndpoint(
+            c.imap_host, c.imap_port, c.security, await self._tls_context(), self.timeout
+        )
 
     async def _smtp_endpoint(self) -> smtp.SmtpEndpoint:
         c = self.config
@@ -225,9 +218,11 @@ class ImapSmtpProvider(Provider):
         if imap.has("SPECIAL-USE"):
             found = _marked_sent(await imap.list_mailboxes(special_use_only=True))
         if found is None:
-            everything = [m for m in await imap.list_mailboxes()
-                          if "\\noselect" not in m.attributes
-                          and "\\nonexistent" not in m.attributes]
+            everything = [
+                m
+                for m in await imap.list_mailboxes()
+                if "\\noselect" not in m.attributes and "\\nonexistent" not in m.attributes
+            ]
             found = _marked_sent(everything)
             by_name = {m.name.lower(): m.name for m in everything}
             for name in COMMON_SENT_NAMES:
@@ -247,7 +242,7 @@ class ImapSmtpProvider(Provider):
         self, folder: Folder, cursor: Mapping[str, Any] | None, limit: int = 250
     ) -> ChangeBatch:
         limit = max(1, int(limit))
-        known = None if cursor is None else _read_cursor(cursor)
+        known = None if cursor is None else _Cursor.read(cursor)
 
         async def operation(imap: ImapSession) -> ChangeBatch:
             return await self._changes(imap, folder, known, limit)
@@ -255,8 +250,29 @@ class ImapSmtpProvider(Provider):
         return await self._reading(operation)
 
     async def _changes(
-        self, imap: ImapSession, folder: Folder, known: tuple[int, int] | None, limit: int
+        self, imap: ImapSession, folder: Folder, known: _Cursor | None, limit: int
     ) -> ChangeBatch:
+        view = imap.selected
+        if (
+            known is not None
+            and view is not None
+            and view.name == folder.name
+            and view.uidvalidity == known.uidvalidity
+            and view.uidnext is not None
+            and known.uidnext < view.uidnext
+        ):
+            # The next batch of a series (``more``): the open view already lists
+            # these UIDs, so neither STATUS nor a new EXAMINE is needed (EXAMINE
+            # is the costly step on a big folder).
+            return await self._read_range(
+                imap,
+                folder,
+                known.uidvalidity,
+                known.uidnext,
+                view.uidnext,
+                known.highestmodseq,
+                limit,
+            )
         items = ["UIDVALIDITY", "UIDNEXT"]
         if imap.has("CONDSTORE"):
             items.append("HIGHESTMODSEQ")
@@ -269,33 +285,37 @@ class ImapSmtpProvider(Provider):
         modseq = status.get("HIGHESTMODSEQ")
         if known is None:
             return self._batch(folder, [], validity, uidnext, modseq)
-        old_validity, start = known
-        reset = old_validity != validity
+        reset = known.uidvalidity != validity
+        start = 1 if reset else known.uidnext
+        if not reset and uidnext <= start:
+            return self._batch(folder, [], validity, start, modseq)  # the usual case
+        selection = await imap.examine(folder.name)
+        if selection.uidvalidity != validity:
+            reset, start = True, 1  # it changed between STATUS and EXAMINE
         if reset:
-            log.warning("IMAP UIDVALIDITY changed; rereading folder headers",
-                        extra=self._extra(folder=folder.name))
-            start = 1
-        elif uidnext <= start:
-            return self._batch(folder, [], validity, start, modseq)
-        return await self._new_headers(
-            imap, folder, start, reset, (validity, uidnext, modseq), limit
+            log.warning(
+                "IMAP UIDVALIDITY changed; rereading folder headers",
+                extra=self._extra(folder=folder.name),
+            )
+        end = max(selection.uidnext or uidnext, start)
+        return await self._read_range(
+            imap, folder, selection.uidvalidity, start, end, modseq, limit, reset=reset
         )
 
-    async def _new_headers(
+    async def _read_range(
         self,
         imap: ImapSession,
         folder: Folder,
+        validity: int,
         start: int,
-        reset: bool,
-        status: tuple[int, int, int | None],
+        end: int,
+        modseq: int | None,
         limit: int,
+        *,
+        reset: bool = False,
     ) -> ChangeBatch:
-        status_validity, uidnext, modseq = status
-        selection = await imap.examine(folder.name)
-        validity = selection.uidvalidity
-        if validity != status_validity:
-            reset, start = True, 1  # it changed between STATUS and EXAMINE
-        end = max(selection.uidnext or uidnext, start)  # exclusive
+        """Headers of at most ``limit`` messages with UIDs in ``start..end-1`` of
+        the selected folder, and the cursor after them."""
         uids, searched_to = await self._find_uids(imap, start, end - 1, limit)
         taken = uids[:limit]
         headers = await self._headers(imap, taken)
@@ -305,8 +325,9 @@ class ImapSmtpProvider(Provider):
             next_uid, more = searched_to + 1, True
         else:
             next_uid, more = end, False
-        log.debug("IMAP new headers", extra=self._extra(folder=folder.name, count=len(headers),
-                                                         more=more))
+        log.debug(
+            "IMAP new headers", extra=self._extra(folder=folder.name, count=len(headers), more=more)
+        )
         return self._batch(folder, headers, validity, next_uid, modseq, more=more, reset=reset)
 
     def _batch(
@@ -341,8 +362,9 @@ class ImapSmtpProvider(Provider):
             if searched >= high or len(found) > limit:
                 break
             first, last = searched + 1, min(high, searched + window)
-            found += [u for u in await imap.uid_search("UID", f"{first}:{last}")
-                      if first <= u <= last]
+            found += [
+                u for u in await imap.uid_search("UID", f"{first}:{last}") if first <= u <= last
+            ]
             searched = last
         return found, searched
 
@@ -388,28 +410,34 @@ class ImapSmtpProvider(Provider):
         """IDLE on INBOX when the server offers it (True on new mail), else sleep.
 
         Returns True at once if INBOX grew since the last :meth:`changes` of it,
-        so mail that arrived between that call and IDLE is not missed.
+        so mail that arrived between that call and IDLE is not missed. Returns
+        False early when :meth:`wake` is called (also just before the wait) or
+        when another call needs the IMAP session.
         """
         if timeout <= 0:
             return False
         async with self._lock:
-            if self._waiters:
+            self._wakeup.clear()
+            if self._waiters or self._woken.is_set():
+                self._woken.clear()
                 return False
             imap = await self._live_session()
             if imap.has("IDLE"):
-                self._wakeup.clear()
-                selection = await imap.examine(INBOX)
-                seen = self._seen.get(INBOX)
-                if seen is not None and (
-                    selection.uidvalidity != seen[0] or (selection.uidnext or 0) > seen[1]
-                ):
-                    return True
-                return await imap.idle(timeout, self._wakeup)
-        await asyncio.sleep(timeout)
-        return False
+                try:
+                    selection = await imap.examine(INBOX)
+                    seen = self._seen.get(INBOX)
+                    if seen is not None and (
+                        selection.uidvalidity != seen[0] or (selection.uidnext or 0) > seen[1]
+                    ):
+                        return True
+                    return await imap.idle(timeout, self._wakeup)
+                finally:
+                    self._woken.clear()
+        return await super().wait_for_changes(timeout)
 
     def wake(self) -> None:
-        """End a running IDLE early (the kernel has work for this connection)."""
+        """End a running wait early (the kernel has work for this connection)."""
+        super().wake()
         self._wakeup.set()
 
     # ---- writing ------------------------------------------------------------------------
@@ -442,18 +470,28 @@ class ImapSmtpProvider(Provider):
         return await self._reading(operation)
 
 
-def _marked_sent(listed: Sequence[Any]) -> str | None:
+def _marked_sent(listed: Sequence[ListedMailbox]) -> str | None:
     for mailbox in listed:
         if "\\sent" in mailbox.attributes and "\\noselect" not in mailbox.attributes:
-            return str(mailbox.name)
+            return mailbox.name
     return None
 
 
-def _read_cursor(cursor: Mapping[str, Any]) -> tuple[int, int]:
-    try:
-        validity, uidnext = int(cursor["uidvalidity"]), int(cursor["uidnext"])
-    except (KeyError, TypeError, ValueError):
-        raise ProviderProtocolError(f"unusable imap_smtp cursor {dict(cursor)!r}") from None
-    if validity < 1 or uidnext < 1:
-        raise ProviderProtocolError(f"unusable imap_smtp cursor {dict(cursor)!r}")
-    return validity, uidnext
+class _Cursor(NamedTuple):
+    """The kernel-held position in one folder (see :meth:`ImapSmtpProvider.changes`)."""
+
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int | None
+
+    @classmethod
+    def read(cls, cursor: Mapping[str, Any]) -> _Cursor:
+        try:
+            validity, uidnext = int(cursor["uidvalidity"]), int(cursor["uidnext"])
+            modseq = cursor.get("highestmodseq")
+            highest = None if modseq is None else int(modseq)
+        except (KeyError, TypeError, ValueError):
+            raise ProviderProtocolError(f"unusable imap_smtp cursor {dict(cursor)!r}") from None
+        if validity < 1 or uidnext < 1:
+            raise ProviderProtocolError(f"unusable imap_smtp cursor {dict(cursor)!r}")
+        return cls(validity, uidnext, highest)

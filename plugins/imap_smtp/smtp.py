@@ -177,8 +177,13 @@ def _translated(endpoint: SmtpEndpoint, stage: str) -> Iterator[None]:
         if 400 <= exc.code < 500:
             raise TransientProviderError(text) from None
         raise ProviderProtocolError(text) from None
-    except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected,
-            aiosmtplib.SMTPTimeoutError, OSError, TimeoutError) as exc:
+    except (
+        aiosmtplib.SMTPConnectError,
+        aiosmtplib.SMTPServerDisconnected,
+        aiosmtplib.SMTPTimeoutError,
+        OSError,
+        TimeoutError,
+    ) as exc:
         cert = certificate_error(exc)
         if cert is not None:
             raise certificate_failure(endpoint.host, endpoint.port, cert) from None

@@ -49,4 +49,3 @@ def certificate_failure(
         f"TLS certificate of {host}:{port} is not trusted ({reason}); "
         "fix the server certificate or pass --ca-file with its CA"
     )
-

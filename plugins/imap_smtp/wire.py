@@ -14,6 +14,8 @@ at the root instead of working around them in every caller:
   response, or with an empty line, which is what a server that rejected an
   XOAUTH2 token waits for after its ``+`` JSON challenge (the stock client never
   answers and hangs).
+* FETCH responses are tracked in linear time (the library's check whether a
+  response is complete rescanned all lines so far, for every line).
 * Only the leading ``"* "`` of an untagged response is removed (the stock client
   removed every ``"* "`` in the line, mangling names such as ``"a* b"``).
 * ``closed`` is a future that completes when the connection is lost, so callers
@@ -45,9 +47,7 @@ STATE_NONAUTH: str = _imap.NONAUTH
 
 # UNSELECT (RFC 3691) is missing from the library's command table, which
 # ``execute`` consults for the states a command is valid in.
-_imap.Commands.setdefault(
-    "UNSELECT", _imap.Cmd("UNSELECT", (_imap.SELECTED,), _imap.Exec.is_sync)
-)
+_imap.Commands.setdefault("UNSELECT", _imap.Cmd("UNSELECT", (_imap.SELECTED,), _imap.Exec.is_sync))
 
 
 class ImapProtocol(_imap.IMAP4ClientProtocol):  # type: ignore[misc]
@@ -80,14 +80,14 @@ class ImapProtocol(_imap.IMAP4ClientProtocol):  # type: ignore[misc]
         except _imap.AioImapException as exc:
             # A response that fits no pending command: the session is out of step
             # with the server and cannot be trusted any more.
-            log.warning("IMAP response out of sequence; dropping the connection",
-                        extra={"imap_error": type(exc).__name__})
+            log.warning(
+                "IMAP response out of sequence; dropping the connection",
+                extra={"imap_error": type(exc).__name__},
+            )
             if self.transport is not None:
                 self.transport.abort()
 
-    def _handle_responses(
-        self, data: bytes, line_handler: Any, current_cmd: Any = None
-    ) -> None:
+    def _handle_responses(self, data: bytes, line_handler: Any, current_cmd: Any = None) -> None:
         # The library's recursive algorithm, unrolled into a loop (same states,
         # same order of calls), so the depth no longer grows with the response.
         while True:
@@ -168,19 +168,51 @@ class ImapProtocol(_imap.IMAP4ClientProtocol):  # type: ignore[misc]
             self.closed.set_result(None)
 
 
-def new_command(name: str, tag: str, *args: str, prefix: str | None = None,
-                untagged: str | None = None, timeout: float | None = None) -> Any:
+class FetchCommand(_imap.FetchCommand):  # type: ignore[misc]
+    """FETCH whose "response still open?" check is incremental.
+
+    The library rescans every line received so far on each new line to find
+    the current FETCH response and balance its parentheses: quadratic, seconds
+    for a few thousand lines. Here the balance of the current response is kept
+    as lines arrive; the answer is the same (literals, being ``bytearray``, are
+    not counted, as before).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._depth = 0
+        super().__init__(*args, **kwargs)
+
+    def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
+        super().append_to_resp(line, result)
+        if type(line) is bytes:
+            if self.FETCH_MESSAGE_DATA_RE.match(line):
+                self._depth = 0
+            self._depth += line.count(b"(") - line.count(b")")
+
+    def wait_data(self) -> bool:
+        return self._depth != 0
+
+
+def new_command(
+    name: str,
+    tag: str,
+    *args: str,
+    prefix: str | None = None,
+    untagged: str | None = None,
+    timeout: float | None = None,
+) -> Any:
     """An aioimaplib command object (FETCH gets the literal-aware subclass)."""
     if name == "FETCH":
-        return _imap.FetchCommand(tag, *args, prefix=prefix, untagged_resp_name=untagged,
-                                  timeout=timeout)
-    return _imap.Command(name, tag, *args, prefix=prefix, untagged_resp_name=untagged,
-                         timeout=timeout)
+        return FetchCommand(tag, *args, prefix=prefix, untagged_resp_name=untagged, timeout=timeout)
+    return _imap.Command(
+        name, tag, *args, prefix=prefix, untagged_resp_name=untagged, timeout=timeout
+    )
 
 
 def new_idle_command(tag: str, queue: asyncio.Queue[list[bytes]]) -> Any:
     """An aioimaplib IDLE command that forwards server pushes to ``queue``."""
     return _imap.IdleCommand(tag, queue)
+
 
 #: The library's response tuple (``result``, ``lines``).
 Response: type[Any] = _imap.Response
