@@ -7,6 +7,8 @@ found through the same ``threadsync`` entry-point group as third-party ones.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,7 +39,7 @@ def get_plugin_manager(
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if load_entry_points:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        _load_entry_points(pm)
         _ensure_builtin(pm)
     for plugin in extra_plugins:
         pm.register(plugin)
@@ -48,11 +50,26 @@ def get_plugin_manager(
     return pm
 
 
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Load every plugin of the ``threadsync`` group; a plugin that cannot be
+    imported is a ``ConfigError`` naming it, not a traceback."""
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != hookspecs.PROJECT or pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # any import-time failure of third-party code
+                raise ConfigError(
+                    f"plugin {ep.name!r} ({ep.value}) from package "
+                    f"{dist.metadata['name']!r} cannot be loaded: {exc}"
+                ) from None
+            pm.register(plugin, name=ep.name)
+
+
 def _ensure_builtin(pm: pluggy.PluginManager) -> None:
     """Register the built-in providers when running from a source tree that was
     not pip-installed (``python cli.py``), so the entry points are missing."""
-    import importlib
-
     for name in ("plugins.imap_smtp", "plugins.outlook"):
         module = importlib.import_module(name)
         if not pm.is_registered(module):
