@@ -1,0 +1,170 @@
+"""The fake Graph accepts what Microsoft Graph accepts and refuses what it
+refuses (as documented), so that passing against it means something.
+
+Requests are made with a plain httpx client and a real token from the fake
+identity platform, the way the official SDKs would make them.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes import FakeMicrosoft
+from tests.fakes.world import MAILBOX, sign_in
+from tests.kernelfixtures import CONTACT, make_mail
+
+pytest_plugins = ["tests.fakes.fixtures"]
+IMMUTABLE = {"Prefer": 'IdType="ImmutableId"'}
+
+
+@pytest.fixture
+async def graph(ms: FakeMicrosoft) -> AsyncIterator[httpx.AsyncClient]:
+    _, settings = await sign_in(ms)
+    token = ms.identity.token_of(MAILBOX)
+    async with httpx.AsyncClient(
+        base_url=settings["graph_url"], verify=ms.ca.client_context(),
+        headers={"Authorization": f"Bearer {token}", **IMMUTABLE},
+    ) as client:
+        yield client
+
+
+def message(**extra: Any) -> dict[str, Any]:
+    return {"subject": "Hi", "body": {"contentType": "Text", "content": "Hello"},
+            "toRecipients": [{"emailAddress": {"address": CONTACT}}], **extra}
+
+
+def code(response: httpx.Response) -> str:
+    return str(response.json()["error"]["code"])
+
+
+async def test_send_mail_accepts_the_sdks_capitalised_body(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    sdk = await graph.post("/me/sendMail", json={"Message": message(), "SaveToSentItems": True})
+    plain = await graph.post("/me/sendMail", json={"message": message(),
+                                                   "saveToSentItems": False})
+    assert (sdk.status_code, plain.status_code) == (202, 202)
+    assert len(ms.sent()) == 2 and len(ms.messages(MAILBOX, "sentitems")) == 1
+
+
+async def test_json_headers_must_be_x_headers_and_at_most_five(graph: httpx.AsyncClient) -> None:
+    threading = message(internetMessageHeaders=[{"name": "In-Reply-To", "value": "<a@b>"}])
+    refused = await graph.post("/me/sendMail", json={"message": threading})
+    assert refused.status_code == 400 and code(refused) == "InvalidInternetMessageHeader"
+    custom = message(internetMessageHeaders=[{"name": "x-crm", "value": "1"}])
+    assert (await graph.post("/me/messages", json=custom)).status_code == 201
+    six = message(internetMessageHeaders=[{"name": f"x-h{n}", "value": "1"} for n in range(6)])
+    too_many = await graph.post("/me/messages", json=six)
+    assert code(too_many) == "InvalidInternetMessageHeaderCollection"
+
+
+async def test_missing_auth_bad_prefer_and_oversized_requests_are_refused(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    anonymous = await graph.get("/me", headers={"Authorization": ""})
+    assert anonymous.status_code == 401 and code(anonymous) == "InvalidAuthenticationToken"
+    bad = await graph.get("/me", headers={"Prefer": "IdType=Immutable"})
+    assert bad.status_code == 400
+    huge = base64.b64encode(b"x" * 3_200_000)
+    too_big = await graph.post("/me/messages", content=huge,
+                               headers={"Content-Type": "text/plain"})
+    assert too_big.status_code == 413
+    many = [{"emailAddress": {"address": f"r{n}@example.net"}} for n in range(501)]
+    crowded = await graph.post("/me/messages", json=message(toRecipients=many))
+    assert crowded.status_code == 400
+
+
+async def test_ids_are_immutable_only_when_asked_for(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    raw, _ = make_mail(sender=CONTACT, to=MAILBOX, subject="s", body="b")
+    msg = ms.deliver(MAILBOX, raw)
+    rest = (await graph.get("/me/mailFolders('inbox')/messages",
+                            headers={"Prefer": 'IdType="RestId"'})).json()["value"][0]["id"]
+    immutable = (await graph.get("/me/mailFolders/inbox/messages")).json()["value"][0]["id"]
+    assert immutable == msg.id and rest != msg.id
+    with ms.graph.lock:
+        ms.graph.mailbox(MAILBOX).move(msg, "deleteditems")
+    assert (await graph.get(f"/me/messages/{immutable}")).status_code == 200
+    assert (await graph.get(f"/me/messages/{rest}")).status_code == 404
+
+
+async def test_delta_with_parentheses_and_removed_and_gone(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    raw, _ = make_mail(sender=CONTACT, to=MAILBOX, subject="s", body="b")
+    msg = ms.deliver(MAILBOX, raw)
+    first = (await graph.get("/me/mailFolders('inbox')/messages/delta()",
+                             params={"$select": "subject"})).json()
+    assert [v["id"] for v in first["value"]] == [msg.id] and "@odata.deltaLink" in first
+    assert set(first["value"][0]) == {"id", "@odata.etag", "subject"}
+    with ms.graph.lock:
+        ms.graph.mailbox(MAILBOX).delete(msg)
+    second = (await graph.get(first["@odata.deltaLink"])).json()
+    assert second["value"] == [{"@odata.type": "#microsoft.graph.message", "id": msg.id,
+                                "@removed": {"reason": "deleted"}}]
+    ms.graph.expire_delta_tokens(MAILBOX, "inbox")
+    gone = await graph.get(second["@odata.deltaLink"])
+    assert gone.status_code == 410 and code(gone) == "SyncStateNotFound"
+
+
+async def test_batch_limits(graph: httpx.AsyncClient) -> None:
+    item = {"id": "1", "method": "GET", "url": "/me?$select=mail"}
+    ok = (await graph.post("/$batch", json={"requests": [item]})).json()
+    assert ok["responses"][0]["status"] == 200 and ok["responses"][0]["body"]["mail"] == MAILBOX
+    too_many = await graph.post("/$batch", json={"requests": [
+        {**item, "id": str(n)} for n in range(21)]})
+    assert too_many.status_code == 400
+    versioned = (await graph.post("/$batch", json={"requests": [
+        {**item, "url": "/v1.0/me"}]})).json()
+    assert versioned["responses"][0]["status"] == 400
+
+
+async def test_create_reply_threads_and_send_moves_to_sent_items(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    raw, parent = make_mail(sender=CONTACT, to=MAILBOX, subject="Offer", body="b",
+                            headers={"References": "<root@x>"})
+    original = ms.deliver(MAILBOX, raw)
+    draft = (await graph.post(f"/me/messages/{original.id}/createReply",
+                              json={"comment": "Thanks"})).json()
+    assert draft["isDraft"] is True
+    assert (await graph.post(f"/me/messages/{draft['id']}/send")).status_code == 202
+    [sent] = ms.messages(MAILBOX, "sentitems")
+    assert sent.id == draft["id"] and not sent.is_draft
+    assert sent.header("In-Reply-To") == parent
+    assert sent.header("References") == f"<root@x> {parent}"
+    again = await graph.post(f"/me/messages/{draft['id']}/send")
+    assert again.status_code == 400  # a sent draft cannot go out twice
+    patched = await graph.patch(f"/me/messages/{draft['id']}", json={"internetMessageId": "<n@x>"})
+    assert code(patched) == "ErrorInvalidPropertyUpdateSentMessage"
+
+
+async def test_upload_sessions_refuse_an_authorization_header(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    draft = (await graph.post("/me/messages", json=message())).json()
+    session = (await graph.post(f"/me/messages/{draft['id']}/attachments/createUploadSession",
+                                json={"AttachmentItem": {"attachmentType": "file",
+                                                         "name": "a.bin", "size": 4}})).json()
+    async with httpx.AsyncClient(verify=ms.ca.client_context()) as plain:
+        refused = await plain.put(session["uploadUrl"], content=b"abcd", headers={
+            "Content-Range": "bytes 0-3/4", "Authorization": "Bearer x"})
+        done = await plain.put(session["uploadUrl"], content=b"abcd",
+                               headers={"Content-Range": "bytes 0-3/4"})
+    assert (refused.status_code, done.status_code) == (401, 201)
+
+
+async def test_subscriptions_are_validated_and_bounded(graph: httpx.AsyncClient) -> None:
+    body = {"changeType": "created", "resource": "me/mailFolders('inbox')/messages",
+            "notificationUrl": "https://127.0.0.1:9/nowhere", "clientState": "s",
+            "expirationDateTime": "2999-01-01T00:00:00Z"}
+    too_long = await graph.post("/subscriptions", json=body)
+    assert too_long.status_code == 400 and "4230" in too_long.text
+    body["expirationDateTime"] = "2020-01-01T00:00:00Z"
+    assert (await graph.post("/subscriptions", json=body)).status_code == 400
