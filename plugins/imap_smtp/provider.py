@@ -65,6 +65,13 @@ SEARCH_ROUNDS = 16
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
+#: Key in ``Account.settings`` under which the Sent folder found at connect is kept:
+#: on Dovecot a LIST before the first STATUS of a session makes that STATUS rescan
+#: the whole folder (20 ms instead of 1 ms on 40,000 messages), so a pass must not
+#: rediscover it.
+SENT_FOUND = "sent_folder_found"
+
+
 class ImapSmtpProvider(Provider):
     """IMAP for reading (IDLE when offered), SMTP for sending, password or XOAUTH2."""
 
@@ -205,6 +212,10 @@ class ImapSmtpProvider(Provider):
         if self._sent_folder is not None:
             return self._sent_folder
         wanted = self.config.sent_folder
+        remembered = self.account.settings.get(SENT_FOUND)
+        if isinstance(remembered, str) and wanted in (None, remembered):
+            self._sent_folder = remembered
+            return remembered
         if wanted is not None:
             listed = await imap.list_mailboxes(wanted)
             if not any(m.name == wanted and "\\noselect" not in m.attributes for m in listed):
@@ -234,6 +245,7 @@ class ImapSmtpProvider(Provider):
             )
         log.info("IMAP Sent folder found", extra=self._extra(folder=found))
         self._sent_folder = found
+        self.account.settings[SENT_FOUND] = found  # stored by the kernel at connect
         return found
 
     # ---- reading ------------------------------------------------------------------------
