@@ -75,7 +75,8 @@ def _store_outgoing(
     in_reply_to: str | None,
     references: list[str],
     user_name: str | None = None,
-) -> Message:
+) -> tuple[Message, int]:
+    """Store the message and its outbox entry; returns both (the entry's id)."""
     domain = k.settings.sync.message_id_domain
     message_id = rules.make_message_id(thread.token, domain)
     mailbox = route.channel == "mailbox" and conn is not None
@@ -116,21 +117,21 @@ def _store_outgoing(
     msg.attachments = _attachment_rows(draft, keep_content=route.synced)
     session.add(msg)
     session.flush()
-    session.add(
-        OutboxEntry(
-            message_pk=msg.id,
-            connection_id=conn.id if mailbox and conn is not None else None,
-            channel=route.channel,
-            status="pending",
-            sender=sender,
-            recipients=[*draft.to, *draft.cc],
-            raw=raw,
-            attempts=0,
-        )
+    entry = OutboxEntry(
+        message_pk=msg.id,
+        connection_id=conn.id if mailbox and conn is not None else None,
+        channel=route.channel,
+        status="pending",
+        sender=sender,
+        recipients=[*draft.to, *draft.cc],
+        raw=raw,
+        attempts=0,
     )
+    session.add(entry)
+    session.flush()
     if not route.synced:
         events.message(session, thread, msg)
-    return msg
+    return msg, entry.id
 
 
 def _validate(draft: Draft, *, need_recipients: bool) -> Draft:
@@ -183,14 +184,14 @@ async def send(k: Kernel, subaccount: str, user: str, draft: Draft) -> dict[str,
         )
         session.add(thread)
         session.flush()
-        msg = _store_outgoing(
+        msg, entry_id = _store_outgoing(
             session, k, events, thread, conn, route, draft, in_reply_to=None, references=[]
         )
-        return _result(thread, msg, route), msg.id
+        return _result(thread, msg, route), entry_id
 
-    result, message_pk = await k.store.run(work)
+    result, entry_id = await k.store.run(work)
     events.announce(k.pm)
-    result["status"] = await delivery.deliver_now(k, message_pk)
+    result["status"] = await delivery.deliver_entry(k, entry_id)
     return result
 
 
@@ -235,7 +236,7 @@ async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
             cc=cc,
             subject=draft.subject or rules.reply_subject(thread.subject),
         )
-        msg = _store_outgoing(
+        msg, entry_id = _store_outgoing(
             session,
             k,
             events,
@@ -246,9 +247,9 @@ async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
             in_reply_to=last.message_id,
             references=rules.references_for_reply(chain),
         )
-        return _result(thread, msg, route), msg.id
+        return _result(thread, msg, route), entry_id
 
-    result, message_pk = await k.store.run(work)
+    result, entry_id = await k.store.run(work)
     events.announce(k.pm)
-    result["status"] = await delivery.deliver_now(k, message_pk)
+    result["status"] = await delivery.deliver_entry(k, entry_id)
     return result

@@ -71,14 +71,20 @@ def _lease_is_dead(owner: str | None, until: datetime | None, now: datetime) -> 
     return False
 
 
-def _claim(k: Kernel, entry_id: int, *, force: bool = False) -> Claim | None:
-    """Take the lease on an entry, or ``None`` when it is not ours to deliver now."""
+def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
+    """Take the lease on an entry, or ``None`` when it is not ours to deliver now
+    (someone else holds it, it waits for its backoff, or its mailbox cannot be
+    used now)."""
 
     def work(session: Session) -> Claim | None:
         entry = session.get(OutboxEntry, entry_id)
         if entry is None:
             return None
         now = utcnow()
+        if entry.channel == "mailbox" and not _mailbox_ready(
+            session, entry.connection_id, provider_open, now
+        ):
+            return None
         if entry.status == "sent":
             if entry.channel == "mailbox" and not entry.sent_copy_stored:
                 if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
@@ -89,7 +95,7 @@ def _claim(k: Kernel, entry_id: int, *, force: bool = False) -> Claim | None:
             if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
                 return None
         elif entry.status == "pending":
-            if not force and entry.next_attempt_at and entry.next_attempt_at > now:
+            if entry.next_attempt_at and entry.next_attempt_at > now:
                 return None
         else:
             return None
@@ -177,7 +183,7 @@ async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = No
     ``provider`` is an open provider of the entry's connection (the daemon's), or
     ``None`` to open one for this delivery only.
     """
-    claim = await _run(k, _claim, entry_id)
+    claim = await _run(k, _claim, entry_id, provider is not None)
     if claim is None:
         return await _status(k, entry_id)
     if claim.channel == "default":
@@ -243,28 +249,23 @@ def _fail(k: Kernel, claim: Claim, error: str) -> None:
     _update(k, claim.entry_id, None, status="failed", last_error=error, lease_owner=None)
 
 
-def _connection_ready(k: Kernel, claim: Claim, provider_open: bool) -> bool:
+def _mailbox_ready(
+    session: Session, conn_id: int | None, provider_open: bool, now: datetime
+) -> bool:
     """Whether the mailbox may be used now. With a provider the daemon just opened,
     a connection in ``error`` is usable (it is recovering); for a one-off delivery
     it must be ``connected`` and past any backoff."""
-
-    def work(session: Session) -> bool:
-        conn = session.get(Connection, claim.connection_id) if claim.connection_id else None
-        if conn is None or not labs_on(session, conn.subaccount_id):
-            return False
-        if provider_open:
-            return conn.state in ("connected", "error")
-        return conn.state == "connected" and (
-            conn.next_attempt_at is None or conn.next_attempt_at <= utcnow()
-        )
-
-    return k.store.call(work)
+    conn = session.get(Connection, conn_id) if conn_id else None
+    if conn is None or not labs_on(session, conn.subaccount_id):
+        return False
+    if provider_open:
+        return conn.state in ("connected", "error")
+    return conn.state == "connected" and (
+        conn.next_attempt_at is None or conn.next_attempt_at <= now
+    )
 
 
 async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -> str:
-    if not await _run(k, _connection_ready, claim, provider is not None):
-        await _run(k, _release_quietly, claim)
-        return "queued"
     try:
         if provider is not None:
             return await _transmit(k, claim, provider)
@@ -283,7 +284,18 @@ async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
         except ProviderProtocolError as exc:
             await _run(k, _fail, claim, str(exc))
             return "queued"
-        await _run(k, _mark_sent, claim, provider.files_sent_copy)
+        if provider.files_sent_copy:
+            await _run(k, _mark_sent, claim, True)
+            return "sent"
+        # Filed in Sent first, then one commit records both; a crash in between
+        # leaves "transmitting", which never sends again and checks Sent.
+        try:
+            await provider.store_sent_copy(claim.mail)
+        except ProviderError:
+            await _run(k, _mark_sent, claim, False)
+            raise
+        await _run(k, _mark_sent, claim, True)
+        return "sent"
     elif claim.was_transmitting:
         # It may have left before the crash: never send again (R9).
         await _run(k, _mark_sent, claim, provider.files_sent_copy)
@@ -294,17 +306,6 @@ async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
             await provider.store_sent_copy(claim.mail)
         await _run(k, _update, claim.entry_id, None, sent_copy_stored=True, lease_owner=None)
     return "sent"
-
-
-def _release_quietly(k: Kernel, claim: Claim) -> None:
-    def work(session: Session) -> None:
-        entry = session.get(OutboxEntry, claim.entry_id)
-        if entry is not None and entry.status == "claimed":
-            entry.status = "pending"
-            entry.lease_owner = None
-            entry.lease_until = None
-
-    k.store.call(work)
 
 
 def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
@@ -325,18 +326,6 @@ def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
 
     k.store.call(work)
     events.announce(k.pm)
-
-
-async def deliver_now(k: Kernel, message_pk: int) -> str:
-    """Deliver the outbox entry of a just-stored CRM message, if possible now."""
-
-    def find(session: Session) -> int | None:
-        return session.scalar(select(OutboxEntry.id).where(OutboxEntry.message_pk == message_pk))
-
-    entry_id = await k.store.run(find)
-    if entry_id is None:
-        return "queued"
-    return await deliver_entry(k, entry_id)
 
 
 def _due_clause(now: datetime) -> Any:
