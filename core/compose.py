@@ -205,11 +205,22 @@ async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
         thread = session.get(SyncedThread, thread_id)
         if thread is None:
             raise NotFound(f"thread {thread_id!r} not found")
-        msgs = session.scalars(
-            select(Message).where(Message.thread_id == thread.id).order_by(Message.id)
-        ).all()
-        if not msgs:
+        # Only the ids of the chain and the last message's addresses, not bodies.
+        chain = list(
+            session.scalars(
+                select(Message.message_id)
+                .where(Message.thread_id == thread.id)
+                .order_by(Message.id)
+            )
+        )
+        if not chain:
             raise NotFound(f"thread {thread_id!r} has no message to reply to")
+        last = session.scalars(
+            select(Message)
+            .where(Message.thread_id == thread.id)
+            .order_by(Message.id.desc())
+            .limit(1)
+        ).one()
         conn = session.get(Connection, thread.connection_id) if thread.connection_id else None
         route = rules.route_reply(
             thread_state=thread.state,
@@ -218,7 +229,6 @@ async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
             attachment_sizes=[len(a.data) for a in draft.attachments],
             limit=limit,
         )
-        last = msgs[-1]
         own = {a.lower() for a in (conn.email if conn else "", thread.email or "") if a}
         if draft.to:
             to, cc = list(draft.to), list(draft.cc)
@@ -227,7 +237,6 @@ async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
             cc = [a for a in [*last.to, *last.cc] if a.lower() not in own and a != last.sender]
         else:
             to, cc = list(last.to), list(last.cc)
-        chain = [m.message_id for m in msgs]
         full = Draft(
             text=draft.text,
             html=draft.html,
