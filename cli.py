@@ -224,9 +224,12 @@ def _connect_command(name: str, doc: str, update: bool) -> click.Command:
 def _add_provider_options(command: click.Command, specs: dict[str, Any]) -> None:
     for opt_name, spec in sorted(specs.items()):
         flag = "--" + opt_name.replace("_", "-")
+        if spec.type is bool:  # a switch: `--device-code` alone means true
+            command.params.append(
+                click.Option([flag, opt_name], is_flag=True, default=None, help=spec.help)
+            )
+            continue
         kind: Any = click.Choice(list(spec.choices)) if spec.choices else spec.type
-        if spec.type is bool:
-            kind = click.BOOL
         command.params.append(
             click.Option([flag, opt_name], type=kind, default=None, help=spec.help)
         )
@@ -444,15 +447,17 @@ def run(ctx: Ctx, once: bool, listen: str | None) -> None:
         return
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
-    from plugins.http_api.settings import http_settings
+    http: Any = None
+    if listen is not None or "http" in ctx.settings.providers:  # the [http] section
+        from plugins.http_api.settings import http_settings
 
-    http = http_settings(ctx.settings, listen)
+        http = http_settings(ctx.settings, listen)
 
     async def main() -> None:
         from core.daemon import Daemon
 
         extra: list[Any] = []
-        if http.listen is not None:
+        if http is not None and http.listen is not None:
             from plugins.http_api.server import Service
 
             service = Service.prepare(ts, http)
@@ -493,9 +498,11 @@ def apikey_create(ctx: Ctx, subaccount: str | None, admin: bool, label: str) -> 
     made = apikeys.create(ctx.threadsync().kernel.store, subaccount, label)
     ctx.emit(
         made,
-        lambda r: f"{r['key']}\n(key id {r['key_id']}, "
-        + ("admin" if r["admin"] else f"sub-account {r['subaccount']}")
-        + "; shown only now: keep it in the CRM's secret store)",
+        lambda r: (
+            f"{r['key']}\n(key id {r['key_id']}, "
+            + ("admin" if r["admin"] else f"sub-account {r['subaccount']}")
+            + "; shown only now: keep it in the CRM's secret store)"
+        ),
     )
 
 
@@ -509,13 +516,15 @@ def apikey_list(ctx: Ctx, subaccount: str | None) -> None:
     result = apikeys.list_keys(ctx.threadsync().kernel.store, subaccount)
     ctx.emit(
         result,
-        lambda r: "\n".join(
-            f"{k['key_id']}  {'admin' if k['admin'] else k['subaccount']}"
-            + ("  revoked" if k["revoked_at"] else "")
-            + (f"  {k['label']}" if k["label"] else "")
-            for k in r["keys"]
-        )
-        or "no API keys",
+        lambda r: (
+            "\n".join(
+                f"{k['key_id']}  {'admin' if k['admin'] else k['subaccount']}"
+                + ("  revoked" if k["revoked_at"] else "")
+                + (f"  {k['label']}" if k["label"] else "")
+                for k in r["keys"]
+            )
+            or "no API keys"
+        ),
     )
 
 

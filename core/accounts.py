@@ -15,7 +15,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import rules
-from core.errors import AlreadyConnected, LabsDisabled, NotFound, Refused
+from core.errors import (
+    AlreadyConnected,
+    ConfigError,
+    LabsDisabled,
+    NotFound,
+    ProviderError,
+    Refused,
+)
 from core.events import EventBuffer
 from core.kernel import Kernel
 from core.mime import check_address
@@ -262,7 +269,26 @@ def _end(session: Session, k: Kernel, events: EventBuffer, conn: Connection, sta
             events.message(session, msg.thread, msg)
 
 
+async def _forget(k: Kernel, subaccount: str, user: str) -> None:
+    """Let the live connection's provider release its server-side state (R6)."""
+    conn = await k.store.run(lambda s: live_connection(s, subaccount, user))
+    if conn is None or conn.secrets is None:
+        return
+    cls = k.provider_class(conn.provider)
+    if cls.forget is Provider.forget:
+        return  # nothing kept on the server: no need to log in
+    provider = k.provider_for(conn)
+    try:
+        await provider.open()
+        await provider.forget()
+    except (ProviderError, ConfigError) as exc:
+        log.warning("provider state not released: %s", exc, extra={"connection_id": conn.id})
+    finally:
+        await provider.close()
+
+
 async def disconnect(k: Kernel, subaccount: str, user: str) -> dict[str, Any]:
+    await _forget(k, subaccount, user)
     events = EventBuffer()
 
     def work(session: Session) -> dict[str, Any]:
@@ -303,6 +329,7 @@ async def update_email(
         email, options, k.environ, notify, k.provider_settings.get(cls.name, {})
     )
     placed = await _verified(k, cls, account)
+    await _forget(k, subaccount, user)
     events = EventBuffer()
 
     def record(session: Session) -> dict[str, Any]:

@@ -39,6 +39,16 @@ from core.vault import Vault
 log = logging.getLogger(__name__)
 
 
+def _with_env_secrets(section: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """``client_secret_env = "VAR"`` in a provider section also gives the provider
+    ``client_secret`` from the environment: app-wide secrets are read per process,
+    never stored per connection, so rotating one needs no reconnection."""
+    for key, value in list(section.items()):
+        if key.endswith("_env") and isinstance(value, str) and environ.get(value):
+            section.setdefault(key.removesuffix("_env"), environ[value])
+    return section
+
+
 def worker_id() -> str:
     """Who holds an outbox lease: host and process, so a dead holder is recognised."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -70,14 +80,17 @@ class Kernel:
         environ: Mapping[str, str] | None = None,
     ) -> Kernel:
         pm = get_plugin_manager(plugins, load_entry_points=load_entry_points)
+        env = dict(os.environ) if environ is None else dict(environ)
         return cls(
             settings=settings,
             store=Store(settings.database_url),
             vault=Vault.from_file(settings.secret_key_file),
             pm=pm,
             registry=providers(pm),
-            environ=dict(os.environ) if environ is None else dict(environ),
-            provider_settings={k: dict(v) for k, v in settings.providers.items()},
+            environ=env,
+            provider_settings={
+                k: _with_env_secrets(dict(v), env) for k, v in settings.providers.items()
+            },
         )
 
     # ---- providers -------------------------------------------------------------------

@@ -301,3 +301,8 @@ class Provider(ABC):
     @abstractmethod
     async def find_sent(self, message_id: str) -> bool:
         """Whether a message with this Message-ID is in the Sent folder."""
+
+    async def forget(self) -> None:
+        """Release what the server keeps for this connection (push subscriptions),
+        at disconnect and update-email (R6), before the credentials are deleted.
+        Called on an opened provider; best effort. Default: nothing."""

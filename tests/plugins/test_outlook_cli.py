@@ -81,6 +81,6 @@ async def test_cli_connect_prints_the_consent_address_and_completes_on_redirect(
 
 async def test_cli_connect_with_a_device_code(ms: FakeMicrosoft, tmp_path: Path) -> None:
     config = write_config(tmp_path, ms)
-    status, result, stderr = await run_connect(config, ms, "--device-code", "true")
+    status, result, stderr = await run_connect(config, ms, "--device-code")
     assert status == 0, stderr
     assert result["state"] == "connected" and "microsoft.com/devicelogin" in stderr
