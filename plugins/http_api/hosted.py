@@ -1,0 +1,75 @@
+"""Endpoints that outside services call: provider change notifications and the
+OAuth redirect, as registries that providers plug into.
+
+``/notifications/{provider}`` hands the raw body and query to the handler
+registered under the provider's name and answers what it returns. The built-in
+``outlook`` handler is the Outlook plugin's
+:class:`plugins.outlook.notifications.NotificationHub`: it echoes Graph's
+``validationToken`` as ``text/plain``, checks each notification's
+``clientState`` and answers ``202`` at once after waking the subscribed
+connection (the sync loop does the work). The hub is put into the kernel's
+``[outlook]`` provider settings, where the provider looks for it.
+
+``/oauth/callback`` hands the redirect's parameters to the registered OAuth
+callback handlers in turn; the first that recognises them (by ``state``) answers.
+No built-in provider receives its redirect here yet (the Outlook sign-in of the
+command line listens on loopback itself), so without a registered handler the
+endpoint answers 404. A provider plugin registers one with
+:meth:`Hosted.add_oauth_callback`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Reply(Protocol):
+    """What a notification or callback handler answers (``NotificationReply``)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def content_type(self) -> str: ...
+
+    @property
+    def body(self) -> str: ...
+
+
+NotificationHandler = Callable[[bytes, Mapping[str, str]], Reply]
+#: Returns ``None`` when the parameters are not for this handler.
+OAuthCallback = Callable[[Mapping[str, str]], "Reply | None"]
+
+
+@dataclass
+class Hosted:
+    notifications: dict[str, NotificationHandler] = field(default_factory=dict)
+    oauth_callbacks: list[OAuthCallback] = field(default_factory=list)
+
+    def add_notification_handler(self, provider: str, handler: NotificationHandler) -> None:
+        self.notifications[provider] = handler
+
+    def add_oauth_callback(self, handler: OAuthCallback) -> None:
+        self.oauth_callbacks.append(handler)
+
+
+def install_outlook(hosted: Hosted, provider_settings: dict[str, dict[str, Any]]) -> bool:
+    """Route ``/notifications/outlook`` to a new hub that Outlook connections of
+    this process subscribe through. False when the Outlook plugin is absent."""
+    try:
+        from plugins.outlook.notifications import NotificationHub
+    except ImportError:
+        log.info("the Outlook plugin is not installed: no Graph notification endpoint")
+        return False
+    section = provider_settings.setdefault("outlook", {})
+    hub = section.get("notification_hub")
+    if not isinstance(hub, NotificationHub):
+        hub = NotificationHub()
+        section["notification_hub"] = hub
+    hosted.add_notification_handler("outlook", hub.handle)
+    return True

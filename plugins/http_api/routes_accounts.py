@@ -1,0 +1,203 @@
+"""Routes for sub-accounts and connections: the Labs flag (R1), connect,
+update-email, disconnect and status (R2, R6, R7), interactive sign-ins, and the
+admin's API keys.
+
+Mailbox secrets come in the body's ``credentials`` object (``{"password": ...}``
+for ``imap_smtp``), never as ``*_env`` options: over HTTP a caller must not name
+the server's environment variables. The kernel reads a secret option from its
+environment mapping, so each connect runs on a copy of the kernel whose mapping
+holds that request's secret under a private name; the process environment is
+never touched and nothing of the body is logged (R11).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from core import apikeys
+from core.api import Threadsync
+from core.apikeys import Principal
+from core.errors import ThreadsyncError
+from core.provider import ProviderOption
+from plugins.http_api import bodies
+from plugins.http_api.auth import require_admin, require_subaccount
+from plugins.http_api.context import ApiContext, api_route, ok
+from plugins.http_api.problems import ApiProblem, from_kernel
+
+SECRET_VAR = "THREADSYNC_HTTP_SECRET_"
+#: Options only an operator may set: they name files on the server.
+ADMIN_OPTIONS = {"ca_file"}
+
+
+def _sub(request: Request, who: Principal) -> str:
+    subaccount = str(request.path_params["subaccount"])
+    require_subaccount(who, subaccount)
+    return subaccount
+
+
+async def labs_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    return ok(await ctx.call(ctx.ts.labs_status, _sub(request, who)))
+
+
+async def labs_put(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    require_admin(who)
+    body, _ = await bodies.json_object(request, ctx.http.max_body_bytes)
+    bodies.only(body, ("two_way_email_sync",))
+    enabled = bodies.flag(body, "two_way_email_sync", required=True)
+    return ok(await ctx.call(ctx.ts.labs, subaccount, enabled=bool(enabled)))
+
+
+async def connections_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    user = bodies.query_text(request, "user")
+    return ok(await ctx.call(ctx.ts.status, subaccount, user))
+
+
+async def connection_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    return ok(await ctx.call(ctx.ts.status, subaccount, str(request.path_params["user"])))
+
+
+def _connect_request(
+    ctx: ApiContext, body: dict[str, Any], who: Principal
+) -> tuple[str, str, dict[str, Any], dict[str, str]]:
+    bodies.only(body, ("provider", "email", "options", "credentials"))
+    provider = bodies.text(body, "provider", required=True, max_len=64)
+    email = bodies.text(body, "email", required=True, max_len=320)
+    options = body.get("options") or {}
+    credentials = body.get("credentials") or {}
+    if not isinstance(options, dict):
+        raise bodies.invalid("options", "must be an object")
+    if not isinstance(credentials, dict) or not all(
+        isinstance(v, str) for v in credentials.values()
+    ):
+        raise bodies.invalid("credentials", "must be an object of strings")
+    specs: dict[str, ProviderOption] = {
+        o.name: o for o in ctx.ts.kernel.provider_class(provider).options
+    }
+    secret_names = {n.removesuffix("_env"): n for n, o in specs.items() if o.secret_env}
+    for name, value in options.items():
+        spec = specs.get(name)
+        if spec is None or spec.secret_env:
+            known = ", ".join(sorted(n for n, o in specs.items() if not o.secret_env))
+            why = "put secrets in credentials" if spec is not None else f"known: {known}"
+            raise bodies.invalid(f"options.{name}", f"not an option of {provider} ({why})")
+        if name in ADMIN_OPTIONS and not who.admin:
+            raise bodies.invalid(f"options.{name}", "only an admin key may set this option")
+        if not isinstance(value, str | int | bool):
+            raise bodies.invalid(f"options.{name}", "must be a string, number or boolean")
+    for name in credentials:
+        if name not in secret_names:
+            known = ", ".join(sorted(secret_names)) or "none"
+            raise bodies.invalid(f"credentials.{name}", f"not a credential of {provider} ({known})")
+    return provider, email, dict(options), {str(k): str(v) for k, v in credentials.items()}
+
+
+def _with_credentials(
+    ts: Threadsync, options: dict[str, Any], credentials: dict[str, str]
+) -> tuple[Threadsync, dict[str, Any]]:
+    """A Threadsync on a kernel copy whose environment mapping holds the secrets."""
+    if not credentials:
+        return ts, options
+    environ = dict(ts.kernel.environ)
+    options = dict(options)
+    for name, value in credentials.items():
+        var = SECRET_VAR + name.upper()
+        environ[var] = value
+        options[name + "_env"] = var
+    return Threadsync(dataclasses.replace(ts.kernel, environ=environ)), options
+
+
+async def _connect(ctx: ApiContext, request: Request, who: Principal, update: bool) -> Response:
+    subaccount = _sub(request, who)
+    user = str(request.path_params["user"])
+    body, _ = await bodies.json_object(request, ctx.http.max_body_bytes)
+    provider, email, options, credentials = _connect_request(ctx, body, who)
+    ts, options = _with_credentials(ctx.ts, options, credentials)
+    call = ts.update_email if update else ts.connect
+
+    async def run(notify: Any) -> dict[str, Any]:
+        return await call(subaccount, user, provider, email=email, options=options, notify=notify)
+
+    def problem_of(exc: ThreadsyncError) -> dict[str, Any]:
+        import json
+
+        return dict(json.loads(bytes(from_kernel(exc).body)))
+
+    started = await ctx.signins.start(subaccount, user, run, problem_of)
+    if started.pending is not None:
+        location = f"/v1/subaccounts/{quote(subaccount, safe='')}/sign-ins/{started.pending.id}"
+        return ok(started.pending.json(), 202, {"Location": location})
+    return ok(started.connection, 200 if update else 201)
+
+
+async def connect(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    return await _connect(ctx, request, who, update=False)
+
+
+async def update_email(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    return await _connect(ctx, request, who, update=True)
+
+
+async def disconnect(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    return ok(await ctx.ts.disconnect(subaccount, str(request.path_params["user"])))
+
+
+async def sign_in_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    item = ctx.signins.get(subaccount, str(request.path_params["sign_in_id"]))
+    if item is None:
+        raise ApiProblem(404, "sign-in not found (finished sign-ins are kept for an hour)")
+    return ok(item.json())
+
+
+# ---- API keys (admin) ----------------------------------------------------------------------
+
+
+async def keys_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = bodies.query_text(request, "subaccount")
+    return ok(await ctx.call(apikeys.list_keys, ctx.ts.kernel.store, subaccount))
+
+
+async def keys_post(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    body, _ = await bodies.json_object(request, ctx.http.max_body_bytes)
+    bodies.only(body, ("subaccount", "admin", "label"))
+    subaccount = bodies.text(body, "subaccount", max_len=255)
+    admin = bool(bodies.flag(body, "admin"))
+    if admin == (subaccount is not None):
+        raise bodies.invalid("subaccount", "give a subaccount, or admin: true (not both)")
+    label = bodies.text(body, "label", max_len=255, default="")
+    made = await ctx.call(apikeys.create, ctx.ts.kernel.store, subaccount, label)
+    return ok(made, 201, {"Cache-Control": "no-store"})
+
+
+async def key_delete(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    result = await ctx.call(apikeys.revoke, ctx.ts.kernel.store, str(request.path_params["key_id"]))
+    ctx.auth.forget()
+    return ok(result)
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    sub = "/v1/subaccounts/{subaccount}"
+    user = sub + "/users/{user}/connection"
+    return [
+        api_route(ctx, sub + "/labs", labs_get, ["GET"]),
+        api_route(ctx, sub + "/labs", labs_put, ["PUT"]),
+        api_route(ctx, sub + "/connections", connections_get, ["GET"]),
+        api_route(ctx, user, connection_get, ["GET"]),
+        api_route(ctx, user, connect, ["POST"]),
+        api_route(ctx, user, update_email, ["PUT"]),
+        api_route(ctx, user, disconnect, ["DELETE"]),
+        api_route(ctx, sub + "/sign-ins/{sign_in_id}", sign_in_get, ["GET"]),
+        api_route(ctx, "/v1/api-keys", keys_get, ["GET"], admin=True),
+        api_route(ctx, "/v1/api-keys", keys_post, ["POST"], admin=True),
+        api_route(ctx, "/v1/api-keys/{key_id}", key_delete, ["DELETE"], admin=True),
+    ]

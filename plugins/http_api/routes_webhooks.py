@@ -1,0 +1,103 @@
+"""Routes for a sub-account's webhook endpoints and their deliveries.
+
+Creating an endpoint answers its signing secret, once (``Cache-Control:
+no-store``); it is kept encrypted (R11). ``GET .../webhook-deliveries?status=dead``
+lists the dead letters, and ``POST .../webhook-deliveries/{id}/retry`` sends
+one again with a fresh retry window.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from core import webhooks
+from core.apikeys import Principal
+from plugins.http_api import bodies
+from plugins.http_api.auth import require_subaccount
+from plugins.http_api.context import ApiContext, api_route, ok
+
+
+def _sub(request: Request, who: Principal) -> str:
+    subaccount = str(request.path_params["subaccount"])
+    require_subaccount(who, subaccount)
+    return subaccount
+
+
+async def endpoints_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    return ok(await ctx.call(webhooks.list_endpoints, ctx.ts.kernel, _sub(request, who)))
+
+
+async def endpoints_post(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    body, _ = await bodies.json_object(request, ctx.http.max_body_bytes)
+    bodies.only(body, ("url", "events", "description"))
+    url = bodies.text(body, "url", required=True, max_len=2048)
+    events = bodies.text_list(body, "events", max_items=len(webhooks.EVENT_TYPES))
+    description = bodies.text(body, "description", max_len=255, default="")
+    made = await ctx.call(
+        webhooks.create_endpoint, ctx.ts.kernel, subaccount, url, events, description
+    )
+    location = f"/v1/subaccounts/{quote(subaccount, safe='')}/webhooks/{made['id']}"
+    headers = {"Cache-Control": "no-store", "Location": location}
+    return ok(made, 201, headers)
+
+
+async def endpoint_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    endpoint_id = bodies.path_id(request, "endpoint_id")
+    return ok(await ctx.call(webhooks.get_endpoint, ctx.ts.kernel, subaccount, endpoint_id))
+
+
+async def endpoint_delete(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    endpoint_id = bodies.path_id(request, "endpoint_id")
+    return ok(await ctx.call(webhooks.delete_endpoint, ctx.ts.kernel, subaccount, endpoint_id))
+
+
+async def deliveries_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    status = bodies.query_text(request, "status", 16)
+    if status is not None and status not in webhooks.STATUSES:
+        raise bodies.invalid("status", f"must be one of {', '.join(webhooks.STATUSES)}")
+    raw_endpoint = request.query_params.get("endpoint_id")
+    endpoint_id = (
+        bodies.query_int(request, "endpoint_id", 0, 1, bodies.MAX_ID)
+        if raw_endpoint is not None
+        else None
+    )
+    result = await ctx.call(
+        webhooks.list_deliveries,
+        ctx.ts.kernel,
+        subaccount,
+        status=status,
+        endpoint_id=endpoint_id,
+        after=bodies.query_int(request, "after", 0, 0, bodies.MAX_ID),
+        limit=bodies.query_int(request, "limit", 100, 1, 1000),
+    )
+    return ok(result)
+
+
+async def delivery_retry(ctx: ApiContext, request: Request, who: Principal) -> Response:
+    subaccount = _sub(request, who)
+    delivery_id = bodies.path_id(request, "delivery_id")
+    result = await ctx.call(webhooks.retry_delivery, ctx.ts.kernel, subaccount, delivery_id)
+    ctx.wake_webhooks()
+    return ok(result)
+
+
+def routes(ctx: ApiContext) -> list[Route]:
+    base = "/v1/subaccounts/{subaccount}"
+    return [
+        api_route(ctx, base + "/webhooks", endpoints_get, ["GET"]),
+        api_route(ctx, base + "/webhooks", endpoints_post, ["POST"]),
+        api_route(ctx, base + "/webhooks/{endpoint_id:int}", endpoint_get, ["GET"]),
+        api_route(ctx, base + "/webhooks/{endpoint_id:int}", endpoint_delete, ["DELETE"]),
+        api_route(ctx, base + "/webhook-deliveries", deliveries_get, ["GET"]),
+        api_route(
+            ctx, base + "/webhook-deliveries/{delivery_id:int}/retry", delivery_retry, ["POST"]
+        ),
+    ]
