@@ -6,9 +6,10 @@ Python API, served by uvicorn beside the sync loop by ``threadsync run
 the durable queue in :mod:`core.webhooks`. Modules: :mod:`.settings` (config),
 :mod:`.auth` (API keys, sessions, rate limits), :mod:`.problems` (RFC 9457
 errors), :mod:`.bodies` (request checks), the ``routes_*`` modules,
-:mod:`.openapi`, :mod:`.metrics`, :mod:`.statuspage`, :mod:`.hosted` (provider
-notifications and OAuth callbacks), :mod:`.dispatcher` and :mod:`.signatures`
-(webhooks), :mod:`.server` (uvicorn).
+:mod:`.openapi` and :mod:`.openapi_schemas`, :mod:`.metrics`,
+:mod:`.statuspage`, :mod:`.hosted` (provider notifications and OAuth
+callbacks), :mod:`.dispatcher` and :mod:`.signatures` (webhooks),
+:mod:`.server` (uvicorn).
 """
 
 from __future__ import annotations

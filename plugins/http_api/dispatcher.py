@@ -5,7 +5,9 @@ Each pass enqueues new events (:func:`core.webhooks.enqueue`), claims due
 deliveries and posts them, one chain per ordering key so that a thread's events
 arrive in order, many chains at once (``concurrency``). A chain stops at its
 first failure; the rest is released untouched and waits for the retry. Outcomes
-are stored in one transaction per finished chain. Redirects are not followed;
+are stored in one transaction per finished chain. Each endpoint origin has its
+own small connection pool, so a slow receiver holds up only its own deliveries.
+Redirects are not followed;
 any 2xx is success; ``Retry-After`` on 429/503 is honoured up to the backoff cap.
 A pass runs every ``poll_seconds``, or at once when :meth:`wake` is called (the
 API does so after writing, and the host hooks after every committed event).
@@ -32,6 +34,7 @@ from plugins.http_api.signatures import HEADER, sign
 log = logging.getLogger(__name__)
 USER_AGENT = "threadsync-webhooks/1"
 RELEASE_EVERY_SECONDS = 10.0
+PER_ORIGIN_CONNECTIONS = 4
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -55,6 +58,7 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._released_at = 0.0
         self._limit = asyncio.Semaphore(settings.concurrency)
+        self._clients: dict[str, httpx.AsyncClient] = {}
         self.delivered = 0
         self.failed = 0
 
@@ -93,43 +97,40 @@ class Dispatcher:
 
     # ---- the loop --------------------------------------------------------------------
 
+    def _client(self, url: str) -> httpx.AsyncClient:
+        """One small connection pool per endpoint origin: a slow endpoint ties up
+        its own connections only (and httpx pools get slow when large)."""
+        parts = httpx.URL(url)
+        origin = f"{parts.scheme}://{parts.host}:{parts.port}"
+        client = self._clients.get(origin)
+        if client is None:
+            client = self._clients[origin] = httpx.AsyncClient(
+                timeout=self.settings.timeout_seconds,
+                follow_redirects=False,
+                limits=httpx.Limits(max_connections=PER_ORIGIN_CONNECTIONS),
+                transport=self.transport,
+                headers={"User-Agent": USER_AGENT},
+            )
+        return client
+
     async def run(self) -> None:
         """Work until cancelled."""
         self._loop = asyncio.get_running_loop()
-        limits = httpx.Limits(max_connections=self.settings.concurrency * 2)
-        async with httpx.AsyncClient(
-            timeout=self.settings.timeout_seconds,
-            follow_redirects=False,
-            limits=limits,
-            transport=self.transport,
-            headers={"User-Agent": USER_AGENT},
-        ) as client:
-            try:
-                while True:
-                    await self._pass(client)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
-                    self._wake.clear()
-            finally:
-                for task in self._inflight:
-                    task.cancel()
-                await asyncio.gather(*self._inflight, return_exceptions=True)
-
-    async def drain(self, client: httpx.AsyncClient | None = None) -> None:
-        """Passes until nothing is due (benchmarks, tests)."""
-        self._loop = asyncio.get_running_loop()
-        async with httpx.AsyncClient(
-            timeout=self.settings.timeout_seconds, transport=self.transport
-        ) as own:
+        try:
             while True:
-                before = self.delivered + self.failed
-                await self._pass(client or own)
-                if self._inflight:
-                    await asyncio.wait(self._inflight)
-                if self.delivered + self.failed == before and not self._inflight:
-                    return
+                await self._pass()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                self._wake.clear()
+        finally:
+            for task in self._inflight:
+                task.cancel()
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+            clients, self._clients = self._clients, {}
+            for client in clients.values():
+                await client.aclose()
 
-    async def _pass(self, client: httpx.AsyncClient) -> None:
+    async def _pass(self) -> None:
         try:
             now = time.monotonic()
             if now - self._released_at > RELEASE_EVERY_SECONDS:
@@ -148,18 +149,18 @@ class Dispatcher:
         for item in claimed:
             chains.setdefault((item.endpoint_id, item.ordering_key), []).append(item)
         for chain in chains.values():
-            task = asyncio.create_task(self._chain(client, chain))
+            task = asyncio.create_task(self._chain(chain))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    async def _chain(self, client: httpx.AsyncClient, chain: Sequence[Outgoing]) -> None:
+    async def _chain(self, chain: Sequence[Outgoing]) -> None:
         outcomes: list[Outcome] = []
         async with self._limit:
             for item in chain:
                 if outcomes and not outcomes[-1].ok:
                     outcomes.append(Outcome(item.delivery_id, attempted=False))
                     continue
-                outcomes.append(await self._post(client, item))
+                outcomes.append(await self._post(item))
         try:
             done = await asyncio.to_thread(webhooks.record, self.k, self.settings, outcomes)
         except ThreadsyncError as exc:  # leases expire; the deliveries are tried again
@@ -172,7 +173,7 @@ class Dispatcher:
         elif done["delivered"] == len(chain):
             self.wake()  # more of these keys may be waiting
 
-    async def _post(self, client: httpx.AsyncClient, item: Outgoing) -> Outcome:
+    async def _post(self, item: Outgoing) -> Outcome:
         headers = {
             "Content-Type": "application/json",
             HEADER: sign(item.secret, item.body),
@@ -183,7 +184,9 @@ class Dispatcher:
         }
         extra = {"delivery_id": item.delivery_id, "endpoint_id": item.endpoint_id}
         try:
-            response = await client.post(item.url, content=item.body, headers=headers)
+            response = await self._client(item.url).post(
+                item.url, content=item.body, headers=headers
+            )
         except httpx.HTTPError as exc:
             log.info("webhook delivery failed: %s", exc.__class__.__name__, extra=extra)
             return Outcome(item.delivery_id, True, error=f"{exc.__class__.__name__}: no response")

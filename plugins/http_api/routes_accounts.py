@@ -13,6 +13,7 @@ never touched and nothing of the body is logged (R11).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 from urllib.parse import quote
 
@@ -127,8 +128,6 @@ async def _connect(ctx: ApiContext, request: Request, who: Principal, update: bo
         return await call(subaccount, user, provider, email=email, options=options, notify=notify)
 
     def problem_of(exc: ThreadsyncError) -> dict[str, Any]:
-        import json
-
         return dict(json.loads(bytes(from_kernel(exc).body)))
 
     started = await ctx.signins.start(subaccount, user, run, problem_of)
