@@ -119,8 +119,11 @@ class Dispatcher:
         try:
             while True:
                 await self._pass()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the event is set, and never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                    async with asyncio.timeout(self.settings.poll_seconds):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             for task in self._inflight:
