@@ -8,7 +8,7 @@ transaction that records its result, so a failed login changes nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -141,22 +141,11 @@ async def _verified(
         await provider.close()
 
 
-async def connect(
-    k: Kernel,
-    subaccount: str,
-    user: str,
-    provider: str,
-    email: str,
-    options: Mapping[str, Any],
-    notify: Callable[[str], None] = log.info,
-) -> dict[str, Any]:
-    """Connect a user's mailbox, or re-authorise one in ``needs_reauth``/``error``.
-
-    ``notify`` shows the user what an interactive sign-in needs (a consent URL)."""
-    _check_id(subaccount, "sub-account")
-    _check_id(user, "user")
-    email = check_address(email, "email address")
-    cls = k.provider_class(provider)
+def _connect_precheck(
+    subaccount: str, user: str, provider: str, email: str
+) -> Callable[[Session], Connection | None]:
+    """The checks before and after signing in to connect: Labs on (R1), no other
+    address connected; returns the connection to re-authorise, if any."""
 
     def precheck(session: Session) -> Connection | None:
         require_labs(session, subaccount)
@@ -175,10 +164,74 @@ async def connect(
             )
         return live
 
+    return precheck
+
+
+def _update_precheck(subaccount: str, user: str) -> Callable[[Session], Connection]:
+    """The checks before and after signing in to update-email (R1, R7)."""
+
+    def precheck(session: Session) -> Connection:
+        require_labs(session, subaccount)
+        live = live_connection(session, subaccount, user)
+        if live is None:
+            raise NotFound(f"user {user!r} has no connected mailbox to update; use connect")
+        return live
+
+    return precheck
+
+
+def checked_request(
+    k: Kernel, subaccount: str, user: str, provider: str, email: str
+) -> tuple[str, type[Provider]]:
+    """Validate the ids and the address; the normalised address and the provider."""
+    _check_id(subaccount, "sub-account")
+    _check_id(user, "user")
+    return check_address(email, "email address"), k.provider_class(provider)
+
+
+async def precheck(
+    k: Kernel, subaccount: str, user: str, provider: str, email: str, *, update: bool
+) -> None:
+    """Raise what connect (or update-email) would refuse before any sign-in."""
+    if update:
+        await k.store.run(_update_precheck(subaccount, user))
+    else:
+        await k.store.run(_connect_precheck(subaccount, user, provider, email))
+
+
+async def connect(
+    k: Kernel,
+    subaccount: str,
+    user: str,
+    provider: str,
+    email: str,
+    options: Mapping[str, Any],
+    notify: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Connect a user's mailbox, or re-authorise one in ``needs_reauth``/``error``.
+
+    ``notify`` shows the user what an interactive sign-in needs (a consent URL)."""
+    email, cls = checked_request(k, subaccount, user, provider, email)
+    settings = k.provider_settings.get(cls.name, {})
+    return await connect_with(
+        k, subaccount, user, provider, email,
+        lambda: cls.authorize(email, options, k.environ, notify, settings),
+    )  # fmt: skip
+
+
+async def connect_with(
+    k: Kernel,
+    subaccount: str,
+    user: str,
+    provider: str,
+    email: str,
+    authorize: Callable[[], Awaitable[Account]],
+) -> dict[str, Any]:
+    """Connect (or re-authorise) with the account that ``authorize()`` signs in."""
+    cls = k.provider_class(provider)
+    precheck = _connect_precheck(subaccount, user, provider, email)
     existing = await k.store.run(precheck)
-    account = await cls.authorize(
-        email, options, k.environ, notify, k.provider_settings.get(cls.name, {})
-    )
+    account = await authorize()
     placed = await _verified(k, cls, account)
     events = EventBuffer()
 
@@ -314,20 +367,27 @@ async def update_email(
 ) -> dict[str, Any]:
     """Replace the connected address without a gap: the new connection is verified
     first, then in one transaction the old one becomes ``replaced``."""
-    email = check_address(email, "email address")
+    email, cls = checked_request(k, subaccount, user, provider, email)
+    settings = k.provider_settings.get(cls.name, {})
+    return await update_email_with(
+        k, subaccount, user, provider, email,
+        lambda: cls.authorize(email, options, k.environ, notify, settings),
+    )  # fmt: skip
+
+
+async def update_email_with(
+    k: Kernel,
+    subaccount: str,
+    user: str,
+    provider: str,
+    email: str,
+    authorize: Callable[[], Awaitable[Account]],
+) -> dict[str, Any]:
+    """Update-email with the account that ``authorize()`` signs in."""
     cls = k.provider_class(provider)
-
-    def precheck(session: Session) -> Connection:
-        require_labs(session, subaccount)
-        live = live_connection(session, subaccount, user)
-        if live is None:
-            raise NotFound(f"user {user!r} has no connected mailbox to update; use connect")
-        return live
-
+    precheck = _update_precheck(subaccount, user)
     await k.store.run(precheck)
-    account = await cls.authorize(
-        email, options, k.environ, notify, k.provider_settings.get(cls.name, {})
-    )
+    account = await authorize()
     placed = await _verified(k, cls, account)
     await _forget(k, subaccount, user)
     events = EventBuffer()

@@ -18,11 +18,11 @@ passed in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from core import accounts, compose, daemon, views
+from core import accounts, compose, consent, daemon, views
 from core.compose import Draft
 from core.config import Settings, load
 from core.kernel import Kernel
@@ -132,6 +132,37 @@ class Threadsync:
         return await accounts.update_email(
             self.kernel, subaccount, user, provider, email, options, notify
         )
+
+    async def begin_sign_in(
+        self,
+        subaccount: str,
+        user: str,
+        provider: str,
+        *,
+        email: str,
+        options: Mapping[str, Any],
+        redirect_uri: str,
+        update: bool = False,
+        carry: Sequence[str] = (),
+    ) -> dict[str, Any] | None:
+        """Start a connect (or update-email with ``update``) that the user finishes
+        in a browser coming back to ``redirect_uri``: the pending sign-in with its
+        ``consent_url``, or ``None`` when this provider and these options sign in
+        without a redirect (use :meth:`connect`). ``carry``: names of this
+        kernel's environment variables that the second half needs again (a
+        secret given with the request), kept encrypted with the sign-in."""
+        return await consent.begin(
+            self.kernel, subaccount, user, provider, email, options, redirect_uri,
+            update=update, carry=carry,
+        )  # fmt: skip
+
+    async def finish_sign_in(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """Finish the sign-in named by the redirect's ``state`` with its parameters."""
+        return await consent.finish(self.kernel, params)
+
+    def sign_in(self, subaccount: str, sign_in_id: str) -> dict[str, Any]:
+        """A sign-in started by :meth:`begin_sign_in` (NotFound for another sub-account)."""
+        return consent.get(self.kernel, subaccount, sign_in_id)
 
     async def disconnect(self, subaccount: str, user: str) -> dict[str, Any]:
         return await accounts.disconnect(self.kernel, subaccount, user)

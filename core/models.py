@@ -371,3 +371,38 @@ class WebhookState(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class PendingSignIn(Base):
+    """A connect or update-email waiting for the user's consent in a browser.
+
+    Created when a provider's :meth:`~core.provider.Provider.begin_consent`
+    answers a consent URL; the redirect to ``/oauth/callback`` finds it by the
+    SHA-256 of its OAuth ``state`` and finishes it, in whichever process and
+    however many restarts later, until ``expires_at``. ``flow`` (the PKCE
+    verifier and nonce, encrypted like credentials) is deleted once used.
+
+    ``status``: ``pending``, ``finishing`` (the redirect arrived), ``connected``,
+    ``failed`` (``error`` holds the code and detail) or ``expired``.
+    """
+
+    __tablename__ = "sign_ins"
+    __table_args__ = (Index("ix_sign_in_owner", "subaccount_id", "user_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    subaccount_id: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[str] = mapped_column(String(255))
+    provider: Mapped[str] = mapped_column(String(64))
+    email: Mapped[str] = mapped_column(String(320))
+    purpose: Mapped[str] = mapped_column(String(16))
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    flow: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    consent_url: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    connection: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -82,6 +82,24 @@ class Account:
 
 
 @dataclass(frozen=True)
+class ConsentRequest:
+    """The first half of a sign-in that a browser redirect finishes (OAuth 2.0
+    authorization code): where to send the user, and what the second half needs.
+
+    ``state`` is the value the redirect carries back; the kernel finds the
+    sign-in by it (it keeps only its SHA-256). ``flow`` is whatever
+    :meth:`Provider.finish_consent` needs (the PKCE verifier, the nonce): JSON
+    values only, stored encrypted until the redirect arrives, then deleted.
+    """
+
+    url: str
+    state: str
+    flow: Mapping[str, Any]
+    #: How long the user has to consent.
+    expires_in: float = 900.0
+
+
+@dataclass(frozen=True)
 class Folder:
     """A folder the kernel watches. ``name`` is the provider's own name or id."""
 
@@ -217,6 +235,41 @@ class Provider(ABC):
         :meth:`prepare`'s account.
         """
         return cls.prepare(email, options, environ)
+
+    @classmethod
+    async def begin_consent(
+        cls,
+        email: str,
+        options: Mapping[str, Any],
+        environ: Mapping[str, str],
+        settings: Mapping[str, Any],
+        redirect_uri: str,
+    ) -> ConsentRequest | None:
+        """Start a sign-in that the user finishes in a browser, which comes back to
+        ``redirect_uri`` (the host's ``/oauth/callback``).
+
+        Used instead of :meth:`authorize` where the caller cannot wait for the
+        user (the HTTP API). Return ``None`` (the default) when these options
+        need no redirect; the host then calls :meth:`authorize`. No secret may
+        appear in the returned URL.
+        """
+        return None
+
+    @classmethod
+    async def finish_consent(
+        cls,
+        email: str,
+        options: Mapping[str, Any],
+        environ: Mapping[str, str],
+        settings: Mapping[str, Any],
+        flow: Mapping[str, Any],
+        params: Mapping[str, str],
+    ) -> Account:
+        """Finish what :meth:`begin_consent` started, with the redirect's
+        parameters (``code``, ``state``, or ``error``); return the account as
+        :meth:`authorize` would. Raise ``AuthenticationFailed`` when the user
+        declined or the code is refused."""
+        raise ConfigError(f"provider {cls.name!r} has no redirect sign-in")
 
     # ---- session ----------------------------------------------------------------
 

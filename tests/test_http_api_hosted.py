@@ -5,21 +5,23 @@ answered with the consent URL and finished through the callback."""
 
 from __future__ import annotations
 
-import asyncio
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
 from core import apikeys
 from core.api import Threadsync
+from core.errors import AuthenticationFailed
 from core.hookspecs import hookimpl
-from core.provider import Account, Provider
+from core.provider import Account, ConsentRequest, Provider
 from plugins.http_api.app import create_app
 from plugins.http_api.server import ThreadedServer
 from plugins.imap_smtp.provider import ImapSmtpProvider
-from plugins.outlook.notifications import NotificationHub, NotificationReply
+from plugins.outlook.notifications import NotificationHub
 from tests.kernelfixtures import SUB, USER, World
 from tests.test_http_api import connect_body, is_problem
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
@@ -62,22 +64,18 @@ async def test_graph_notifications(api: Api, world: World) -> None:
         assert target.calls[-1] == ("sub-1", "reauthorizationRequired")
         assert graph.post("/notifications/outlook", content=b"nope").status_code == 400
         is_problem(graph.post("/notifications/gmail", json={}), 404)
-        is_problem(graph.get("/oauth/callback", params={"state": "x", "code": "y"}), 404)
+        stray = graph.get("/oauth/callback", params={"state": "x", "code": "y"})
+        assert stray.status_code == 404 and "text/html" in stray.headers["content-type"]
 
 
 class ConsentPlugin:
-    """A provider that needs the user's consent, like OAuth providers: it shows a
-    consent URL and waits for the redirect delivered to ``/oauth/callback``."""
+    """A provider whose sign-in a browser redirect finishes, like OAuth
+    providers: ``begin_consent`` gives the consent URL, ``finish_consent``
+    redeems the code the redirect brings back to ``/oauth/callback``."""
 
     def __init__(self) -> None:
-        self.waiting: dict[str, asyncio.Future[str]] = {}
-
-    def callback(self, params: Mapping[str, str]) -> NotificationReply | None:
-        future = self.waiting.pop(params.get("state", ""), None)
-        if future is None:
-            return None
-        future.set_result(params.get("code", ""))
-        return NotificationReply(200, "text/html", "<p>Signed in. You can close this window.</p>")
+        self.redirects: list[str] = []
+        self.finished: list[tuple[dict[str, Any], dict[str, str]]] = []
 
     @hookimpl
     def register_providers(self, register: Callable[[type[Provider]], None]) -> None:
@@ -87,30 +85,49 @@ class ConsentPlugin:
             name: ClassVar[str] = "consenting"
 
             @classmethod
-            async def authorize(
+            async def begin_consent(
                 cls,
                 email: str,
                 options: Mapping[str, Any],
                 environ: Mapping[str, str],
-                notify: Callable[[str], None],
                 settings: Mapping[str, Any],
+                redirect_uri: str,
+            ) -> ConsentRequest | None:
+                cls.prepare(email, options, environ)  # bad options fail before consent
+                plugin.redirects.append(redirect_uri)
+                state = secrets.token_urlsafe(16)
+                url = f"https://login.example.test/authorize?{urlencode({'state': state})}"
+                return ConsentRequest(url=url, state=state, flow={"verifier": "v-" + state})
+
+            @classmethod
+            async def finish_consent(
+                cls,
+                email: str,
+                options: Mapping[str, Any],
+                environ: Mapping[str, str],
+                settings: Mapping[str, Any],
+                flow: Mapping[str, Any],
+                params: Mapping[str, str],
             ) -> Account:
-                future = asyncio.get_running_loop().create_future()
-                plugin.waiting["S1"] = future
-                notify(f"To connect {email}, open https://login.example.test/authorize?state=S1 "
-                       "and accept.")  # fmt: skip
-                await asyncio.wait_for(future, 30)
+                plugin.finished.append((dict(flow), dict(params)))
+                if params.get("error"):
+                    raise AuthenticationFailed(f"the sign-in for {email} was declined")
+                if flow.get("verifier") != "v-" + params.get("state", ""):
+                    raise AuthenticationFailed("the flow does not belong to this redirect")
                 return cls.prepare(email, options, environ)
 
         register(Consenting)
+
+
+def _state(consent_url: str) -> str:
+    return parse_qs(urlsplit(consent_url).query)["state"][0]
 
 
 async def test_connect_with_consent_over_http(world: World) -> None:
     plugin = ConsentPlugin()
     ts = Threadsync.from_settings(world.ts.kernel.settings, plugins=[plugin], environ=world.env)
     http = http_settings()
-    http_app, ctx = create_app(ts, http)
-    ctx.hosted.add_oauth_callback(plugin.callback)
+    http_app, _ = create_app(ts, http)
     server = ThreadedServer(http_app, http).start()
     key = apikeys.create(ts.kernel.store, SUB)["key"]
     try:
@@ -119,29 +136,79 @@ async def test_connect_with_consent_over_http(world: World) -> None:
             r = c.post(f"/v1/subaccounts/{SUB}/users/{USER}/connection", json=body)
             assert r.status_code == 202, r.text
             pending = r.json()
-            assert pending["state"] == "pending"
-            assert pending["consent_url"] == "https://login.example.test/authorize?state=S1"
+            assert pending["state"] == "pending" and pending["purpose"] == "connect"
+            consent = pending["consent_url"]
+            assert consent.startswith("https://login.example.test/authorize?state=")
+            assert consent in pending["message"]
+            assert plugin.redirects == [server.url + "/oauth/callback"]
             assert r.headers["location"] == f"/v1/subaccounts/{SUB}/sign-ins/{pending['id']}"
             assert c.get(r.headers["location"]).json()["state"] == "pending"
+            assert ts.status(SUB, USER)["connections"] == []
+            # The flow and the request's password are kept encrypted.
+            state = _state(consent)
+            with ts.kernel.store.engine.connect() as db:
+                stored = str(db.exec_driver_sql("SELECT * FROM sign_ins").all())
+            assert "v-" + state not in stored and world.password not in stored
             # Another tenant's key does not see the sign-in.
             other = apikeys.create(ts.kernel.store, "other")["key"]
             with httpx.Client(base_url=server.url,
                               headers={"Authorization": f"Bearer {other}"}) as o:  # fmt: skip
                 assert o.get(f"/v1/subaccounts/other/sign-ins/{pending['id']}").status_code == 404
+                assert o.get(f"/v1/subaccounts/{SUB}/sign-ins/{pending['id']}").status_code == 404
 
-            # The browser comes back from the consent page.
-            back = c.get("/oauth/callback", params={"state": "S1", "code": "one-time"})
-            assert back.status_code == 200 and "Signed in" in back.text
-
-            def done() -> bool:
-                return c.get(r.headers["location"]).json()["state"] != "pending"
-
-            await wait_for(done, 20, "the sign-in to finish")
+            # A redirect with a state nobody issued finishes nothing.
+            stray = c.get("/oauth/callback", params={"state": "guessed", "code": "x"})
+            assert stray.status_code == 404 and "not connected" in stray.text
+            # The browser comes back from the consent page (form_post), without a key.
+            back = httpx.post(server.url + "/oauth/callback",
+                              data={"state": state, "code": "one-time"})  # fmt: skip
+            assert back.status_code == 200 and "Connected" in back.text
+            assert world.email in back.text and back.headers["cache-control"] == "no-store"
             finished = c.get(r.headers["location"]).json()
             assert finished["state"] == "connected", finished
+            assert finished["consent_url"] is None
             assert finished["connection"]["email"] == world.email
             assert world.password not in str(finished)
+            assert plugin.finished == [({"verifier": "v-" + state},
+                                        {"state": state, "code": "one-time"})]  # fmt: skip
             assert ts.status(SUB, USER)["connections"][0]["provider"] == "consenting"
+            with ts.kernel.store.engine.connect() as db:
+                flows = db.exec_driver_sql("SELECT flow FROM sign_ins").all()
+            assert flows == [(None,)]  # the used flow is deleted
+
+            # A replayed redirect is refused and changes nothing.
+            again = c.get("/oauth/callback", params={"state": state, "code": "one-time"})
+            assert again.status_code == 409 and "already used" in again.text
+            assert len(plugin.finished) == 1
+            assert [x["state"] for x in ts.status(SUB, USER)["connections"]] == ["connected"]
+    finally:
+        server.stop()
+        ts.close()
+
+
+async def test_declined_consent_connects_nothing(world: World) -> None:
+    plugin = ConsentPlugin()
+    ts = Threadsync.from_settings(world.ts.kernel.settings, plugins=[plugin], environ=world.env)
+    http = http_settings()
+    http_app, _ = create_app(ts, http)
+    server = ThreadedServer(http_app, http).start()
+    key = apikeys.create(ts.kernel.store, SUB)["key"]
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as c:
+            url = f"/v1/subaccounts/{SUB}/users/{USER}/connection"
+            r = c.post(url, json=connect_body(world, provider="consenting"))
+            assert r.status_code == 202, r.text
+            state = _state(r.json()["consent_url"])
+            back = c.get("/oauth/callback", params={"state": state, "error": "access_denied"})
+            assert back.status_code == 403 and "declined" in back.text
+            failed = c.get(r.headers["location"]).json()
+            assert failed["state"] == "failed" and failed["connection"] is None
+            assert failed["error"]["code"] == "authentication_failed"
+            assert ts.status(SUB, USER)["connections"] == []
+            # Labs off: refused before any consent page is shown.
+            ts.labs(SUB, enabled=False)
+            refused = c.post(url, json=connect_body(world, provider="consenting"))
+            assert refused.status_code == 403 and len(plugin.redirects) == 1
     finally:
         server.stop()
         ts.close()

@@ -1,5 +1,5 @@
-"""Endpoints that outside services call: provider change notifications and the
-OAuth redirect, as registries that providers plug into.
+"""Endpoints that outside services call: provider change notifications, as a
+registry that providers plug into.
 
 ``/notifications/{provider}`` hands the raw body and query to the handler
 registered under the provider's name and answers what it returns. The built-in
@@ -10,12 +10,10 @@ registered under the provider's name and answers what it returns. The built-in
 connection (the sync loop does the work). The hub is put into the kernel's
 ``[outlook]`` provider settings, where the provider looks for it.
 
-``/oauth/callback`` hands the redirect's parameters to the registered OAuth
-callback handlers in turn; the first that recognises them (by ``state``) answers.
-No built-in provider receives its redirect here yet (the Outlook sign-in of the
-command line listens on loopback itself), so without a registered handler the
-endpoint answers 404. A provider plugin registers one with
-:meth:`Hosted.add_oauth_callback`.
+``/oauth/callback`` needs no registry: a provider that signs in through a
+browser redirect implements ``begin_consent`` / ``finish_consent`` (see
+:mod:`core.provider`), and the kernel's :mod:`core.consent` finds the sign-in
+by the redirect's ``state``.
 """
 
 from __future__ import annotations
@@ -42,20 +40,14 @@ class Reply(Protocol):
 
 
 NotificationHandler = Callable[[bytes, Mapping[str, str]], Reply]
-#: Returns ``None`` when the parameters are not for this handler.
-OAuthCallback = Callable[[Mapping[str, str]], "Reply | None"]
 
 
 @dataclass
 class Hosted:
     notifications: dict[str, NotificationHandler] = field(default_factory=dict)
-    oauth_callbacks: list[OAuthCallback] = field(default_factory=list)
 
     def add_notification_handler(self, provider: str, handler: NotificationHandler) -> None:
         self.notifications[provider] = handler
-
-    def add_oauth_callback(self, handler: OAuthCallback) -> None:
-        self.oauth_callbacks.append(handler)
 
 
 def install_outlook(hosted: Hosted, provider_settings: dict[str, dict[str, Any]]) -> bool:

@@ -89,6 +89,21 @@ PAGE = [
 ]
 PLAIN = {"text/plain": {"schema": {"type": "string"}}}
 HTML = {"text/html": {"schema": {"type": "string"}}}
+CALLBACK = (
+    "Where the browser comes back from the provider's consent page. The sign-in "
+    "named by `state` is finished here (the connection is made before the page "
+    "answers) and the user sees a short page; the CRM reads the outcome from the "
+    "sign-in's `Location`. A `state` is accepted once."
+)
+CALLBACK_PAGES = {
+    "200": {"description": "Connected", "content": HTML},
+    "4XX": {
+        "description": "Not connected: unknown or used `state`, declined consent, "
+        "or another account signed in",
+        "content": HTML,
+    },
+    "5XX": {"description": "The mailbox or the provider failed", "content": HTML},
+}
 OPEN: list[Any] = []
 
 
@@ -320,6 +335,7 @@ def _service_paths() -> dict[str, Any]:
         "/oauth/callback": {
             "post": {
                 "summary": "OAuth redirect of an interactive sign-in (form_post)",
+                "description": CALLBACK,
                 "security": OPEN,
                 "requestBody": {
                     "required": False,
@@ -332,18 +348,13 @@ def _service_paths() -> dict[str, Any]:
                         }
                     },
                 },
-                "responses": {
-                    "200": {"description": "Handled", "content": HTML},
-                    **_problems((404, 413)),
-                },
+                "responses": {**CALLBACK_PAGES, **_problems((413,))},
             },
             "get": {
                 "summary": "OAuth redirect of an interactive sign-in",
+                "description": CALLBACK,
                 "security": OPEN,
-                "responses": {
-                    "200": {"description": "Handled", "content": HTML},
-                    **_problems((404,)),
-                },
+                "responses": CALLBACK_PAGES,
             },
         },
         "/": {

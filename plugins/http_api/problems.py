@@ -110,6 +110,11 @@ def problem(
     return Response(json.dumps(body), status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+def problem_status(exc: ThreadsyncError) -> int:
+    """The HTTP status of a kernel error."""
+    return next(s for cls, s, _ in STATUS_OF if isinstance(exc, cls))
+
+
 def from_kernel(exc: ThreadsyncError, instance: str | None = None) -> Response:
     """The problem response for a kernel error."""
     status, title = next((s, t) for cls, s, t in STATUS_OF if isinstance(exc, cls))

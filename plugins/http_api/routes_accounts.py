@@ -24,7 +24,7 @@ from starlette.routing import Route
 from core import apikeys
 from core.api import Threadsync
 from core.apikeys import Principal
-from core.errors import ThreadsyncError
+from core.errors import NotFound, ThreadsyncError
 from core.provider import ProviderOption
 from plugins.http_api import bodies
 from plugins.http_api.auth import require_admin, require_subaccount
@@ -116,12 +116,28 @@ def _with_credentials(
     return Threadsync(dataclasses.replace(ts.kernel, environ=environ)), options
 
 
+def redirect_uri(ctx: ApiContext, request: Request) -> str:
+    """Where the browser comes back after consent: ``[http] public_url`` or this
+    request's own address, plus ``/oauth/callback``."""
+    base = ctx.http.public_url or str(request.base_url).rstrip("/")
+    return base + "/oauth/callback"
+
+
 async def _connect(ctx: ApiContext, request: Request, who: Principal, update: bool) -> Response:
     subaccount = _sub(request, who)
     user = str(request.path_params["user"])
     body, _ = await bodies.json_object(request, ctx.http.max_body_bytes)
     provider, email, options, credentials = _connect_request(ctx, body, who)
     ts, options = _with_credentials(ctx.ts, options, credentials)
+    # A sign-in the browser finishes at /oauth/callback (Outlook's consent): kept
+    # in the database, so it survives a restart and any process ends it.
+    pending = await ts.begin_sign_in(
+        subaccount, user, provider, email=email, options=options,
+        redirect_uri=redirect_uri(ctx, request), update=update,
+        carry=[SECRET_VAR + name.upper() for name in credentials],
+    )  # fmt: skip
+    if pending is not None:
+        return ok(pending, 202, {"Location": _sign_in_path(subaccount, pending["id"])})
     call = ts.update_email if update else ts.connect
 
     async def run(notify: Any) -> dict[str, Any]:
@@ -132,9 +148,13 @@ async def _connect(ctx: ApiContext, request: Request, who: Principal, update: bo
 
     started = await ctx.signins.start(subaccount, user, run, problem_of)
     if started.pending is not None:
-        location = f"/v1/subaccounts/{quote(subaccount, safe='')}/sign-ins/{started.pending.id}"
+        location = _sign_in_path(subaccount, started.pending.id)
         return ok(started.pending.json(), 202, {"Location": location})
     return ok(started.connection, 200 if update else 201)
+
+
+def _sign_in_path(subaccount: str, sign_in_id: str) -> str:
+    return f"/v1/subaccounts/{quote(subaccount, safe='')}/sign-ins/{quote(sign_in_id, safe='')}"
 
 
 async def connect(ctx: ApiContext, request: Request, who: Principal) -> Response:
@@ -152,10 +172,16 @@ async def disconnect(ctx: ApiContext, request: Request, who: Principal) -> Respo
 
 async def sign_in_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
     subaccount = _sub(request, who)
-    item = ctx.signins.get(subaccount, str(request.path_params["sign_in_id"]))
-    if item is None:
-        raise ApiProblem(404, "sign-in not found (finished sign-ins are kept for an hour)")
-    return ok(item.json())
+    sign_in_id = str(request.path_params["sign_in_id"])
+    item = ctx.signins.get(subaccount, sign_in_id)
+    if item is not None:  # a device-code sign-in, running in this process
+        return ok(item.json())
+    try:
+        return ok(await ctx.call(ctx.ts.sign_in, subaccount, sign_in_id))
+    except NotFound:
+        raise ApiProblem(
+            404, "sign-in not found (finished sign-ins are kept for a day)", code="not_found"
+        ) from None
 
 
 # ---- API keys (admin) ----------------------------------------------------------------------

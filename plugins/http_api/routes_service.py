@@ -3,14 +3,17 @@
 redirect (see :mod:`plugins.http_api.hosted`).
 
 ``/healthz`` says the process serves; ``/readyz`` that the database answers at
-the newest schema. ``/metrics`` needs the admin key unless ``[http]
-metrics_public = true``. The notification endpoint answers from memory only,
-well within Graph's 3 s (notifications) and 10 s (validation) limits: the
-handler wakes the subscribed connection and the sync loop does the rest.
+the newest schema. ``/oauth/callback`` finishes the sign-in named by the
+redirect's ``state`` (:mod:`core.consent`) and shows the user a short page.
+``/metrics`` needs the admin key unless ``[http] metrics_public = true``. The
+notification endpoint answers from memory only, well within Graph's 3 s
+(notifications) and 10 s (validation) limits: the handler wakes the subscribed
+connection and the sync loop does the rest.
 """
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 from urllib.parse import parse_qsl
 
@@ -18,15 +21,34 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from core.errors import StoreError
+from core.errors import AuthenticationFailed, StoreError, ThreadsyncError
 from plugins.http_api import bodies, metrics
 from plugins.http_api.auth import authenticate, require_admin
 from plugins.http_api.context import ApiContext, open_route
 from plugins.http_api.hosted import Reply
 from plugins.http_api.openapi import document
-from plugins.http_api.problems import ApiProblem, from_kernel
+from plugins.http_api.problems import ApiProblem, from_kernel, problem_status
 
 NOTIFICATION_BODY_LIMIT = 1024 * 1024
+
+
+_PAGE = (
+    "<!doctype html><html lang=en><meta charset=utf-8>"
+    "<meta name=viewport content='width=device-width'><title>{title}</title>"
+    "<body style='font:16px system-ui,sans-serif;margin:3em auto;max-width:36em'>"
+    "<h1>{title}</h1><p>{text}</p><p>You can close this window.</p></body></html>"
+)
+
+
+def callback_page(status: int, title: str, text: str) -> Response:
+    """What the user's browser shows at the end of a sign-in (no secret in it)."""
+    page = _PAGE.format(title=html.escape(title), text=html.escape(text))
+    return Response(
+        page,
+        status_code=status,
+        media_type="text/html; charset=utf-8",
+        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+    )
 
 
 def _reply(answer: Reply) -> Response:
@@ -64,14 +86,18 @@ def routes(ctx: ApiContext, dispatched: Callable[[], tuple[int, int] | None]) ->
 
     async def oauth_callback(request: Request) -> Response:
         params = dict(request.query_params)
-        if request.method == "POST":
+        if request.method == "POST":  # response_mode=form_post
             raw = await bodies.read_body(request, 16 * 1024)
             params.update(parse_qsl(raw.decode("ascii", "replace")))
-        for handler in ctx.hosted.oauth_callbacks:
-            answer = handler(params)
-            if answer is not None:
-                return _reply(answer)
-        raise ApiProblem(404, "no sign-in is waiting for this callback", code="not_found")
+        try:
+            done = await ctx.ts.finish_sign_in(params)
+        except ThreadsyncError as exc:
+            # A refused sign-in is the user's answer, not a failing gateway.
+            status = 403 if isinstance(exc, AuthenticationFailed) else problem_status(exc)
+            return callback_page(status, "The mailbox was not connected", str(exc) or exc.code)
+        connection = done.get("connection") or {}
+        email = str(connection.get("email") or "the mailbox")
+        return callback_page(200, "Connected", f"{email} is connected to the CRM.")
 
     return [
         open_route("/healthz", healthz, ["GET"]),

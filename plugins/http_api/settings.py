@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from core.config import Settings, is_loopback
 from core.errors import ConfigError
@@ -31,6 +32,9 @@ class HttpSettings:
     tls_key_file: str | None = None
     behind_tls_proxy: bool = False
     session_hours: float = 12.0
+    #: The address browsers and Microsoft reach this API at (``https://sync.example.com``);
+    #: the OAuth redirect goes to its ``/oauth/callback``. Unset: the request's own.
+    public_url: str | None = None
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @property
@@ -76,19 +80,61 @@ def _file(settings: Settings, value: str | None, key: str) -> str | None:
     return str(path)
 
 
+#: WebhookSettings fields that are not numbers, or not read from ``[webhooks]``.
+_NOT_NUMBERS = ("allowed_networks", "allow_private_targets", "idempotency_hours")
+
+
+def _networks(raw: dict[str, Any]) -> tuple[Network, ...]:
+    value = raw.get("allowed_networks", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError('[webhooks] allowed_networks must be a list like ["10.0.0.0/8"]')
+    try:
+        return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in value)
+    except ValueError as exc:
+        raise ConfigError(f"[webhooks] allowed_networks: {exc}") from None
+
+
 def webhook_settings(settings: Settings) -> WebhookSettings:
     raw = _section(settings, "webhooks")
-    known = {f.name: f for f in fields(WebhookSettings)}
+    known = {f.name: f for f in fields(WebhookSettings) if f.name != "idempotency_hours"}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ConfigError(f"[webhooks] has no setting {unknown[0]!r}")
     values: dict[str, Any] = {}
     for name, f in known.items():
+        if name in _NOT_NUMBERS:
+            continue
         kind = int if f.type in ("int", int) else float
         values[name] = _typed("webhooks", raw, name, kind, f.default)
         if values[name] <= 0:
             raise ConfigError(f"[webhooks] {name} must be positive")
-    return WebhookSettings(**values)
+    values["allowed_networks"] = _networks(raw)
+    values["allow_private_targets"] = _typed(
+        "webhooks", raw, "allow_private_targets", bool, False
+    )
+    hours = _typed("http", _section(settings, "http"), "idempotency_hours", float, 24.0)
+    if hours <= 0:
+        raise ConfigError("[http] idempotency_hours must be positive")
+    return WebhookSettings(**values, idempotency_hours=hours)
+
+
+def _public_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or (
+        parts.fragment or parts.username
+    ):
+        raise ConfigError(
+            f"[http] public_url must be an http(s) address like https://sync.example.com, "
+            f"not {value!r}"
+        )
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ConfigError(
+            "[http] public_url must use https: Microsoft sends sign-in codes only to https "
+            "addresses (or to loopback)"
+        )
+    return value.rstrip("/")
 
 
 def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings:
@@ -109,6 +155,7 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
         ),
         behind_tls_proxy=_typed("http", raw, "behind_tls_proxy", bool, False),
         session_hours=_typed("http", raw, "session_hours", float, 12.0),
+        public_url=_public_url(_typed("http", raw, "public_url", str, None)),
         webhooks=webhook_settings(settings),
     )
     if result.rate_per_second <= 0 or result.burst < 1:

@@ -5,8 +5,10 @@ User.Read``; MSAL adds ``offline_access openid profile`` itself and refuses them
 as input):
 
 * the authorization-code flow with PKCE of a confidential client (the hosted
-  CRM's app registration with a client secret), receiving the redirect on a
-  loopback listener when run from the command line;
+  CRM's app registration with a client secret), in two halves: begin (the
+  consent URL) and finish (redeem the redirect's code). The command line
+  receives the redirect on a loopback listener; the HTTP API at its
+  ``/oauth/callback``, the flow kept encrypted in the database in between;
 * the device-code flow of a public client, for machines without a browser.
 
 Each connection keeps its own serialized MSAL token cache in ``Account.secrets``
@@ -178,37 +180,59 @@ def _signed_in(app: Any, cache: Any, result: Mapping[str, Any], kind: str, mailb
     )
 
 
-async def sign_in_with_browser(
-    config: OutlookConfig, email: str, secret: str, notify: Callable[[str], None]
-) -> SignIn:
-    """Authorization code with PKCE: print the consent URL, wait for the redirect."""
-    cache = msal.SerializableTokenCache()
+async def begin_browser_sign_in(
+    config: OutlookConfig, email: str, secret: str, redirect_uri: str
+) -> dict[str, Any]:
+    """The first half of the authorization-code flow with PKCE: MSAL's flow
+    (``auth_uri`` to show the user, ``state``, the PKCE verifier and nonce), to be
+    kept until the browser comes back to ``redirect_uri``."""
     session = http_session(config)
     try:
-        return await _browser_flow(config, email, secret, notify, cache, session)
-    finally:
-        session.close()
-
-
-async def _browser_flow(
-    config: OutlookConfig,
-    email: str,
-    secret: str,
-    notify: Callable[[str], None],
-    cache: Any,
-    session: Any,
-) -> SignIn:
-    app = await _app(config, CONFIDENTIAL, cache, secret, session)
-    listener = await RedirectListener.start(config.redirect_uri)
-    try:
+        app = await _app(config, CONFIDENTIAL, msal.SerializableTokenCache(), secret, session)
         flow = await _in_thread(
             app.initiate_auth_code_flow,
             list(SCOPES),
-            redirect_uri=listener.redirect_uri,
+            redirect_uri=redirect_uri,
             login_hint=email,
             prompt="select_account",
             response_mode="form_post",
         )
+    finally:
+        session.close()
+    return dict(flow)
+
+
+async def finish_browser_sign_in(
+    config: OutlookConfig,
+    email: str,
+    secret: str,
+    flow: Mapping[str, Any],
+    params: Mapping[str, str],
+) -> SignIn:
+    """The second half: redeem the redirect's ``code`` (MSAL checks ``state``,
+    the PKCE verifier and the ID token's nonce against ``flow``)."""
+    if "code" not in params and "error" not in params:
+        raise ProviderProtocolError("the sign-in redirect carries neither a code nor an error")
+    cache = msal.SerializableTokenCache()
+    session = http_session(config)
+    try:
+        app = await _app(config, CONFIDENTIAL, cache, secret, session)
+        result = await _in_thread(
+            app.acquire_token_by_auth_code_flow, dict(flow), dict(params), list(SCOPES)
+        )
+        return _signed_in(app, cache, result, CONFIDENTIAL, email)
+    finally:
+        session.close()
+
+
+async def sign_in_with_browser(
+    config: OutlookConfig, email: str, secret: str, notify: Callable[[str], None]
+) -> SignIn:
+    """Authorization code with PKCE on the command line: print the consent URL and
+    wait for the redirect on a loopback listener."""
+    listener = await RedirectListener.start(config.redirect_uri)
+    try:
+        flow = await begin_browser_sign_in(config, email, secret, listener.redirect_uri)
         notify(
             f"To connect {email}, open this address in a browser, sign in as {email} "
             f"and accept: {flow['auth_uri']}"
@@ -216,8 +240,7 @@ async def _browser_flow(
         params = await listener.wait(config.sign_in_timeout_seconds)
     finally:
         await listener.close()
-    result = await _in_thread(app.acquire_token_by_auth_code_flow, flow, params, list(SCOPES))
-    return _signed_in(app, cache, result, CONFIDENTIAL, email)
+    return await finish_browser_sign_in(config, email, secret, flow, params)
 
 
 async def sign_in_with_device_code(

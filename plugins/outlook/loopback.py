@@ -45,8 +45,8 @@ class RedirectListener:
         if parts.scheme != "http" or not is_loopback(host):
             raise ConfigError(
                 f"[outlook] redirect_uri {redirect_uri!r} is not a loopback address: the "
-                "command line receives the sign-in on http://localhost:PORT/ (a hosted "
-                "callback is not available yet); or use --device-code"
+                "command line receives the sign-in on http://localhost:PORT/ (the HTTP "
+                "API receives it at its /oauth/callback); or use --device-code"
             )
         bind = _bind_address(host)
         path = parts.path or "/"

@@ -1,14 +1,16 @@
-"""``OutlookProvider``: a Microsoft 365 or outlook.com mailbox through Microsoft Graph.
+"""``OutlookProvider``: a Microsoft 365 or outlook.com mailbox through Microsoft
+Graph.
 
 Sign-in is OAuth 2.0 with MSAL (:mod:`.auth`): the authorization-code flow with
-PKCE, its redirect received on a loopback listener, or the device-code flow for
-headless machines (``--device-code``). The signed-in account must own the address
-being connected. Reading uses per-folder delta queries, headers only
-(:mod:`.changes`); bodies are downloaded as MIME only when the kernel asks for a
-member (R5). Sending creates a draft from the kernel's MIME and sends it
-(:mod:`.sending`); Graph files the copy in Sent Items itself. When the host runs
-a notification endpoint, change notifications wake the connection early
-(:mod:`.notifications`); without one, the kernel polls.
+PKCE, its redirect received on a loopback listener (command line) or at the HTTP
+API's ``/oauth/callback`` (:meth:`begin_consent` / :meth:`finish_consent`), or
+the device-code flow for headless machines (``--device-code``). The signed-in
+account must own the address being connected. Reading uses per-folder delta
+queries, headers only (:mod:`.changes`); bodies are downloaded as MIME only when
+the kernel asks for a member (R5). Sending creates a draft from the kernel's
+MIME and sends it (:mod:`.sending`); Graph files the copy in Sent Items itself.
+When the host runs a notification endpoint, change notifications wake the
+connection early (:mod:`.notifications`); without one, the kernel polls.
 
 The ``[outlook]`` section of config.toml arrives as the provider settings; see
 :mod:`.config`. The kernel may pass the app's client secret there as
@@ -28,12 +30,20 @@ from core.provider import (
     Account,
     ChangeBatch,
     Checkpoint,
+    ConsentRequest,
     Folder,
     OutgoingMail,
     Provider,
     ProviderOption,
 )
-from plugins.outlook.auth import SignIn, TokenSource, sign_in_with_browser, sign_in_with_device_code
+from plugins.outlook.auth import (
+    SignIn,
+    TokenSource,
+    begin_browser_sign_in,
+    finish_browser_sign_in,
+    sign_in_with_browser,
+    sign_in_with_device_code,
+)
 from plugins.outlook.changes import FolderDelta
 from plugins.outlook.config import OutlookConfig
 from plugins.outlook.graph import GraphClient, GraphRequestError, client_tls
@@ -108,26 +118,53 @@ class OutlookProvider(Provider):
         notify: Callable[[str], None],
         settings: Mapping[str, Any],
     ) -> Account:
-        """Sign the user in (browser redirect or device code) and check that the
-        account owns ``email``; returns the account with its token cache."""
+        """Sign the user in (browser redirect on loopback, or device code) and check
+        that the account owns ``email``; returns the account with its token cache."""
         config = OutlookConfig.from_section(settings)
-        secret: str | None = None
         if _flag(options.get("device_code")):
             signed = await sign_in_with_device_code(config, email, notify)
-        else:
-            secret = str(settings.get("client_secret") or "") or config.client_secret(environ)
-            signed = await sign_in_with_browser(config, email, secret, notify)
-        await _check_address(config, email, signed)
-        account = Account(
-            email=email,
-            settings={"client_kind": signed.client_kind, "home_account_id": signed.home_account_id},
-            secrets={"token_cache": signed.cache},
+            return await _account(config, email, signed, None, settings)
+        secret = _client_secret(config, environ, settings)
+        signed = await sign_in_with_browser(config, email, secret, notify)
+        return await _account(config, email, signed, secret, settings)
+
+    @classmethod
+    async def begin_consent(
+        cls,
+        email: str,
+        options: Mapping[str, Any],
+        environ: Mapping[str, str],
+        settings: Mapping[str, Any],
+        redirect_uri: str,
+    ) -> ConsentRequest | None:
+        """The consent URL of an authorization-code sign-in whose redirect comes
+        to the host's ``redirect_uri``; ``None`` for a device-code sign-in."""
+        if _flag(options.get("device_code")):
+            return None
+        config = OutlookConfig.from_section(settings)
+        secret = _client_secret(config, environ, settings)
+        flow = await begin_browser_sign_in(config, email, secret, redirect_uri)
+        return ConsentRequest(
+            url=str(flow["auth_uri"]),
+            state=str(flow["state"]),
+            flow=flow,
+            expires_in=config.sign_in_timeout_seconds,
         )
-        if secret is not None and not settings.get("client_secret"):
-            # Needed to refresh tokens, unless the kernel hands the provider the
-            # app's secret with its settings (then rotating it needs no reconnect).
-            account.secrets["client_secret"] = secret
-        return account
+
+    @classmethod
+    async def finish_consent(
+        cls,
+        email: str,
+        options: Mapping[str, Any],
+        environ: Mapping[str, str],
+        settings: Mapping[str, Any],
+        flow: Mapping[str, Any],
+        params: Mapping[str, str],
+    ) -> Account:
+        config = OutlookConfig.from_section(settings)
+        secret = _client_secret(config, environ, settings)
+        signed = await finish_browser_sign_in(config, email, secret, flow, params)
+        return await _account(config, email, signed, secret, settings)
 
     # ---- session ------------------------------------------------------------------------
 
@@ -287,6 +324,33 @@ class OutlookProvider(Provider):
         if lifecycle_event != REAUTHORIZE:
             self._change_pending = True  # a change, or changes possibly missed
         self._signal.set()
+
+
+def _client_secret(
+    config: OutlookConfig, environ: Mapping[str, str], settings: Mapping[str, Any]
+) -> str:
+    return str(settings.get("client_secret") or "") or config.client_secret(environ)
+
+
+async def _account(
+    config: OutlookConfig,
+    email: str,
+    signed: SignIn,
+    secret: str | None,
+    settings: Mapping[str, Any],
+) -> Account:
+    """The connection's account once ``signed`` is known to own ``email``."""
+    await _check_address(config, email, signed)
+    account = Account(
+        email=email,
+        settings={"client_kind": signed.client_kind, "home_account_id": signed.home_account_id},
+        secrets={"token_cache": signed.cache},
+    )
+    if secret is not None and not settings.get("client_secret"):
+        # Needed to refresh tokens, unless the kernel hands the provider the
+        # app's secret with its settings (then rotating it needs no reconnect).
+        account.secrets["client_secret"] = secret
+    return account
 
 
 async def _check_address(config: OutlookConfig, email: str, signed: SignIn) -> None:

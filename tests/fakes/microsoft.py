@@ -18,6 +18,7 @@ import html
 import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
 
@@ -49,7 +50,9 @@ class FakeMicrosoft:
         self.router = Router()
         self.identity.routes(self.router)
         self.identity.base = self.graph.base = self.server.base
-        self.app = self.identity.add_app(["http://localhost/", "http://127.0.0.1/"])
+        self.app = self.identity.add_app(
+            ["http://localhost/", "http://127.0.0.1/", "http://127.0.0.1/oauth/callback"]
+        )
         self.browser_tasks: list[asyncio.Task[int]] = []
 
     async def _app(self, call: Call) -> Reply:
@@ -93,20 +96,32 @@ class FakeMicrosoft:
 
     # ---- the user at a browser ------------------------------------------------------------
 
-    async def browse(self, url: str) -> int:
-        """Open the consent URL, accept, and do what the answer page does: submit
-        its form to the loopback listener (form_post), or follow its redirect."""
+    async def consent(self, url: str) -> tuple[str, dict[str, str], str] | int:
+        """Open the consent URL and accept: where the answer sends the browser (the
+        redirect URI), with which fields and method, or its status on failure."""
         async with httpx.AsyncClient(verify=self.ca.client_context(), timeout=10) as client:
             response = await client.get(url)
-        async with httpx.AsyncClient(timeout=10) as loopback:
-            if response.status_code == 302 and response.headers.get("location"):
-                return (await loopback.get(response.headers["location"])).status_code
-            action = re.search(r'action="([^"]+)"', response.text)
-            if response.status_code != 200 or action is None:
-                return response.status_code
-            fields = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', response.text))
-            fields = {k: html.unescape(v) for k, v in fields.items()}
-            return (await loopback.post(html.unescape(action.group(1)), data=fields)).status_code
+        if response.status_code == 302 and response.headers.get("location"):
+            target = urlsplit(response.headers["location"])
+            return urlunsplit(target._replace(query="")), dict(parse_qsl(target.query)), "GET"
+        action = re.search(r'action="([^"]+)"', response.text)
+        if response.status_code != 200 or action is None:
+            return response.status_code
+        fields = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', response.text))
+        fields = {k: html.unescape(v) for k, v in fields.items()}
+        return html.unescape(action.group(1)), fields, "POST"
+
+    async def browse(self, url: str) -> int:
+        """Open the consent URL, accept, and do what the answer page does: submit
+        its form to the redirect URI (form_post), or follow its redirect."""
+        answer = await self.consent(url)
+        if isinstance(answer, int):
+            return answer
+        target, fields, method = answer
+        async with httpx.AsyncClient(timeout=30) as loopback:
+            if method == "GET":
+                return (await loopback.get(target, params=fields)).status_code
+            return (await loopback.post(target, data=fields)).status_code
 
     def browser(self, as_user: str | None = None) -> Callable[[str], None]:
         """A ``notify`` callback: the user opens the URL and consents (as ``as_user``)."""

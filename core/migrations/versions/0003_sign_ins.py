@@ -1,0 +1,50 @@
+"""Sign-ins waiting for the user's consent in a browser (the hosted OAuth
+redirect), kept in the database so that any process finishes them.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-26 06:45:00.000000
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+
+revision = '0003'
+down_revision = '0002'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table('sign_ins',
+    sa.Column('id', sa.String(length=32), nullable=False),
+    sa.Column('subaccount_id', sa.String(length=255), nullable=False),
+    sa.Column('user_id', sa.String(length=255), nullable=False),
+    sa.Column('provider', sa.String(length=64), nullable=False),
+    sa.Column('email', sa.String(length=320), nullable=False),
+    sa.Column('purpose', sa.String(length=16), nullable=False),
+    sa.Column('options', sa.JSON(), nullable=False),
+    sa.Column('state_hash', sa.String(length=64), nullable=False),
+    sa.Column('flow', sa.LargeBinary(), nullable=True),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('consent_url', sa.Text(), nullable=False),
+    sa.Column('message', sa.Text(), nullable=False),
+    sa.Column('connection', sa.JSON(), nullable=True),
+    sa.Column('error', sa.JSON(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('expires_at', sa.DateTime(), nullable=False),
+    sa.Column('finished_at', sa.DateTime(), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_sign_ins')),
+    sa.UniqueConstraint('state_hash', name=op.f('uq_sign_ins_state_hash'))
+    )
+    with op.batch_alter_table('sign_ins', schema=None) as batch_op:
+        batch_op.create_index('ix_sign_in_owner', ['subaccount_id', 'user_id'], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('sign_ins', schema=None) as batch_op:
+        batch_op.drop_index('ix_sign_in_owner')
+    op.drop_table('sign_ins')
