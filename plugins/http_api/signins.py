@@ -1,15 +1,18 @@
-"""Interactive sign-ins started over HTTP (``connect`` with an OAuth provider).
+"""Interactive sign-ins over HTTP that a browser redirect does not finish
+(a device code, or a plugin's own ``notify`` flow).
 
-A provider whose ``authorize`` needs the user (Outlook's consent page, a device
-code) says so through ``notify(text)`` and then waits for the user. Over HTTP the
-request cannot wait that long: :meth:`SignIns.start` runs the connect as a task
-and answers as soon as either the connect finished (no interaction was needed)
-or the provider asked for the user, in which case the caller gets a sign-in id,
-the text and the consent URL found in it, and polls
-``GET /v1/subaccounts/{subaccount}/sign-ins/{id}`` for the outcome.
+Providers with a redirect sign-in (Outlook's consent page) go through
+:mod:`core.consent` instead, kept in the database. A provider whose
+``authorize`` needs the user otherwise says so through ``notify(text)`` and
+then waits for the user. The request cannot wait that long:
+:meth:`SignIns.start` runs the connect as a task and answers as soon as either
+the connect finished (no interaction was needed) or the provider asked for the
+user, in which case the caller gets a sign-in id, the text and the URL found in
+it, and polls ``GET /v1/subaccounts/{subaccount}/sign-ins/{id}`` for the
+outcome.
 
-Sign-ins live in the API process only (an interrupted OAuth flow cannot be
-resumed anyway); finished ones are forgotten after an hour.
+These sign-ins live in the API process only (a device-code poll cannot be
+resumed by another process anyway); finished ones are forgotten after an hour.
 """
 
 from __future__ import annotations
