@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from core import accounts, compose, consent, daemon, views
+from core import accounts, compose, consent, daemon, reports, views
 from core.compose import Draft
 from core.config import Settings, load
 from core.kernel import Kernel
@@ -186,6 +186,23 @@ class Threadsync:
 
     def events(self, subaccount: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
         return views.events(self.kernel, subaccount, after, limit)
+
+    def attachment(
+        self, thread_id: str, message_id: str, index: int, subaccount: str | None = None
+    ) -> views.AttachmentContent:
+        """Attachment ``index`` (0-based, as the thread lists them) of a message; only
+        synced messages keep attachment content (R8), otherwise NotFound."""
+        return views.attachment(self.kernel, thread_id, message_id, index, subaccount)
+
+    # ---- the operator's reports (every sub-account) ------------------------------------
+
+    def overview(self, recent: int = 50) -> dict[str, Any]:
+        """Connections of every sub-account and the newest messages."""
+        return reports.overview(self.kernel, recent)
+
+    def numbers(self) -> reports.Numbers:
+        """Counts behind ``/metrics``: messages, connections, sync lag, outbox, errors."""
+        return reports.numbers(self.kernel)
 
     # ---- the daemon --------------------------------------------------------------------
 

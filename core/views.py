@@ -1,8 +1,10 @@
-"""Read-only views for the host: threads of a sub-account and one whole thread,
-in the JSON shapes of PRODUCT.md. Every query names its sub-account (R10)."""
+"""Read-only views for the host: threads of a sub-account, one whole thread, an
+attachment's stored content and the event log, in the JSON shapes of
+PRODUCT.md. Every query names its sub-account (R10); nothing is written."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -11,7 +13,7 @@ from sqlalchemy.orm import Session, selectinload
 from core.errors import NotFound
 from core.events import message_json
 from core.kernel import Kernel
-from core.models import Event, Message, SyncedThread
+from core.models import Attachment, Event, Message, SyncedThread
 
 
 def _thread_row(t: SyncedThread, count: int) -> dict[str, Any]:
@@ -79,5 +81,44 @@ def events(k: Kernel, subaccount: str, after: int = 0, limit: int = 100) -> dict
             .limit(limit)
         ).all()
         return {"events": [{"id": e.id, **e.payload} for e in rows]}
+
+    return k.store.call(work)
+
+
+@dataclass(frozen=True)
+class AttachmentContent:
+    filename: str | None
+    content_type: str
+    data: bytes
+
+
+def attachment(
+    k: Kernel, thread_id: str, message_id: str, index: int, subaccount: str | None
+) -> AttachmentContent:
+    """Attachment ``index`` (0-based, as listed) of a message in a thread. Content
+    is stored only for synced messages (R8); otherwise :class:`NotFound`."""
+
+    def work(session: Session) -> AttachmentContent:
+        thread = session.get(SyncedThread, thread_id)
+        if thread is None or (subaccount is not None and thread.subaccount_id != subaccount):
+            raise NotFound(f"thread {thread_id!r} not found")
+        msg = session.scalars(
+            select(Message).where(Message.thread_id == thread.id, Message.message_id == message_id)
+        ).first()
+        if msg is None:
+            raise NotFound(f"message {message_id!r} not found in thread {thread_id!r}")
+        rows = session.scalars(
+            select(Attachment).where(Attachment.message_pk == msg.id).order_by(Attachment.id)
+        ).all()
+        if not 0 <= index < len(rows):
+            raise NotFound(f"message {message_id!r} has no attachment {index}")
+        row = rows[index]
+        if row.content is None:
+            why = f" ({msg.reason})" if msg.reason else ""
+            raise NotFound(
+                f"attachment {index} of {message_id!r} has no stored content: only synced "
+                f"messages keep attachment content; this one is {msg.state}{why}"
+            )
+        return AttachmentContent(row.filename, row.content_type, row.content)
 
     return k.store.call(work)

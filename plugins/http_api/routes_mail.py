@@ -23,7 +23,7 @@ from core import apikeys
 from core.apikeys import Principal
 from core.compose import Draft
 from core.errors import ConfigError, InvalidInput, NotFound, Refused
-from plugins.http_api import bodies, readmodels
+from plugins.http_api import bodies
 from plugins.http_api.auth import require_subaccount
 from plugins.http_api.context import ApiContext, api_route, ok
 from plugins.http_api.problems import ApiProblem
@@ -163,8 +163,7 @@ def _disposition(filename: str | None) -> str:
 
 async def attachment(ctx: ApiContext, request: Request, who: Principal) -> Response:
     content = await ctx.call(
-        readmodels.attachment,
-        ctx.ts.kernel,
+        ctx.ts.attachment,
         str(request.path_params["thread_id"]),
         str(request.path_params["message_id"]),
         bodies.path_id(request, "index"),

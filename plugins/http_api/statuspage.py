@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from core import webhooks
 from core.apikeys import Principal
-from plugins.http_api import bodies, readmodels
+from plugins.http_api import bodies
 from plugins.http_api.auth import SESSION_COOKIE
 from plugins.http_api.context import ApiContext, open_route
 
@@ -184,7 +184,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         principal = await ctx.auth.session(cookie) if cookie else None
         if principal is None or not principal.admin:
             return login_page()
-        data = await ctx.call(readmodels.overview, ctx.ts.kernel)
+        data = await ctx.call(ctx.ts.overview)
         backlog = await ctx.call(webhooks.backlog, ctx.ts.kernel)
         page = _page("threadsync status", render(data, backlog))
         page.headers["Refresh"] = "30"

@@ -1,11 +1,7 @@
-"""Read-only queries the HTTP API needs that ``core.api.Threadsync`` does not
-offer (yet): an attachment's stored content, the operator's overview for the
-status page, and the numbers behind ``/metrics``.
-
-They follow ``core.views``: one ``Store.call`` per view, every tenant-facing
-query names its sub-account (R10), nothing is written. They belong in the
-kernel (``core/views.py`` with ``Threadsync`` methods); until then they live
-here, beside their only caller.
+"""Operator-wide read models: the overview behind the status page and the
+numbers behind ``/metrics``. Unlike :mod:`core.views` these span every
+sub-account, so only an operator's caller (the admin key) may reach them.
+One ``Store.call`` per report; nothing is written.
 """
 
 from __future__ import annotations
@@ -16,10 +12,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.errors import NotFound
 from core.kernel import Kernel
 from core.models import (
-    Attachment,
     Connection,
     Event,
     Message,
@@ -28,48 +22,6 @@ from core.models import (
     SyncedThread,
     utcnow,
 )
-
-
-@dataclass(frozen=True)
-class AttachmentContent:
-    filename: str | None
-    content_type: str
-    data: bytes
-
-
-def attachment(
-    k: Kernel, thread_id: str, message_id: str, index: int, subaccount: str | None
-) -> AttachmentContent:
-    """Attachment ``index`` (0-based, as listed) of a message in a thread. Content
-    is stored only for synced messages (R8); otherwise :class:`NotFound`."""
-
-    def work(session: Session) -> AttachmentContent:
-        thread = session.get(SyncedThread, thread_id)
-        if thread is None or (subaccount is not None and thread.subaccount_id != subaccount):
-            raise NotFound(f"thread {thread_id!r} not found")
-        msg = session.scalars(
-            select(Message).where(Message.thread_id == thread.id, Message.message_id == message_id)
-        ).first()
-        if msg is None:
-            raise NotFound(f"message {message_id!r} not found in thread {thread_id!r}")
-        rows = session.scalars(
-            select(Attachment).where(Attachment.message_pk == msg.id).order_by(Attachment.id)
-        ).all()
-        if not 0 <= index < len(rows):
-            raise NotFound(f"message {message_id!r} has no attachment {index}")
-        row = rows[index]
-        if row.content is None:
-            why = f" ({msg.reason})" if msg.reason else ""
-            raise NotFound(
-                f"attachment {index} of {message_id!r} has no stored content: only synced "
-                f"messages keep attachment content; this one is {msg.state}{why}"
-            )
-        return AttachmentContent(row.filename, row.content_type, row.content)
-
-    return k.store.call(work)
-
-
-# ---- the operator's overview --------------------------------------------------------------
 
 
 def _iso(value: Any) -> str | None:
