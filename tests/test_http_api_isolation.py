@@ -4,6 +4,7 @@ were, and B's own key reaches the same objects (so they really exist)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -12,6 +13,7 @@ import pytest
 from core import apikeys, webhooks
 from core.compose import Draft
 from core.mime import AttachmentIn
+from core.models import PendingSignIn, utcnow
 from plugins.http_api.app import create_app
 from plugins.http_api.openapi import document
 from plugins.http_api.server import ThreadedServer
@@ -75,6 +77,12 @@ async def test_a_key_of_a_reaches_nothing_of_b(world: World) -> None:
     http = http_settings()
     app, ctx = create_app(world.ts, http)
     ctx.signins._items["si_b"] = SignIn("si_b", OTHER, USER)
+    k.store.call(lambda session: session.add(PendingSignIn(
+        id="si_b_db", subaccount_id=OTHER, user_id=USER, provider="outlook", email=world.email,
+        purpose="connect", options={}, state_hash="0" * 64, flow=None, status="pending",
+        consent_url="https://login.example.test/authorize", message="consent",
+        expires_at=utcnow() + timedelta(minutes=10),
+    )))  # fmt: skip
     server = ThreadedServer(app, http).start()
     api = Api(server.url, apikeys.create(k.store, None)["key"], apikeys.create(k.store, SUB)["key"],
               b_key["key"], world)  # fmt: skip
@@ -110,6 +118,11 @@ async def test_a_key_of_a_reaches_nothing_of_b(world: World) -> None:
             assert a.get(f"/v1/subaccounts/{SUB}/webhooks").json() == {"webhooks": []}
             deliveries = a.get(f"/v1/subaccounts/{SUB}/webhook-deliveries").json()
             assert deliveries == {"deliveries": []}
+            # A sign-in kept in the database (a hosted consent) is B's alone too.
+            db_sign_in = f"/v1/subaccounts/{OTHER}/sign-ins/si_b_db"
+            assert a.get(db_sign_in).status_code == 404
+            assert b.get(db_sign_in).json()["state"] == "pending"
+            assert a.get(f"/v1/subaccounts/{SUB}/sign-ins/si_b_db").status_code == 404
             assert a.get("/metrics").status_code == 403
             assert a.get("/", params={"key": api.key}).status_code == 401
     finally:
