@@ -4,9 +4,12 @@ event log, their order, retries and dead letters.
 Deliveries are made from the ``events`` table, not from the in-process hooks, so
 an event committed by any process (the CLI, the API, a daemon that died right
 after its commit) is delivered all the same. The enqueuer keeps a watermark:
-every event at or below it was handled. Because PostgreSQL may make event ids
-visible out of order, events above the watermark are marked when handled and the
-watermark only moves past ids older than ``settle_seconds``.
+every event at or below it was handled. PostgreSQL hands out ids before commit,
+so id N may become visible after N+1: events above the watermark are marked when
+handled, and the enqueuer stops at a missing id until it appears or the event
+after it is ``settle_seconds`` old (its transaction rolled back), so that a
+thread's events are queued in id order and none is skipped. The watermark only
+moves past ids older than ``settle_seconds``.
 
 A delivery is ``pending`` until it is ``delivered`` (2xx) or ``dead`` (still
 failing ``retry_hours`` after its window began, or its endpoint was deleted).
@@ -17,12 +20,20 @@ worker leases what it claims (``host:pid``); a dead worker's lease is taken over
 at once, an expired one by anybody. Delivery is at least once; receivers
 deduplicate by event id.
 
+Endpoints may not point into the operator's own network (loopback, private,
+link-local, reserved addresses) unless ``allowed_networks`` or
+``allow_private_targets`` opens it: :func:`check_url` when an endpoint is
+registered, :func:`address_refusal` for every address a delivery connects to.
+:func:`purge` deletes finished deliveries and idempotency records past their
+retention, a batch at a time.
+
 The HTTP transport and signing live in ``plugins.http_api``; this module only
 keeps state.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -43,6 +54,7 @@ from core.events import CONNECTION_STATE_CHANGED, MESSAGE_SKIPPED, MESSAGE_SYNCE
 from core.kernel import Kernel
 from core.models import (
     Event,
+    IdempotencyRecord,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookEventMark,
@@ -53,11 +65,14 @@ from core.models import (
 EVENT_TYPES = (MESSAGE_SYNCED, MESSAGE_SKIPPED, CONNECTION_STATE_CHANGED, THREAD_STOPPED)
 STATUSES = ("pending", "delivered", "dead")
 SECRET_PREFIX = "whsec_"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
 class WebhookSettings:
-    """The ``[webhooks]`` section of config.toml."""
+    """The ``[webhooks]`` section of config.toml, and ``[http] idempotency_hours``
+    (its records are purged by the same sweep)."""
 
     timeout_seconds: float = 10.0
     backoff_base_seconds: float = 5.0
@@ -69,6 +84,13 @@ class WebhookSettings:
     concurrency: int = 16
     batch_size: int = 200
     chain_max: int = 10
+    delivered_retention_days: float = 7.0
+    dead_retention_days: float = 30.0
+    idempotency_hours: float = 24.0
+    #: Endpoints in these networks are allowed even when internal (on-premises CRMs).
+    allowed_networks: tuple[Network, ...] = ()
+    #: Every internal address is allowed, except unspecified and multicast ones.
+    allow_private_targets: bool = False
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -78,15 +100,112 @@ def _iso(value: datetime | None) -> str | None:
 # ---- endpoints ------------------------------------------------------------------------
 
 
-def check_url(url: str) -> str:
-    """R11: https, or plain http only towards a loopback address (local testing)."""
+#: IPv6 prefixes that carry an IPv4 address a packet may end up at: NAT64 (6to4 and
+#: IPv4-mapped addresses have their own properties in :mod:`ipaddress`).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.ipv4_mapped or ip.sixtofour
+
+
+def _internal_kind(ip: IPAddress) -> str | None:
+    """What makes ``ip`` internal, or ``None`` for a public address. Multicast is
+    checked first: parts of it count as global."""
+    kinds = (
+        ("unspecified", ip.is_unspecified),
+        ("multicast", ip.is_multicast),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+        ("non-public", not ip.is_global),
+    )
+    return next((name for name, hit in kinds if hit), None)
+
+
+def address_refusal(address: str, settings: WebhookSettings) -> str | None:
+    """Why a webhook must not go to ``address`` (an IP address), or ``None`` when it
+    may: public, or opened by ``allowed_networks`` or ``allow_private_targets``. An
+    IPv6 address carrying an IPv4 one (IPv4-mapped, NAT64, 6to4) is judged by both."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # without an IPv6 zone
+    except ValueError:
+        return f"{address!r} is not an IP address"
+    inner = _embedded_ipv4(ip)
+    candidates = [ip] if inner is None else [ip, inner]
+    if any(c in net for c in candidates for net in settings.allowed_networks):
+        return None
+    # An IPv4-mapped address is "private" only as a range; what it reaches decides.
+    kind = _internal_kind(inner) if inner is not None else _internal_kind(ip)
+    if kind is None:
+        return None
+    if settings.allow_private_targets and kind not in ("unspecified", "multicast"):
+        return None
+    what = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
+    if inner is not None:
+        return f"{address} carries {inner}, {what}"
+    return f"{address} is {what}"
+
+
+def _literal_address(host: str) -> str | None:
+    """``host`` as an IP address when it is one, including the legacy IPv4 forms
+    (``127.1``, ``0x7f000001``) that resolvers accept."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if host and all(c in "0123456789abcdefx." for c in host):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _check_target(host: str, settings: WebhookSettings, addresses: Sequence[str]) -> None:
+    literal = _literal_address(host)
+    if literal is not None:
+        targets = [literal]
+    elif host == "localhost" or host.endswith(".localhost"):
+        targets = ["127.0.0.1", *addresses]  # RFC 6761: always loopback
+    else:
+        targets = list(addresses)
+    for address in targets:
+        refusal = address_refusal(address, settings)
+        if refusal is not None:
+            of_host = "" if address == host else f" (an address of {host})"
+            raise InvalidInput(
+                f"webhook url must not point at an internal address: {refusal}{of_host}"
+            )
+
+
+def check_url(
+    url: str, settings: WebhookSettings | None = None, addresses: Sequence[str] = ()
+) -> str:
+    """An endpoint URL as stored: http or https, no credentials, plain http only
+    towards loopback (R11), and, given the operator's ``settings``, not towards an
+    internal address they do not allow. ``addresses`` are what the host name
+    resolves to now (the HTTP side resolves it). The HTTP API always passes its
+    settings; without them (the operator's own Python code) only the first rules
+    apply. Every delivery checks its target again, whoever registered it."""
     url = url.strip()
     parts = urlsplit(url)
-    host = parts.hostname or ""
+    try:
+        host = (parts.hostname or "").rstrip(".") if parts.port != 0 else ""
+    except ValueError:  # a port that is not a number or out of range
+        host = ""
     if len(url) > 2048 or parts.scheme not in ("https", "http") or not host:
         raise InvalidInput("webhook url must be an absolute https URL")
-    if parts.username or parts.password:
+    if parts.username or parts.password or "@" in parts.netloc:
         raise InvalidInput("webhook url must not carry credentials")
+    if settings is not None:
+        _check_target(host, settings, addresses)
     if parts.scheme == "http" and not is_loopback(host):
         raise InvalidInput("webhook url must use https (plain http only towards loopback)")
     return url
@@ -112,10 +231,18 @@ def endpoint_json(ep: WebhookEndpoint) -> dict[str, Any]:
 
 
 def create_endpoint(
-    k: Kernel, subaccount: str, url: str, events: Sequence[str] = (), description: str = ""
+    k: Kernel,
+    subaccount: str,
+    url: str,
+    events: Sequence[str] = (),
+    description: str = "",
+    *,
+    settings: WebhookSettings | None = None,
+    addresses: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A new endpoint; the result carries its signing ``secret``, shown only here."""
-    url = check_url(url)
+    """A new endpoint; the result carries its signing ``secret``, shown only here.
+    ``settings`` and ``addresses`` are as for :func:`check_url`."""
+    url = check_url(url, settings, addresses)
     types = _check_types(events)
     if len(description) > 255:
         raise InvalidInput("description must be at most 255 characters")
@@ -280,8 +407,15 @@ def ordering_key(payload: dict[str, Any]) -> str:
 
 
 def enqueue(k: Kernel, settings: WebhookSettings, limit: int = 500) -> int:
-    """Turn new events into deliveries for the matching endpoints; returns how many
-    events were handled."""
+    """Turn new events into deliveries for the matching endpoints, in id order;
+    returns how many events were handled.
+
+    Everything up to the newest marked id has been handled, and a gap below it
+    was given up on (or has filled since: that late event is handled at once).
+    Above it, a missing id stops the pass while the event after the gap is
+    younger than ``settle_seconds``: its transaction may still commit, and
+    queueing the later event first would let it overtake an earlier one of the
+    same thread."""
 
     def idle(session: Session) -> bool:
         watermark = session.get(WebhookState, "watermark")
@@ -293,20 +427,29 @@ def enqueue(k: Kernel, settings: WebhookSettings, limit: int = 500) -> int:
         watermark = session.get(WebhookState, "watermark")
         assert watermark is not None, "migration 0002 seeds the watermark"
         marked = exists().where(WebhookEventMark.event_id == Event.id)
-        rows = session.execute(
-            select(Event.id, Event.subaccount_id, Event.type, Event.payload)
+        found = session.execute(
+            select(Event.id, Event.created_at, Event.subaccount_id, Event.type, Event.payload)
             .where(Event.id > watermark.value, ~marked)
             .order_by(Event.id)
             .limit(limit)
         ).all()
+        now = utcnow()
+        settled_before = now - timedelta(seconds=settings.settle_seconds)
+        newest_mark = session.scalar(select(func.max(WebhookEventMark.event_id)))
+        handled_up_to = max(watermark.value, newest_mark or 0)
+        rows = []
+        for row in found:
+            if row.id > handled_up_to + 1 and row.created_at >= settled_before:
+                break  # a lower id may still commit: wait for it, or for the settle time
+            rows.append(row)
+            handled_up_to = max(handled_up_to, row.id)
         endpoints: dict[str, list[WebhookEndpoint]] = {}
         if rows:
             for ep in session.scalars(
                 select(WebhookEndpoint).where(WebhookEndpoint.active.is_(True))
             ):
                 endpoints.setdefault(ep.subaccount_id, []).append(ep)
-        now = utcnow()
-        for event_id, subaccount, kind, payload in rows:
+        for event_id, _, subaccount, kind, payload in rows:
             for ep in endpoints.get(subaccount, ()):
                 if event_id <= ep.after_event_id or (ep.event_types and kind not in ep.event_types):
                     continue
@@ -325,7 +468,7 @@ def enqueue(k: Kernel, settings: WebhookSettings, limit: int = 500) -> int:
                 )
             session.add(WebhookEventMark(event_id=event_id))
         session.flush()
-        _advance(session, watermark, now - timedelta(seconds=settings.settle_seconds))
+        _advance(session, watermark, settled_before)
         return len(rows)
 
     if k.store.call(idle):  # nothing above the watermark: no write, no lock
@@ -546,3 +689,38 @@ def release_dead_leases(k: Kernel) -> int:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     return k.store.call(work)
+
+
+# ---- retention ------------------------------------------------------------------------------
+
+PURGE_BATCH = 1000
+
+
+def purge(k: Kernel, settings: WebhookSettings, batch: int = PURGE_BATCH) -> dict[str, int]:
+    """Delete at most ``batch`` rows of each kind past its retention: delivered and
+    dead deliveries (by when they finished), idempotency records (by when their
+    request came; a key is remembered for ``idempotency_hours``). Each kind is one
+    statement in its own short transaction, so a large backlog never holds a lock
+    for long; call again while a count equals ``batch``."""
+    now = utcnow()
+    d, r = WebhookDelivery, IdempotencyRecord
+
+    def deliveries(status: str, days: float) -> int:
+        before = now - timedelta(days=days)
+        return _delete_some(k, d, batch, d.status == status, d.finished_at < before)
+
+    return {
+        "delivered": deliveries("delivered", settings.delivered_retention_days),
+        "dead": deliveries("dead", settings.dead_retention_days),
+        "idempotency": _delete_some(
+            k, r, batch, r.created_at < now - timedelta(hours=settings.idempotency_hours)
+        ),
+    }
+
+
+def _delete_some(
+    k: Kernel, model: type[WebhookDelivery | IdempotencyRecord], batch: int, *where: Any
+) -> int:
+    ids = select(model.id).where(*where).order_by(model.id).limit(batch).scalar_subquery()
+    statement = delete(model).where(model.id.in_(ids)).execution_options(synchronize_session=False)
+    return k.store.call(lambda s: int(s.execute(statement).rowcount))  # type: ignore[attr-defined]

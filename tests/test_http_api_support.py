@@ -9,7 +9,9 @@ fixtures.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ import pytest
 
 from core import apikeys
 from core.compose import Draft
+from core.webhooks import WebhookSettings
 from plugins.http_api.app import create_app
 from plugins.http_api.server import ThreadedServer
 from plugins.http_api.settings import HttpSettings
@@ -46,8 +49,18 @@ class Api:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kw)
 
 
+#: The webhook receivers of these tests listen on loopback, which is refused unless
+#: the operator opens it: every test that delivers says so explicitly.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
 def http_settings(**over: Any) -> HttpSettings:
-    values: dict[str, Any] = {"rate_per_second": 10_000.0, "burst": 10_000, **over}
+    values: dict[str, Any] = {
+        "rate_per_second": 10_000.0,
+        "burst": 10_000,
+        "webhooks": WebhookSettings(allowed_networks=LOOPBACK),
+        **over,
+    }
     return HttpSettings(**values)
 
 
@@ -97,12 +110,13 @@ class Received:
     body: dict[str, Any]
     signature_ok: bool
     attempt: int
+    host: str = ""  # the Host header
 
 
 @dataclass
 class Receiver:
     """A real HTTP server on loopback that checks every signature and can be told
-    to fail (answer 500, or not answer in time)."""
+    to fail (answer 500, or not answer in time); HTTPS when given a TLS context."""
 
     secret: str = ""
     failing: bool = False
@@ -111,12 +125,19 @@ class Receiver:
     refused: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
+    tls: ssl.SSLContext | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/hook"
+        return self.url_for("127.0.0.1")
+
+    def url_for(self, host: str) -> str:
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/hook"
 
     def start(self) -> Receiver:
         receiver = self
@@ -141,6 +162,7 @@ class Receiver:
                             json.loads(raw),
                             ok,
                             int(self.headers.get("Threadsync-Attempt", "0")),
+                            self.headers.get("Host", ""),
                         )
                     )
                 self.send_response(200 if ok else 400)
@@ -152,6 +174,8 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

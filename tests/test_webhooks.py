@@ -1,21 +1,23 @@
 """Webhooks end to end: a real receiving HTTP server on loopback verifies every
 signature, fails for a while and recovers; every event arrives, in order per
 thread, nothing lost; dead letters are visible and can be retried; events that
-become visible out of id order (PostgreSQL) are not skipped."""
+become visible out of id order (PostgreSQL) still go out in id order, none skipped."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 
 from core import webhooks
 from core.compose import Draft
-from core.models import Event
+from core.models import utcnow
 from core.webhooks import WebhookSettings
 from plugins.http_api.app import create_app
 from plugins.http_api.dispatcher import Dispatcher
@@ -23,6 +25,7 @@ from plugins.http_api.server import ThreadedServer
 from plugins.http_api.signatures import sign, verify
 from tests.kernelfixtures import CONTACT, SUB, USER, World
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
+    LOOPBACK,
     OTHER,
     Api,
     Receiver,
@@ -38,6 +41,7 @@ FAST = WebhookSettings(
     poll_seconds=0.1,
     settle_seconds=0,
     lease_seconds=10,
+    allowed_networks=LOOPBACK,
 )
 
 
@@ -144,7 +148,7 @@ async def test_outage_then_recovery_every_event_in_order(world: World, receiver:
 async def test_dead_letters_are_listed_and_retried(world: World, receiver: Receiver) -> None:
     settings = WebhookSettings(
         timeout_seconds=2, backoff_base_seconds=0.05, backoff_max_seconds=0.1,
-        poll_seconds=0.05, settle_seconds=0, retry_hours=0.5 / 3600,
+        poll_seconds=0.05, settle_seconds=0, retry_hours=0.5 / 3600, allowed_networks=LOOPBACK,
     )  # fmt: skip
     async with serving(world, settings) as (api, _):
         endpoint = subscribe(api, receiver, api.key, events=["message.skipped"])
@@ -189,33 +193,82 @@ def test_signatures() -> None:
     assert not verify("whsec_k", b'{"id":1}', "v1=abc", now=1_700_000_000)
 
 
+def insert_event(conn: Connection, thread_id: str) -> int:
+    """An event of ``thread_id`` written in ``conn``'s open transaction, as the kernel
+    writes them (its time from the writer's clock); returns its id."""
+    payload = {"event": "thread.stopped", "subaccount": SUB, "thread_id": thread_id}
+    return int(
+        conn.execute(
+            text(
+                "INSERT INTO events (subaccount_id, type, payload, created_at) "
+                "VALUES (:s, 'thread.stopped', CAST(:p AS json), :t) RETURNING id"
+            ),
+            {"s": SUB, "p": json.dumps(payload), "t": utcnow()},
+        ).scalar_one()
+    )
+
+
+async def delivered_ids(world: World, receiver: Receiver, settings: WebhookSettings,
+                        count: int) -> list[int]:  # fmt: skip
+    """Run the dispatcher until ``count`` events arrived; their ids in arrival order."""
+    dispatcher = Dispatcher(world.ts.kernel, settings)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        await wait_for(lambda: len(receiver.got) >= count, 10, f"{count} deliveries")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return [r.event_id for r in receiver.got]
+
+
 @pytest.mark.parametrize("scenario_database_url", ["postgresql"], indirect=True)
-async def test_an_event_committed_late_is_not_skipped(
-    world: World, scenario_database_url: str
+async def test_events_committed_out_of_id_order_go_out_in_id_order(
+    world: World, receiver: Receiver, scenario_database_url: str
 ) -> None:
-    """PostgreSQL hands out ids before commit: id N may become visible after N+1.
-    The enqueuer marks what it handled and keeps its watermark below N."""
+    """PostgreSQL hands out ids before commit: of two transactions writing events of
+    one thread, the later id may commit first. The enqueuer waits at the gap, so
+    the thread's events are delivered in id order and none is lost."""
     k = world.ts.kernel
-    made = webhooks.create_endpoint(k, SUB, "http://127.0.0.1:9/hook")
-    settings = WebhookSettings(settle_seconds=60)
+    receiver.secret = webhooks.create_endpoint(k, SUB, receiver.url)["secret"]
+    settings = replace(FAST, settle_seconds=60)
     engine = create_engine(scenario_database_url)
     try:
-        with engine.connect() as slow:
-            slow.begin()
-            slow.execute(
-                text(
-                    "INSERT INTO events (subaccount_id, type, payload, created_at) "
-                    "VALUES (:s, 'thread.stopped', '{\"thread_id\": \"th_a\"}', now())"
-                ),
-                {"s": SUB},
-            )  # id N, not committed yet
-            k.store.call(lambda s: s.add(Event(subaccount_id=SUB, type="thread.stopped",
-                                               payload={"thread_id": "th_b"})))  # fmt: skip
-            assert webhooks.enqueue(k, settings) == 1  # N+1
-            slow.commit()
-        assert webhooks.enqueue(k, settings) == 1  # N, late but not lost
+        with engine.connect() as a, engine.connect() as b:
+            first = insert_event(a, "th_a")  # transaction A: id N, open
+            second = insert_event(b, "th_a")  # transaction B: id N+1
+            assert first < second
+            b.commit()
+            assert webhooks.enqueue(k, settings) == 0  # N+1 waits for N
+            a.commit()
+        assert webhooks.enqueue(k, settings) == 2
         assert webhooks.enqueue(k, settings) == 0
     finally:
         engine.dispose()
-    rows = webhooks.list_deliveries(k, SUB, endpoint_id=made["id"])["deliveries"]
-    assert len(rows) == 2 and rows[0]["event_id"] == rows[1]["event_id"] + 1
+    assert await delivered_ids(world, receiver, settings, 2) == [first, second]
+    rows = webhooks.list_deliveries(k, SUB)["deliveries"]
+    assert [(d["event_id"], d["status"]) for d in rows] == [
+        (first, "delivered"),
+        (second, "delivered"),
+    ]
+
+
+@pytest.mark.parametrize("scenario_database_url", ["postgresql"], indirect=True)
+async def test_a_rolled_back_event_holds_the_queue_only_for_the_settle_time(
+    world: World, receiver: Receiver, scenario_database_url: str
+) -> None:
+    k = world.ts.kernel
+    receiver.secret = webhooks.create_endpoint(k, SUB, receiver.url)["secret"]
+    settings = replace(FAST, settle_seconds=2)
+    engine = create_engine(scenario_database_url)
+    try:
+        with engine.connect() as a, engine.connect() as b:
+            insert_event(a, "th_a")
+            second = insert_event(b, "th_a")
+            b.commit()
+            assert webhooks.enqueue(k, settings) == 0
+            a.rollback()  # the gap never fills
+    finally:
+        engine.dispose()
+    await wait_for(lambda: webhooks.enqueue(k, settings) == 1, 10, "the settle time")
+    assert await delivered_ids(world, receiver, settings, 1) == [second]

@@ -65,6 +65,7 @@ async def test_daemon_killed_mid_delivery_loses_nothing(
         fh.write(
             "[webhooks]\nbackoff_base_seconds = 0.1\nbackoff_max_seconds = 0.5\n"
             "poll_seconds = 0.1\nconcurrency = 2\nlease_seconds = 30\n"
+            'allowed_networks = ["127.0.0.0/8"]  # the receiver is on loopback\n'
         )
     listen = f"127.0.0.1:{free_port()}"
     url = f"http://{listen}"

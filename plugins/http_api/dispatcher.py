@@ -11,15 +11,23 @@ Redirects are not followed;
 any 2xx is success; ``Retry-After`` on 429/503 is honoured up to the backoff cap.
 A pass runs every ``poll_seconds``, or at once when :meth:`wake` is called (the
 API does so after writing, and the host hooks after every committed event).
+
+Every post goes through :class:`GuardedTransport`, which resolves the host
+itself, refuses when any address is internal (:func:`core.webhooks.address_refusal`)
+and connects to the address it checked, so a second DNS answer cannot rebind
+the request elsewhere. Every ``SWEEP_EVERY_SECONDS`` a pass also deletes what
+is past its retention (:func:`core.webhooks.purge`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -34,12 +42,95 @@ from plugins.http_api.signatures import HEADER, sign
 log = logging.getLogger(__name__)
 USER_AGENT = "threadsync-webhooks/1"
 RELEASE_EVERY_SECONDS = 10.0
+SWEEP_EVERY_SECONDS = 300.0
+SWEEP_BATCHES_PER_PASS = 10
 PER_ORIGIN_CONNECTIONS = 4
+#: Addresses of one host tried in turn when connecting fails.
+MAX_ADDRESSES = 4
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "")
     return float(value) if value.isdigit() else None
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """The addresses of ``host``, as the system resolver answers (an IP literal
+    stands for itself). Raises :class:`OSError` when the name does not resolve."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class TargetRefused(httpx.TransportError):
+    """The endpoint's host resolves to an address the operator did not allow."""
+
+
+class GuardedTransport(httpx.AsyncBaseTransport):
+    """Sends a request only to an address that passed the target rules.
+
+    The host is resolved here, once per request; if any address is internal the
+    request is refused (:class:`TargetRefused`), else it is sent to the checked
+    address itself: the URL's host is replaced by that address, the ``Host``
+    header keeps the name, and TLS gets the name for SNI and for verifying the
+    certificate (httpx's ``sni_hostname`` extension). Nothing resolves the name a
+    second time, so DNS rebinding cannot switch the target after the check. The
+    connection pool of ``inner`` is keyed by address, so one transport serves one
+    origin (the dispatcher keeps one per endpoint origin).
+    """
+
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        inner: httpx.AsyncBaseTransport | None = None,
+        resolver: Resolver = resolve,
+    ) -> None:
+        self.settings = settings
+        self._owns_inner = inner is None
+        self.inner = inner or httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=PER_ORIGIN_CONNECTIONS)
+        )
+        self.resolver = resolver
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        host = url.host
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            addresses = await self.resolver(host, port)
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from None
+        if not addresses:
+            raise httpx.ConnectError(f"{host} has no address", request=request)
+        for address in addresses:
+            refusal = webhooks.address_refusal(address, self.settings)
+            if refusal is not None:
+                of_host = "" if address == host else f" (an address of {host})"
+                raise TargetRefused(f"target refused: {refusal}{of_host}", request=request)
+        failure: httpx.ConnectError | None = None
+        for address in addresses[:MAX_ADDRESSES]:
+            pinned = httpx.Request(
+                request.method,
+                url.copy_with(host=address),
+                headers=request.headers,  # Host still names the endpoint's host
+                stream=request.stream,
+                extensions={**request.extensions, "sni_hostname": host},
+            )
+            try:
+                return await self.inner.handle_async_request(pinned)
+            except httpx.ConnectError as exc:  # nothing was sent: the next address
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def aclose(self) -> None:
+        if self._owns_inner:
+            await self.inner.aclose()
 
 
 class Dispatcher:
@@ -49,14 +140,17 @@ class Dispatcher:
         settings: WebhookSettings,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        resolver: Resolver = resolve,
     ) -> None:
         self.k = k
         self.settings = settings
-        self.transport = transport
+        self.transport = transport  # under the guard; shared by every origin
+        self.resolver = resolver
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._released_at = 0.0
+        self._swept_at: float | None = None
         self._limit = asyncio.Semaphore(settings.concurrency)
         self._clients: dict[str, httpx.AsyncClient] = {}
         self.delivered = 0
@@ -107,8 +201,7 @@ class Dispatcher:
             client = self._clients[origin] = httpx.AsyncClient(
                 timeout=self.settings.timeout_seconds,
                 follow_redirects=False,
-                limits=httpx.Limits(max_connections=PER_ORIGIN_CONNECTIONS),
-                transport=self.transport,
+                transport=GuardedTransport(self.settings, self.transport, self.resolver),
                 headers={"User-Agent": USER_AGENT},
             )
         return client
@@ -119,6 +212,7 @@ class Dispatcher:
         try:
             while True:
                 await self._pass()
+                await self._sweep()
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
                 # cancellation that arrives as the event is set, and never stop.
                 with contextlib.suppress(TimeoutError):
@@ -156,6 +250,24 @@ class Dispatcher:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
+    async def _sweep(self) -> None:
+        """Purge what is past its retention, a batch per statement; a large backlog
+        is worked off over several passes, never holding a pass up for long."""
+        now = time.monotonic()
+        if self._swept_at is not None and now - self._swept_at < SWEEP_EVERY_SECONDS:
+            return
+        try:
+            for _ in range(SWEEP_BATCHES_PER_PASS):
+                removed = await asyncio.to_thread(webhooks.purge, self.k, self.settings)
+                if any(removed.values()):
+                    log.info("retention sweep removed rows", extra={"removed": removed})
+                if max(removed.values()) < webhooks.PURGE_BATCH:
+                    self._swept_at = now
+                    return
+        except ThreadsyncError as exc:
+            log.warning("retention sweep failed: %s", exc)
+            self._swept_at = now
+
     async def _chain(self, chain: Sequence[Outgoing]) -> None:
         outcomes: list[Outcome] = []
         async with self._limit:
@@ -190,6 +302,9 @@ class Dispatcher:
             response = await self._client(item.url).post(
                 item.url, content=item.body, headers=headers
             )
+        except TargetRefused as exc:  # retried all the same: DNS answers may change
+            log.warning("webhook delivery refused: %s", exc, extra=extra)
+            return Outcome(item.delivery_id, True, error=str(exc))
         except httpx.HTTPError as exc:
             log.info("webhook delivery failed: %s", exc.__class__.__name__, extra=extra)
             return Outcome(item.delivery_id, True, error=f"{exc.__class__.__name__}: no response")

@@ -256,7 +256,14 @@ SCHEMAS: dict[str, Schema] = {
     "WebhookCreate": _obj(
         ["url"],
         {
-            "url": {"type": "string", "maxLength": 2048, "format": "uri"},
+            "url": {
+                "type": "string",
+                "maxLength": 2048,
+                "format": "uri",
+                "description": "https (plain http only towards loopback), no user or "
+                "password; a host that is or resolves to an internal address (loopback, "
+                "private, link-local, ...) is refused with 422 unless the operator allows it",
+            },
             "events": {
                 "type": "array",
                 "maxItems": len(EVENT_TYPES),

@@ -1,14 +1,18 @@
 """Routes for a sub-account's webhook endpoints and their deliveries.
 
 Creating an endpoint answers its signing secret, once (``Cache-Control:
-no-store``); it is kept encrypted (R11). ``GET .../webhook-deliveries?status=dead``
-lists the dead letters, and ``POST .../webhook-deliveries/{id}/retry`` sends
-one again with a fresh retry window.
+no-store``); it is kept encrypted (R11). A URL whose host is, or resolves to, an
+internal address the operator did not allow is refused with ``422`` naming the
+address and why (:func:`core.webhooks.check_url`).
+``GET .../webhook-deliveries?status=dead`` lists the dead letters, and
+``POST .../webhook-deliveries/{id}/retry`` sends one again with a fresh retry
+window.
 """
 
 from __future__ import annotations
 
-from urllib.parse import quote
+import asyncio
+from urllib.parse import quote, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,9 +20,27 @@ from starlette.routing import Route
 
 from core import webhooks
 from core.apikeys import Principal
+from core.errors import InvalidInput
 from plugins.http_api import bodies
 from plugins.http_api.auth import require_subaccount
 from plugins.http_api.context import ApiContext, api_route, ok
+from plugins.http_api.dispatcher import resolve
+
+RESOLVE_TIMEOUT_SECONDS = 5.0
+
+
+async def _addresses(url: str) -> list[str]:
+    """What the URL's host resolves to now, for the target rules; nothing when it
+    does not resolve in time (every delivery resolves and checks again)."""
+    try:
+        parts = urlsplit(url.strip())
+        host, port = parts.hostname, parts.port
+        if not host or parts.scheme not in ("http", "https"):
+            return []
+        async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
+            return await resolve(host, port or (443 if parts.scheme == "https" else 80))
+    except (OSError, ValueError, TimeoutError):
+        return []
 
 
 def _sub(request: Request, who: Principal) -> str:
@@ -38,8 +60,21 @@ async def endpoints_post(ctx: ApiContext, request: Request, who: Principal) -> R
     url = bodies.text(body, "url", required=True, max_len=2048)
     events = bodies.text_list(body, "events", max_items=len(webhooks.EVENT_TYPES))
     description = bodies.text(body, "description", max_len=255, default="")
+    settings = ctx.http.webhooks
+    addresses = await _addresses(url)
+    try:
+        webhooks.check_url(url, settings, addresses)
+    except InvalidInput as exc:
+        raise bodies.invalid("url", str(exc).removeprefix("webhook url ")) from None
     made = await ctx.call(
-        webhooks.create_endpoint, ctx.ts.kernel, subaccount, url, events, description
+        webhooks.create_endpoint,
+        ctx.ts.kernel,
+        subaccount,
+        url,
+        events,
+        description,
+        settings=settings,
+        addresses=addresses,
     )
     location = f"/v1/subaccounts/{quote(subaccount, safe='')}/webhooks/{made['id']}"
     headers = {"Cache-Control": "no-store", "Location": location}

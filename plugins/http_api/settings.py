@@ -9,6 +9,7 @@ and ``tls_key_file``) or an explicit ``behind_tls_proxy = true`` (R11).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 
 from core.config import Settings, is_loopback
 from core.errors import ConfigError
-from core.webhooks import WebhookSettings
+from core.webhooks import Network, WebhookSettings
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,7 @@ def webhook_settings(settings: Settings) -> WebhookSettings:
         if values[name] <= 0:
             raise ConfigError(f"[webhooks] {name} must be positive")
     values["allowed_networks"] = _networks(raw)
-    values["allow_private_targets"] = _typed(
-        "webhooks", raw, "allow_private_targets", bool, False
-    )
+    values["allow_private_targets"] = _typed("webhooks", raw, "allow_private_targets", bool, False)
     hours = _typed("http", _section(settings, "http"), "idempotency_hours", float, 24.0)
     if hours <= 0:
         raise ConfigError("[http] idempotency_hours must be positive")
