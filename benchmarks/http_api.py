@@ -80,6 +80,7 @@ listen = "{listen}"
 rate_per_second = 1000000
 burst = 1000000
 [webhooks]
+allowed_networks = ["127.0.0.0/8"]  # the receiver runs on loopback
 poll_seconds = 0.2
 concurrency = 32
 batch_size = 400
