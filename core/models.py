@@ -282,7 +282,10 @@ class IdempotencyRecord(Base):
     """
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (UniqueConstraint("subaccount_id", "key", name="uq_idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("subaccount_id", "key", name="uq_idempotency_key"),
+        Index("ix_idempotency_created", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     subaccount_id: Mapped[str] = mapped_column(String(255))
@@ -329,6 +332,7 @@ class WebhookDelivery(Base):
         Index("ix_webhook_delivery_due", "status", "next_attempt_at"),
         Index("ix_webhook_delivery_order", "endpoint_id", "ordering_key", "status", "event_id"),
         Index("ix_webhook_delivery_owner", "subaccount_id", "status", "id"),
+        Index("ix_webhook_delivery_finished", "status", "finished_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -1,5 +1,6 @@
 """Sign-ins waiting for the user's consent in a browser (the hosted OAuth
-redirect), kept in the database so that any process finishes them.
+redirect), kept in the database so that any process finishes them; indexes for
+the retention sweep of idempotency records and finished webhook deliveries.
 
 Revision ID: 0003
 Revises: 0002
@@ -42,9 +43,19 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('sign_ins', schema=None) as batch_op:
         batch_op.create_index('ix_sign_in_owner', ['subaccount_id', 'user_id'], unique=False)
+    with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:
+        batch_op.create_index('ix_idempotency_created', ['created_at'], unique=False)
+    with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
+        batch_op.create_index(
+            'ix_webhook_delivery_finished', ['status', 'finished_at'], unique=False
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
+        batch_op.drop_index('ix_webhook_delivery_finished')
+    with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:
+        batch_op.drop_index('ix_idempotency_created')
     with op.batch_alter_table('sign_ins', schema=None) as batch_op:
         batch_op.drop_index('ix_sign_in_owner')
     op.drop_table('sign_ins')
