@@ -26,7 +26,7 @@ from core.errors import ProviderError
 from core.events import EventBuffer
 from core.ingest import PassReport, sync_connection
 from core.kernel import Kernel
-from core.models import Connection, SubAccount, utcnow
+from core.models import LIVE_STATES, Connection, SubAccount, utcnow
 from core.provider import Provider
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,17 @@ def eligible_connections(k: Kernel) -> list[int]:
     return k.store.call(work)
 
 
-async def _fail(k: Kernel, conn_id: int, exc: ProviderError) -> None:
+async def _fail(k: Kernel, conn_id: int, exc: ProviderError) -> bool:
+    """Record a provider failure on the connection. ``False`` when the connection
+    was ended meanwhile: its credentials are gone, so the failure means nothing."""
     events = EventBuffer()
-    await k.store.run(lambda s: k.record_failure(s, events, conn_id, exc))
+    state = await k.store.run(lambda s: k.record_failure(s, events, conn_id, exc))
     events.announce(k.pm)
+    if state not in LIVE_STATES:
+        log.info("connection ended; failure ignored", extra={"connection_id": conn_id})
+        return False
     log.warning("connection failed: %s", exc, extra={"connection_id": conn_id})
+    return True
 
 
 async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[PassReport, int]:
@@ -78,12 +84,17 @@ async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[
         if await delivery.deliver_entry(k, entry_id, provider) == "sent":
             sent += 1
     report = await sync_connection(k, conn_id, provider)
-    await k.keep_refreshed_secrets(conn_id, provider)
+    if not report.ended:
+        await k.keep_refreshed_secrets(conn_id, provider)
     return report, sent
 
 
-async def _open(k: Kernel, conn_id: int) -> Provider:
+async def _open(k: Kernel, conn_id: int) -> Provider | None:
+    """The connection's provider, open; ``None`` when the connection was ended
+    since it was chosen (its credentials are gone)."""
     conn = await k.store.run(lambda s: k.get_connection(s, conn_id))
+    if conn.state not in LIVE_STATES:
+        return None
     provider = k.provider_for(conn)
     try:
         await provider.open()
@@ -110,14 +121,16 @@ async def run_once(k: Kernel) -> OnceReport:
         provider: Provider | None = None
         try:
             provider = await _open(k, conn_id)
+            if provider is None:
+                continue
             passed, sent = await work_connection(k, conn_id, provider)
             report.stored += passed.stored
             report.skipped += passed.skipped
             report.duplicates += passed.duplicates
             report.sent += sent
         except ProviderError as exc:
-            await _fail(k, conn_id, exc)
-            report.errors.append(f"connection {conn_id}: {exc}")
+            if await _fail(k, conn_id, exc):
+                report.errors.append(f"connection {conn_id}: {exc}")
         finally:
             if provider is not None:
                 await provider.close()
@@ -209,14 +222,20 @@ class Daemon:
 
     async def _connection_loop(self, conn_id: int) -> None:
         """Work one connection until it fails (the supervisor restarts it after
-        its backoff) or is cancelled."""
+        its backoff), is ended by another process (disconnect, update-email: the
+        task just stops) or is cancelled."""
         k = self.k
         provider: Provider | None = None
         try:
             provider = await _open(k, conn_id)
+            if provider is None:
+                return
             self.providers[conn_id] = provider
             while True:
-                await work_connection(k, conn_id, provider)
+                report, _ = await work_connection(k, conn_id, provider)
+                if report.ended:
+                    log.info("connection ended; task stops", extra={"connection_id": conn_id})
+                    return
                 await provider.wait_for_changes(
                     min(k.settings.sync.poll_interval_seconds, k.settings.sync.idle_seconds)
                 )

@@ -3,7 +3,10 @@ caused them, and handed to the pluggy host hooks after that transaction commits.
 
 A host hook that raises is logged and ignored: sync never waits on the host.
 Payloads never carry secrets (R11) and always name their sub-account, so an
-integration can route them without looking anything up (R10).
+integration can route them without looking anything up (R10). A
+``connection.state_changed`` caused by a provider failure carries the error's
+``error_code``; counted from the event log, these are the provider errors per
+kind of ``/metrics``, the same in every process and across restarts.
 """
 
 from __future__ import annotations
@@ -75,7 +78,17 @@ class EventBuffer:
             {"user": thread.user_id, "thread_id": thread.id, "message": message_json(m)},
         )
 
-    def connection(self, session: Session, conn: Connection, previous: str | None) -> None:
+    def connection(
+        self,
+        session: Session,
+        conn: Connection,
+        previous: str | None,
+        *,
+        error_code: str | None = None,
+    ) -> None:
+        """``error_code`` is the ``code`` of the provider error that caused the
+        change (``authentication_failed``, ``transient_provider_error``, ...),
+        ``None`` for changes no failure caused."""
         self.record(
             session,
             conn.subaccount_id,
@@ -87,6 +100,7 @@ class EventBuffer:
                 "state": conn.state,
                 "previous": previous,
                 "last_error": conn.last_error,
+                "error_code": error_code,
             },
         )
 

@@ -6,7 +6,10 @@ only the members' bodies (R5), apply the attachment limit (R8), and store the
 accepted messages together with the new cursor in one transaction, so that a crash
 at any point replays a batch instead of losing or doubling it (R9). The unique
 constraint on (thread, Message-ID) is the last line of defence when two workers
-race or a folder is rescanned after a UIDVALIDITY reset.
+race or a folder is rescanned after a UIDVALIDITY reset. That transaction first
+holds the connection's row (:meth:`Kernel.lock_live_connection`): when another
+process ended the connection while a batch was being read, the batch is dropped
+and the pass stops (R6) instead of writing a cursor that no longer exists.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core import rules
-from core.errors import MessageParseError, ProviderError
+from core.errors import MessageParseError, ProviderError, ProviderProtocolError
 from core.events import EventBuffer
 from core.kernel import Kernel
 from core.mime import ParsedMessage, parse_message
@@ -52,6 +56,9 @@ class PassReport:
     skipped: int = 0
     duplicates: int = 0
     folders: dict[str, int] = field(default_factory=dict)
+    #: The connection was ended (disconnect, update-email) during the pass; what
+    #: was read after that was not stored, and the pass stopped.
+    ended: bool = False
 
 
 def _candidate_ids(h: HeaderSummary) -> list[str]:
@@ -135,6 +142,29 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+#: Member bodies asked of the provider at once: at most this many, and no more
+#: than this many bytes by the sizes the headers announced (one over-size message
+#: goes alone). Fewer round trips, bounded memory.
+FETCH_GROUP = 50
+FETCH_GROUP_BYTES = 8 * 1024 * 1024
+
+
+def _fetch_groups(
+    members: list[tuple[HeaderSummary, str]],
+) -> Iterator[list[tuple[HeaderSummary, str]]]:
+    group: list[tuple[HeaderSummary, str]] = []
+    size = 0
+    for member in members:
+        member_size = member[0].size or 0
+        if group and (len(group) >= FETCH_GROUP or size + member_size > FETCH_GROUP_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(member)
+        size += member_size
+    if group:
+        yield group
+
+
 def _synthetic_id(raw_ref: str, h: HeaderSummary, conn_id: int) -> str:
     """A stable id for a message without Message-ID, so replays still dedupe."""
     basis = f"{conn_id}|{h.sender}|{h.date}|{h.subject}|{h.in_reply_to}|{h.references}"
@@ -150,15 +180,23 @@ def _store(
     events: EventBuffer,
     report: PassReport,
 ) -> None:
-    """Store accepted messages and the folder cursor in one transaction."""
+    """Store accepted messages and the folder cursor in one transaction.
+
+    Sets ``report.ended`` and stores nothing when the connection was ended since
+    the batch was read (R6): its cursors are gone and must stay gone.
+    """
     limit = k.settings.sync.max_attachment_bytes
 
     counts = {"stored": 0, "skipped": 0, "duplicates": 0}
 
-    def work(session: Session) -> None:
+    def work(session: Session) -> bool:
         for key in counts:
             counts[key] = 0
-        conn = k.get_connection(session, conn_id)
+        # Taken first: an end committed meanwhile is seen here, and one that comes
+        # later waits for this transaction instead of deleting the cursor under it.
+        conn = k.lock_live_connection(session, conn_id)
+        if conn is None:
+            return False
         own_address = conn.email.lower()
         # Two queries for the whole batch instead of two per message.
         thread_ids = {item.thread_id for item in accepted}
@@ -206,12 +244,19 @@ def _store(
         elif row.data != cursor or row.folder != folder.name:
             row.folder = folder.name
             row.data = cursor
+        return True
 
     # A concurrent worker may have stored one of these messages between our check
     # and our insert: the unique constraint refuses it, and the retry skips it.
     for attempt in range(3):
         try:
-            k.store.call(work)
+            if not k.store.call(work):
+                report.ended = True
+                log.info(
+                    "connection ended during a pass; batch dropped",
+                    extra={"connection_id": conn_id},
+                )
+                return
             report.stored += counts["stored"]
             report.skipped += counts["skipped"]
             report.duplicates += counts["duplicates"]
@@ -287,26 +332,32 @@ async def sync_folder(
         report.seen += len(batch.headers)
         members = await asyncio.to_thread(_classify, k, conn_id, batch.headers)
         accepted: list[Accepted] = []
-        for header, thread_id in members:
-            mid = header.message_id or _synthetic_id(header.ref, header, conn_id)
-            try:
-                raw = await provider.fetch(folder, header.ref)
-                # Big messages are parsed off the loop so IDLE and sends never stall.
-                parsed: ParsedMessage | None = (
-                    parse_message(raw)
-                    if len(raw) < 256 * 1024
-                    else await asyncio.to_thread(parse_message, raw)
-                )
-                error = None
-            except MessageParseError as exc:
-                parsed, error = None, str(exc)
-            accepted.append(Accepted(thread_id, header, mid, parsed, error))
+        for group in _fetch_groups(members):
+            raws = await provider.fetch_many(folder, [header.ref for header, _ in group])
+            for header, thread_id in group:
+                mid = header.message_id or _synthetic_id(header.ref, header, conn_id)
+                raw = raws.get(header.ref)
+                if raw is None:
+                    raise ProviderProtocolError(f"message {header.ref} was not fetched")
+                try:
+                    # Big messages are parsed off the loop so IDLE and sends never stall.
+                    parsed: ParsedMessage | None = (
+                        parse_message(raw)
+                        if len(raw) < 256 * 1024
+                        else await asyncio.to_thread(parse_message, raw)
+                    )
+                    error = None
+                except MessageParseError as exc:
+                    parsed, error = None, str(exc)
+                accepted.append(Accepted(thread_id, header, mid, parsed, error))
         if accepted or batch.cursor != cursor:
             events = EventBuffer()
             await asyncio.to_thread(
                 _store, k, conn_id, folder, accepted, batch.cursor, events, report
             )
             events.announce(k.pm)
+            if report.ended:
+                return
         report.folders[folder.role] = report.folders.get(folder.role, 0) + len(batch.headers)
         cursor = batch.cursor
         if not batch.more:
@@ -315,12 +366,16 @@ async def sync_folder(
 
 async def sync_connection(k: Kernel, conn_id: int, provider: Provider) -> PassReport:
     """One pass over every watched folder of an open provider. Provider errors
-    propagate to the caller, which records them on the connection."""
+    propagate to the caller, which records them on the connection. A connection
+    ended by another process during the pass ends it early (``report.ended``)."""
     report = PassReport()
     for folder in await provider.folders():
         await sync_folder(k, conn_id, provider, folder, report)
+        if report.ended:
+            return report
     events = EventBuffer()
-    await k.store.run(lambda s: k.record_success(s, events, conn_id))
+    live = await k.store.run(lambda s: k.record_success(s, events, conn_id))
+    report.ended = not live
     events.announce(k.pm)
     return report
 

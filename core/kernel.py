@@ -4,7 +4,9 @@ uses when a provider succeeds or fails.
 
 Nothing outside ``core`` changes a connection's state; providers only raise
 :mod:`core.errors` exceptions, and :meth:`Kernel.record_failure` decides what
-they mean.
+they mean. A connection can be ended by another process (disconnect,
+update-email) at any moment, so every write made on behalf of a live connection
+first takes :meth:`Kernel.lock_live_connection` in its own transaction.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from core import rules
@@ -29,7 +32,7 @@ from core.errors import (
     TransientProviderError,
 )
 from core.events import EventBuffer
-from core.models import Connection, utcnow
+from core.models import LIVE_STATES, Connection, utcnow
 from core.pool import ProviderPool
 from core.provider import Account, Provider
 from core.registry import RegisteredProvider, get_plugin_manager, providers
@@ -122,8 +125,14 @@ class Kernel:
         state: str,
         *,
         error: str | None = None,
+        error_code: str | None = None,
     ) -> None:
-        """Move ``conn`` to ``state`` and record the event when it really changed."""
+        """Move ``conn`` to ``state`` and record the event when it really changed.
+
+        ``error_code`` is the :attr:`~core.errors.ThreadsyncError.code` of the failure
+        that caused the change; the event carries it so that hosts and ``/metrics``
+        can tell kinds of failure apart.
+        """
         previous = conn.state
         conn.last_error = error
         if state == "connected":
@@ -132,7 +141,7 @@ class Kernel:
         if previous != state:
             conn.state = state
             conn.since = utcnow()
-            events.connection(session, conn, previous)
+            events.connection(session, conn, previous, error_code=error_code)
 
     def record_failure(
         self, session: Session, events: EventBuffer, conn_id: int, exc: ProviderError
@@ -142,12 +151,15 @@ class Kernel:
         Rejected credentials -> ``needs_reauth`` (nothing is lost; cursors stay, so
         re-authorising catches up). Anything else -> ``error`` with backoff.
         """
-        conn = session.get(Connection, conn_id)
-        if conn is None or conn.state not in ("connected", "needs_reauth", "error"):
-            return conn.state if conn is not None else "gone"
+        conn = self.lock_live_connection(session, conn_id)
+        if conn is None:
+            ended = session.get(Connection, conn_id)
+            return ended.state if ended is not None else "gone"
         message = str(exc) or exc.__class__.__name__
         if isinstance(exc, AuthenticationFailed):
-            self.set_state(session, events, conn, "needs_reauth", error=message)
+            self.set_state(
+                session, events, conn, "needs_reauth", error=message, error_code=exc.code
+            )
             return conn.state
         conn.failures = (conn.failures or 0) + 1
         sync = self.settings.sync
@@ -157,19 +169,22 @@ class Kernel:
         if isinstance(exc, TransientProviderError) and exc.retry_after:
             when = max(when, rules.backoff(1, exc.retry_after, exc.retry_after, utcnow()))
         conn.next_attempt_at = when
-        self.set_state(session, events, conn, "error", error=message)
+        self.set_state(session, events, conn, "error", error=message, error_code=exc.code)
         return conn.state
 
-    def record_success(self, session: Session, events: EventBuffer, conn_id: int) -> None:
-        conn = session.get(Connection, conn_id)
+    def record_success(self, session: Session, events: EventBuffer, conn_id: int) -> bool:
+        """A pass completed; ``False`` (and nothing written) when the connection
+        is no longer live."""
+        conn = self.lock_live_connection(session, conn_id)
         if conn is None:
-            return
+            return False
         now = utcnow()
         conn.last_sync_at = now
         # A failure recorded in this same pass (e.g. SMTP down while IMAP works)
         # keeps the connection in ``error`` until its backoff has passed.
         if conn.state == "error" and (conn.next_attempt_at is None or conn.next_attempt_at <= now):
             self.set_state(session, events, conn, "connected")
+        return True
 
     async def keep_refreshed_secrets(self, conn_id: int, provider: Provider) -> None:
         """Store a provider's refreshed token (``secrets_changed``), encrypted."""
@@ -179,12 +194,36 @@ class Kernel:
         sealed = self.vault.seal(account.secrets)
 
         def work(session: Session) -> None:
-            conn = session.get(Connection, conn_id)
+            # Never write credentials back into a connection ended meanwhile (R6).
+            conn = self.lock_live_connection(session, conn_id)
             if conn is not None and conn.secrets is not None:
                 conn.secrets = sealed
 
         await self.store.run(work)
         account.secrets_changed = False
+
+    def lock_live_connection(self, session: Session, conn_id: int) -> Connection | None:
+        """The connection, if it is still live, held until ``session`` commits.
+
+        Ending a connection (``core.accounts``) writes its row before it deletes
+        the cursors, so a unit of work that takes this first either sees the end
+        and writes nothing, or makes the end wait until it has committed; it never
+        updates a cursor that is being deleted, nor overwrites a final state.
+        A guarded no-op UPDATE does the holding: on PostgreSQL it locks the row and
+        re-checks the state once a concurrent end commits; on SQLite, which has no
+        row locks and whose driver begins a transaction only at the first write,
+        it takes the database's write lock before anything else is read.
+        """
+        held = session.scalar(
+            update(Connection)
+            .where(Connection.id == conn_id, Connection.state.in_(LIVE_STATES))
+            .values(state=Connection.state)
+            .returning(Connection.id)
+            .execution_options(synchronize_session=False)
+        )
+        if held is None:
+            return None
+        return session.get(Connection, conn_id, populate_existing=True)
 
     def get_connection(self, session: Session, conn_id: int) -> Connection:
         conn = session.get(Connection, conn_id)

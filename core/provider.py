@@ -14,7 +14,8 @@ Lifecycle, driven by the kernel::
     await provider.open()           # log in; AuthenticationFailed if rejected
     folders = await provider.folders()
     batch = await provider.changes(folder, cursor)           # repeat while batch.more
-    raw = await provider.fetch(folder, ref)                  # members only (R5)
+    raws = await provider.fetch_many(folder, refs)           # members only (R5);
+                                                             # default: fetch() each
     await provider.send(mail, checkpoint)
     await provider.store_sent_copy(mail)
     await provider.wait_for_changes(timeout)
@@ -310,6 +311,16 @@ class Provider(ABC):
     @abstractmethod
     async def fetch(self, folder: Folder, ref: str) -> bytes:
         """The complete raw message ``ref`` of ``folder``, without marking it read."""
+
+    async def fetch_many(self, folder: Folder, refs: Sequence[str]) -> dict[str, bytes]:
+        """The complete raw messages ``refs`` of ``folder`` by ref, none marked read.
+
+        The kernel fetches the members of a batch with this, a few at a time
+        (bounded by count and by their sizes). Override it where one request can
+        carry several messages (IMAP ``UID FETCH 3,7,9``); the default calls
+        :meth:`fetch` for each ref. Fails as :meth:`fetch` does when one is missing.
+        """
+        return {ref: await self.fetch(folder, ref) for ref in refs}
 
     async def wait_for_changes(self, timeout: float) -> bool:
         """Wait until the server reports a change (IMAP IDLE, a push) or ``timeout``.

@@ -3,9 +3,21 @@ by hand: a handful of families do not justify a dependency.
 
 From the database (so every process shows the same truth): messages synced and
 skipped per reason and direction, connections per state, sync lag of the
-connections being synced, outbox depth, webhook backlog and dead letters,
-provider errors per kind (counted from connection state changes). From this
-process: HTTP requests per route and status, and webhook posts.
+connections being synced, outbox depth, webhook backlog and dead letters, and
+provider errors per kind. From this process: HTTP requests per route and status,
+and webhook posts.
+
+Provider errors are counted from the event log: every provider failure that
+moves a connection into ``needs_reauth`` or ``error`` records a
+``connection.state_changed`` event whose ``error_code`` is the failure's
+:attr:`~core.errors.ThreadsyncError.code`, in the same transaction as the state
+(``core.kernel``). Reading them back from the database rather than counting in
+memory keeps the number right whichever process made the failure (the daemon's
+sync loop beside the API, another worker, the CLI) and across restarts. A
+failure while the connection is already in that state changes nothing and is not
+counted again; events recorded before ``error_code`` existed count by the state
+they caused (``needs_reauth`` as ``authentication_failed``, ``error`` as
+``provider_error``).
 """
 
 from __future__ import annotations
@@ -14,10 +26,27 @@ import time
 from collections.abc import Iterable
 
 from core import webhooks
-from plugins.http_api import readmodels
+from core.errors import (
+    AuthenticationFailed,
+    ProviderError,
+    ProviderProtocolError,
+    TransientProviderError,
+)
 from plugins.http_api.context import ApiContext
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Provider error kinds always exposed, at 0 until one happens, so that a rate or
+#: an alert on a kind works before its first failure.
+PROVIDER_ERROR_KINDS = tuple(
+    cls.code
+    for cls in (
+        AuthenticationFailed,
+        TransientProviderError,
+        ProviderProtocolError,
+        ProviderError,
+    )
+)
 
 
 def _label(value: str) -> str:
@@ -48,7 +77,7 @@ class Exposition:
 def collect(ctx: ApiContext, dispatched: tuple[int, int] | None) -> str:
     """Every family, from one read of the database (blocking: call in a thread)."""
     k = ctx.ts.kernel
-    nums = readmodels.numbers(k)
+    nums = ctx.ts.numbers()
     queue = webhooks.backlog(k)
     out = Exposition()
 
@@ -105,12 +134,11 @@ def collect(ctx: ApiContext, dispatched: tuple[int, int] | None) -> str:
     out.family(
         "threadsync_provider_errors_total",
         "counter",
-        "Provider failures that changed a connection's state, by kind.",
+        "Provider failures that changed a connection's state, by error code.",
     )
-    for kind, n in sorted(nums.provider_errors.items()):
+    errors = {kind: 0 for kind in PROVIDER_ERROR_KINDS} | nums.provider_errors
+    for kind, n in sorted(errors.items()):
         out.sample("threadsync_provider_errors_total", n, kind=kind)
-    if not nums.provider_errors:
-        out.sample("threadsync_provider_errors_total", 0, kind="provider_error")
 
     if dispatched is not None:
         out.family(

@@ -109,7 +109,6 @@ def uid_set(uids: Sequence[int]) -> str:
 # ---- tokens ---------------------------------------------------------------------------
 
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}$")
-_ATOM_END = frozenset(b" ()")
 
 
 def tokenize(pieces: Iterable[bytes | bytearray]) -> list[Token]:
@@ -158,35 +157,31 @@ def _scan(text: bytes, stack: list[list[Token]]) -> bool:
     return False
 
 
+#: The rest of a quoted string after its opening quote, and a backslash escape.
+_QUOTED_REST = re.compile(rb'((?:[^"\\]|\\.)*)"', re.DOTALL)
+_ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
+#: An atom: up to a blank or parenthesis, except inside a section such as
+#: ``BODY[HEADER.FIELDS (A B)]`` (which runs to the first ``]``).
+_ATOM = re.compile(rb"(?:[^ ()\[]|\[[^\]]*\])*")
+
+
 def _quoted(text: bytes, i: int, into: list[Token]) -> int:
-    out = bytearray()
-    while i < len(text):
-        c = text[i]
-        if c == 0x5C and i + 1 < len(text):  # backslash escape
-            out.append(text[i + 1])
-            i += 2
-        elif c == 0x22:
-            into.append(bytes(out))
-            return i + 1
-        else:
-            out.append(c)
-            i += 1
-    raise ImapSyntaxError("unterminated quoted string")
+    rest = _QUOTED_REST.match(text, i)
+    if rest is None:
+        raise ImapSyntaxError("unterminated quoted string")
+    value = rest.group(1)
+    into.append(_ESCAPED.sub(rb"\1", value) if b"\\" in value else value)
+    return rest.end()
 
 
 def _atom(text: bytes, i: int, into: list[Token]) -> int:
-    start = i
-    while i < len(text) and text[i] not in _ATOM_END:
-        if text[i] == 0x5B:  # [ : a section such as BODY[HEADER.FIELDS (A B)]
-            close = text.find(b"]", i)
-            if close < 0:
-                raise ImapSyntaxError("unterminated '['")
-            i = close + 1
-        else:
-            i += 1
-    atom = text[start:i].decode("utf-8", "replace")
+    atom_end = _ATOM.match(text, i)
+    end = atom_end.end() if atom_end is not None else i
+    if end < len(text) and text[end] == 0x5B:
+        raise ImapSyntaxError("unterminated '['")
+    atom = text[i:end].decode("utf-8", "replace")
     into.append(None if atom.upper() == "NIL" else atom)
-    return i
+    return end
 
 
 def as_text(token: Token) -> str:
@@ -276,11 +271,18 @@ def parse_select(lines: Sequence[bytes | bytearray]) -> dict[str, int]:
     return found
 
 
+_NOT_PLAIN_SEARCH = re.compile(rb'[()"\[{]')
+
+
 def parse_search(lines: Sequence[bytes | bytearray]) -> list[int]:
     """The numbers of SEARCH responses, sorted (a ``(MODSEQ n)`` suffix is ignored)."""
     numbers: set[int] = set()
     for line in lines:
         if isinstance(line, bytearray):
+            continue
+        if line.isascii() and not _NOT_PLAIN_SEARCH.search(line):
+            # Only atoms between blanks (the usual answer): no need to tokenize.
+            numbers.update(int(word) for word in line.split(b" ") if word.isdigit())
             continue
         for token in tokenize([line]):
             if isinstance(token, str) and token.isdigit():
@@ -298,6 +300,27 @@ class FetchedMessage:
 
 
 _FETCH_START = re.compile(rb"^\d+ FETCH \(", re.I)
+#: The usual FETCH response: number items, then one section as a literal.
+_PLAIN_FETCH = re.compile(
+    rb"\d+ FETCH \(((?:[A-Z0-9.]+ \d+ )*)BODY\[[^\]]*\](?:<\d+>)? \{\d+\+?\}", re.I
+)
+
+
+def _plain_fetch(group: Sequence[bytes | bytearray]) -> FetchedMessage | None:
+    """What :func:`parse_fetch` reads from ``group`` when it has the usual shape
+    (``n FETCH (UID u RFC822.SIZE s BODY[...] {k}``, the literal, ``)``), without
+    tokenizing; None for any other shape."""
+    if len(group) != 3 or not isinstance(group[1], bytearray) or group[2] != b")":
+        return None
+    plain = _PLAIN_FETCH.fullmatch(group[0])
+    if plain is None:
+        return None
+    words = plain.group(1).split()
+    items = {words[k].upper(): int(words[k + 1]) for k in range(0, len(words) - 1, 2)}
+    uid = items.get(b"UID")
+    if uid is None:
+        return None
+    return FetchedMessage(uid, items.get(b"RFC822.SIZE"), bytes(group[1]))
 
 
 def parse_fetch(lines: Sequence[bytes | bytearray]) -> list[FetchedMessage]:
@@ -306,6 +329,10 @@ def parse_fetch(lines: Sequence[bytes | bytearray]) -> list[FetchedMessage]:
     item, whether the server sent it as a literal or a quoted string."""
     found: list[FetchedMessage] = []
     for group in split_responses(lines, lambda line: bool(_FETCH_START.match(line))):
+        plain = _plain_fetch(group)
+        if plain is not None:
+            found.append(plain)
+            continue
         tokens = tokenize(group)
         if len(tokens) < 3 or not isinstance(tokens[2], list):
             raise ImapSyntaxError("malformed FETCH response")

@@ -8,8 +8,10 @@ server has CONDSTORE), so a pass with no new mail is one ``STATUS`` round trip
 or SEARCH, whatever the size of the folder. New messages are read
 with ``EXAMINE`` (read-only) and ``BODY.PEEK`` header fetches of at most 250
 messages each, so ``\\Seen`` never changes, and only the header fields needed for
-thread membership are fetched (R5). Sending is one SMTP connection per message
-(:mod:`.smtp`).
+thread membership are fetched (R5). The bodies of members are fetched with
+``BODY.PEEK[]`` too, up to 50 per ``UID FETCH``. Sending reuses one SMTP
+connection per provider, closed after it sat idle for 30 s (``smtp_idle_seconds``
+in the provider's settings; see :mod:`.smtp`).
 
 Calls may come from several tasks: IMAP work is serialised by a lock, and an
 IDLE in progress (:meth:`wait_for_changes`) is ended as soon as another call
@@ -37,14 +39,13 @@ from core.provider import (
     ChangeBatch,
     Checkpoint,
     Folder,
-    HeaderSummary,
     OutgoingMail,
     Provider,
     ProviderOption,
 )
 from plugins.imap_smtp import smtp
 from plugins.imap_smtp.imap import ImapEndpoint, ImapSession
-from plugins.imap_smtp.imap_syntax import ListedMailbox, quote, uid_set
+from plugins.imap_smtp.imap_syntax import FetchedMessage, ListedMailbox, quote, uid_set
 from plugins.imap_smtp.options import OPTIONS, MailboxSettings, normalise, secrets_of
 from plugins.imap_smtp.tls import client_context
 
@@ -59,6 +60,8 @@ COMMON_SENT_NAMES = ("Sent", "Sent Items", "Sent Messages", "Sent Mail", "INBOX.
 HEADER_FIELDS = "MESSAGE-ID IN-REPLY-TO REFERENCES FROM SUBJECT DATE"
 #: Most messages per UID FETCH, to keep every response short.
 FETCH_CHUNK = 250
+#: Most whole messages per UID FETCH of bodies.
+BODY_CHUNK = 50
 #: UIDs probed per UID SEARCH when looking for new messages, and probes per call.
 SEARCH_WINDOW = 1000
 SEARCH_ROUNDS = 16
@@ -89,6 +92,9 @@ class ImapSmtpProvider(Provider):
         self._waiters = 0
         self._wakeup = asyncio.Event()
         self._sent_folder: str | None = None
+        self._smtp = smtp.SmtpSession(
+            float(self.settings.get("smtp_idle_seconds", smtp.IDLE_SECONDS))
+        )
         #: Per folder, (uidvalidity, uidnext) of the last cursor handed out.
         self._seen: dict[str, tuple[int, int]] = {}
 
@@ -108,6 +114,7 @@ class ImapSmtpProvider(Provider):
         await smtp.check_login(await self._smtp_endpoint())
 
     async def close(self) -> None:
+        await self._smtp.close()
         async with self._exclusive():
             session, self._session = self._session, None
             if session is not None:
@@ -256,14 +263,21 @@ class ImapSmtpProvider(Provider):
         limit = max(1, int(limit))
         known = None if cursor is None else _Cursor.read(cursor)
 
-        async def operation(imap: ImapSession) -> ChangeBatch:
+        async def operation(imap: ImapSession) -> _Read:
             return await self._changes(imap, folder, known, limit)
 
-        return await self._reading(operation)
+        read = await self._reading(operation)
+        # Summarised once the IMAP session is free again for other calls.
+        headers = [
+            summarize_headers(str(message.uid), message.body or b"", message.size)
+            for message in read.fetched
+        ]
+        self._seen[folder.name] = (read.cursor["uidvalidity"], read.cursor["uidnext"])
+        return ChangeBatch(headers=headers, cursor=read.cursor, more=read.more, reset=read.reset)
 
     async def _changes(
         self, imap: ImapSession, folder: Folder, known: _Cursor | None, limit: int
-    ) -> ChangeBatch:
+    ) -> _Read:
         view = imap.selected
         if (
             known is not None
@@ -296,11 +310,11 @@ class ImapSmtpProvider(Provider):
         validity, uidnext = status["UIDVALIDITY"], status["UIDNEXT"]
         modseq = status.get("HIGHESTMODSEQ")
         if known is None:
-            return self._batch(folder, [], validity, uidnext, modseq)
+            return _Read.at([], validity, uidnext, modseq)
         reset = known.uidvalidity != validity
         start = 1 if reset else known.uidnext
         if not reset and uidnext <= start:
-            return self._batch(folder, [], validity, start, modseq)  # the usual case
+            return _Read.at([], validity, start, modseq)  # the usual case
         selection = await imap.examine(folder.name)
         if selection.uidvalidity != validity:
             reset, start = True, 1  # it changed between STATUS and EXAMINE
@@ -325,7 +339,7 @@ class ImapSmtpProvider(Provider):
         limit: int,
         *,
         reset: bool = False,
-    ) -> ChangeBatch:
+    ) -> _Read:
         """Headers of at most ``limit`` messages with UIDs in ``start..end-1`` of
         the selected folder, and the cursor after them."""
         uids, searched_to = await self._find_uids(imap, start, end - 1, limit)
@@ -340,24 +354,7 @@ class ImapSmtpProvider(Provider):
         log.debug(
             "IMAP new headers", extra=self._extra(folder=folder.name, count=len(headers), more=more)
         )
-        return self._batch(folder, headers, validity, next_uid, modseq, more=more, reset=reset)
-
-    def _batch(
-        self,
-        folder: Folder,
-        headers: list[HeaderSummary],
-        validity: int,
-        uidnext: int,
-        modseq: int | None,
-        *,
-        more: bool = False,
-        reset: bool = False,
-    ) -> ChangeBatch:
-        cursor: dict[str, Any] = {"uidvalidity": validity, "uidnext": uidnext}
-        if modseq is not None:
-            cursor["highestmodseq"] = modseq
-        self._seen[folder.name] = (validity, uidnext)
-        return ChangeBatch(headers=headers, cursor=cursor, more=more, reset=reset)
+        return _Read.at(headers, validity, next_uid, modseq, more=more, reset=reset)
 
     @staticmethod
     async def _find_uids(
@@ -380,24 +377,37 @@ class ImapSmtpProvider(Provider):
             searched = last
         return found, searched
 
-    async def _headers(self, imap: ImapSession, uids: list[int]) -> list[HeaderSummary]:
-        summaries: list[HeaderSummary] = []
+    @staticmethod
+    async def _headers(imap: ImapSession, uids: list[int]) -> list[FetchedMessage]:
+        """The header blocks of ``uids`` in UID order (bare-LF blocks from pymap
+        are fine: the summary parser copes)."""
+        found: list[FetchedMessage] = []
         items = f"(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})])"
         for i in range(0, len(uids), FETCH_CHUNK):
             fetched = await imap.uid_fetch(uid_set(uids[i : i + FETCH_CHUNK]), items)
-            for message in sorted(fetched, key=lambda m: m.uid):
-                # Bare-LF header blocks (pymap) are fine: the parser copes.
-                summaries.append(
-                    summarize_headers(str(message.uid), message.body or b"", message.size)
-                )
-        return summaries
+            found += sorted(fetched, key=lambda m: m.uid)
+        return found
 
     async def fetch(self, folder: Folder, ref: str) -> bytes:
-        if not ref.isdigit():
-            raise ProviderProtocolError(f"{ref!r} is not an IMAP UID")
-        uid = int(ref)
+        return (await self._fetch_bodies(folder, [ref]))[ref]
 
-        async def operation(imap: ImapSession) -> bytes:
+    async def fetch_many(self, folder: Folder, refs: Sequence[str]) -> dict[str, bytes]:
+        """Bodies by ``UID FETCH a,b,c (BODY.PEEK[])``, :data:`BODY_CHUNK` at a time."""
+        if type(self).fetch is not ImapSmtpProvider.fetch:
+            # A subclass that changes or observes fetch() keeps seeing every body.
+            return await super().fetch_many(folder, refs)
+        return await self._fetch_bodies(folder, refs)
+
+    async def _fetch_bodies(self, folder: Folder, refs: Sequence[str]) -> dict[str, bytes]:
+        for ref in refs:
+            if not ref.isdigit():
+                raise ProviderProtocolError(f"{ref!r} is not an IMAP UID")
+        wanted = sorted({int(ref) for ref in refs})
+        if not wanted:
+            return {}
+
+        async def operation(imap: ImapSession) -> dict[str, bytes]:
+            found: dict[int, bytes] = {}
             reuse = imap.selected is not None and imap.selected.name == folder.name
             for again in (False, True):
                 selection = imap.selected
@@ -405,18 +415,27 @@ class ImapSmtpProvider(Provider):
                     selection = await imap.examine(folder.name)
                 known = self._seen.get(folder.name)
                 if known is not None and known[0] != selection.uidvalidity:
-                    # The UID may now name another message, perhaps a personal one.
+                    # The UIDs may now name other messages, perhaps personal ones.
                     raise ProviderProtocolError(
-                        f"UIDVALIDITY of {folder.name!r} changed; UID {ref} is stale"
+                        f"UIDVALIDITY of {folder.name!r} changed; UID {wanted[0]} is stale"
                     )
-                for message in await imap.uid_fetch(str(uid), "(UID BODY.PEEK[])"):
-                    if message.uid == uid and message.body is not None:
-                        return message.body
-                if not reuse:
+                missing = [uid for uid in wanted if uid not in found]
+                for i in range(0, len(missing), BODY_CHUNK):
+                    chunk = missing[i : i + BODY_CHUNK]
+                    asked = set(chunk)
+                    for message in await imap.uid_fetch(uid_set(chunk), "(UID BODY.PEEK[])"):
+                        if message.uid in asked and message.body is not None:
+                            found[message.uid] = message.body
+                if len(found) == len(wanted) or not reuse:
                     break  # a fresh EXAMINE already saw everything
-            raise ProviderProtocolError(f"message {ref} is not in {folder.name!r} any more")
+            lost = [uid for uid in wanted if uid not in found]
+            if lost:
+                raise ProviderProtocolError(f"message {lost[0]} is not in {folder.name!r} any more")
+            return {str(uid): body for uid, body in found.items()}
 
-        return await self._reading(operation)
+        bodies = await self._reading(operation)
+        # Refs as given (a ref with leading zeros names the same UID).
+        return {ref: bodies[str(int(ref))] for ref in refs}
 
     async def wait_for_changes(self, timeout: float) -> bool:
         """IDLE on INBOX when the server offers it (True on new mail), else sleep.
@@ -455,7 +474,7 @@ class ImapSmtpProvider(Provider):
     # ---- writing ------------------------------------------------------------------------
 
     async def send(self, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
-        await smtp.send(await self._smtp_endpoint(), mail, checkpoint)
+        await self._smtp.send(await self._smtp_endpoint(), mail, checkpoint)
 
     async def store_sent_copy(self, mail: OutgoingMail) -> None:
         """APPEND ``mail`` to Sent, marked ``\\Seen`` (skipped if ``append_sent``
@@ -487,6 +506,31 @@ def _marked_sent(listed: Sequence[ListedMailbox]) -> str | None:
         if "\\sent" in mailbox.attributes and "\\noselect" not in mailbox.attributes:
             return mailbox.name
     return None
+
+
+class _Read(NamedTuple):
+    """What one read of a folder found: raw header blocks and the cursor after them."""
+
+    fetched: list[FetchedMessage]
+    cursor: dict[str, Any]
+    more: bool
+    reset: bool
+
+    @classmethod
+    def at(
+        cls,
+        fetched: list[FetchedMessage],
+        validity: int,
+        uidnext: int,
+        modseq: int | None,
+        *,
+        more: bool = False,
+        reset: bool = False,
+    ) -> _Read:
+        cursor: dict[str, Any] = {"uidvalidity": validity, "uidnext": uidnext}
+        if modseq is not None:
+            cursor["highestmodseq"] = modseq
+        return cls(fetched, cursor, more, reset)
 
 
 class _Cursor(NamedTuple):

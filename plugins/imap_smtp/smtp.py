@@ -1,13 +1,17 @@
 """Sending through the mailbox's own SMTP submission server, over aiosmtplib.
 
-One connection per message: connect (implicit TLS, STARTTLS or loopback
-plaintext, certificate verified), authenticate (PLAIN/LOGIN/CRAM-MD5 as offered,
-or XOAUTH2), MAIL FROM, RCPT TO for each recipient, then the caller's checkpoint,
-and only then DATA. Everything before the checkpoint can fail without the
-message having left; DATA is the point of no return (see
-:data:`core.provider.Checkpoint`). Errors leave as :mod:`core.errors` only:
-rejected credentials -> ``AuthenticationFailed``; 4xx replies, network errors
-and timeouts -> ``TransientProviderError``; 5xx -> ``ProviderProtocolError``.
+:class:`SmtpSession` keeps one authenticated connection (implicit TLS, STARTTLS
+or loopback plaintext, certificate verified; PLAIN/LOGIN/CRAM-MD5 as offered,
+or XOAUTH2) and reuses it for every message, closing it after it sat idle or
+at :meth:`SmtpSession.close`. Each message is MAIL FROM, RCPT TO for each
+recipient, then the caller's checkpoint, and only then DATA. Everything before
+the checkpoint can fail without the message having left, so a reused connection
+that turns out to be gone by then (the server closed it while idle) is replaced
+and the message tried once more; DATA is the point of no return (see
+:data:`core.provider.Checkpoint`): after the checkpoint nothing is retried.
+Errors leave as :mod:`core.errors` only: rejected credentials ->
+``AuthenticationFailed``; 4xx replies, network errors and timeouts ->
+``TransientProviderError``; 5xx -> ``ProviderProtocolError``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ from core.provider import Checkpoint, OutgoingMail
 from plugins.imap_smtp.tls import certificate_error, certificate_failure
 
 log = logging.getLogger(__name__)
+
+#: An open connection unused this long is closed: servers drop idle sessions
+#: (RFC 5321 asks them to wait at least 5 minutes; many wait less).
+IDLE_SECONDS = 30.0
+#: "Service not available, closing transmission channel".
+CLOSING = 421
 
 
 @dataclass(frozen=True)
@@ -57,28 +67,122 @@ async def check_login(endpoint: SmtpEndpoint) -> None:
     await _quit(client)
 
 
-async def send(endpoint: SmtpEndpoint, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
-    """Submit ``mail``; ``checkpoint`` is awaited after RCPT and before DATA.
+class SmtpSession:
+    """One authenticated SMTP connection, reused for every message sent.
 
-    An exception from ``checkpoint`` propagates unchanged and nothing is sent.
-    Recipients refused while others are accepted are logged and skipped:
-    retrying would duplicate the message for the accepted ones.
+    Opened by the first :meth:`send`, kept while messages follow each other and
+    closed (QUIT) once it sat idle for ``idle_seconds``, by :meth:`close`, after
+    any failure, or when the endpoint changes (a refreshed token). Sends are
+    serialised: a connection carries one mail transaction at a time.
     """
-    if not mail.recipients:
-        raise ProviderProtocolError("a message needs at least one recipient")
-    client = await _open(endpoint)
-    try:
+
+    def __init__(self, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.idle_seconds = idle_seconds
+        self._client: aiosmtplib.SMTP | None = None
+        self._endpoint: SmtpEndpoint | None = None
+        self._lock = asyncio.Lock()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closer: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open for the next message."""
+        return self._client is not None and self._client.is_connected
+
+    async def send(
+        self, endpoint: SmtpEndpoint, mail: OutgoingMail, checkpoint: Checkpoint
+    ) -> None:
+        """Submit ``mail``; ``checkpoint`` is awaited after RCPT and before DATA.
+
+        An exception from ``checkpoint`` propagates unchanged and nothing is sent.
+        Recipients refused while others are accepted are logged and skipped:
+        retrying would duplicate the message for the accepted ones.
+        """
+        if not mail.recipients:
+            raise ProviderProtocolError("a message needs at least one recipient")
+        async with self._lock:
+            self._stop_idle_timer()
+            try:
+                client = await self._envelope_sent(endpoint, mail)
+                await checkpoint()
+                # The point of no return: whatever happens now is never retried.
+                with _translated(endpoint, "DATA"):
+                    await client.data(mail.raw)
+            except BaseException as exc:
+                # The transaction may be half done (or the checkpoint refused it):
+                # never reuse that connection. A cancelled send may have stopped
+                # inside DATA, where a QUIT would only be read as message text.
+                await self._drop(polite=isinstance(exc, Exception))
+                raise
+            log.info(
+                "SMTP message submitted",
+                extra={"smtp_host": endpoint.host, "recipient_count": len(mail.recipients)},
+            )
+            self._start_idle_timer()
+
+    async def _envelope_sent(self, endpoint: SmtpEndpoint, mail: OutgoingMail) -> aiosmtplib.SMTP:
+        """MAIL FROM and RCPT TO on a live connection. A reused connection that
+        the server closed meanwhile is replaced once: nothing has left yet."""
+        if self._endpoint != endpoint or not self.connected:
+            await self._drop()
+        if self._client is not None:
+            try:
+                await _envelope(self._client, mail)
+                return self._client
+            except Exception as exc:
+                if not _closed_by_server(exc):
+                    with _translated(endpoint, "MAIL/RCPT"):
+                        raise
+                log.info(
+                    "SMTP connection closed by the server while idle; reconnecting",
+                    extra={"smtp_host": endpoint.host},
+                )
+                await self._drop()
+        self._client = await _open(endpoint)
+        self._endpoint = endpoint
         with _translated(endpoint, "MAIL/RCPT"):
-            await _envelope(client, mail)
-        await checkpoint()
-        with _translated(endpoint, "DATA"):
-            await client.data(mail.raw)
-        log.info(
-            "SMTP message submitted",
-            extra={"smtp_host": endpoint.host, "recipient_count": len(mail.recipients)},
-        )
-    finally:
-        await _quit(client)
+            await _envelope(self._client, mail)
+        return self._client
+
+    async def close(self) -> None:
+        """QUIT and release the socket. Safe to call twice."""
+        async with self._lock:
+            await self._drop()
+
+    async def _drop(self, *, polite: bool = True) -> None:
+        self._stop_idle_timer()
+        client, self._client, self._endpoint = self._client, None, None
+        if client is not None and polite:
+            await _quit(client)
+        elif client is not None:
+            client.close()
+
+    def _start_idle_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self.idle_seconds, self._idle_expired)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self._closer is None or self._closer.done():
+            self._closer = asyncio.get_running_loop().create_task(self._close_if_idle())
+
+    async def _close_if_idle(self) -> None:
+        async with self._lock:
+            if self._idle_timer is None:  # no send started a new idle period meanwhile
+                await self._drop()
+
+
+def _closed_by_server(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection is gone (closed while idle, or
+    ``421``: the server is closing it), rather than that the message was refused."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code == CLOSING
+    return isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionError))
 
 
 async def _envelope(client: aiosmtplib.SMTP, mail: OutgoingMail) -> None:
@@ -102,6 +206,8 @@ async def _envelope(client: aiosmtplib.SMTP, mail: OutgoingMail) -> None:
         try:
             await client.rcpt(recipient, encoding=encoding)
         except aiosmtplib.SMTPRecipientRefused as exc:
+            if exc.code == CLOSING:
+                raise  # not about this recipient: the connection is going away
             refused[recipient] = exc.code
     if len(refused) == len(mail.recipients):
         codes = sorted(set(refused.values()))

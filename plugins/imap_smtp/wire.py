@@ -15,7 +15,8 @@ at the root instead of working around them in every caller:
   XOAUTH2 token waits for after its ``+`` JSON challenge (the stock client never
   answers and hangs).
 * FETCH responses are tracked in linear time (the library's check whether a
-  response is complete rescanned all lines so far, for every line).
+  response is complete rescanned all lines so far, for every line), and the
+  inactivity timeout of a FETCH no longer replaces a timer per line received.
 * Only the leading ``"* "`` of an untagged response is removed (the stock client
   removed every ``"* "`` in the line, mangling names such as ``"a* b"``).
 * ``closed`` is a future that completes when the connection is lost, so callers
@@ -180,7 +181,28 @@ class FetchCommand(_imap.FetchCommand):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._depth = 0
+        self._last_data = 0.0
         super().__init__(*args, **kwargs)
+
+    # The timeout counts from the last data received. The library cancels and
+    # creates a timer for every line (tens of thousands for one big FETCH); here
+    # each line only notes the time, and the one timer, when it goes off early,
+    # is set again for the rest.
+
+    def _set_timer(self) -> None:
+        if self._timeout is not None:
+            self._last_data = self._loop.time()
+            self._timer = self._loop.call_later(self._timeout, self._check_timeout)
+
+    def _reset_timer(self) -> None:
+        self._last_data = self._loop.time()
+
+    def _check_timeout(self) -> None:
+        quiet = self._loop.time() - self._last_data
+        if quiet >= self._timeout:
+            self._timeout_callback()
+        else:
+            self._timer = self._loop.call_later(self._timeout - quiet, self._check_timeout)
 
     def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
         super().append_to_resp(line, result)

@@ -285,6 +285,59 @@ def test_fetch_parsing_copes_with_literals_bare_lf_and_item_order() -> None:
     assert fetched[2].body == b""
 
 
+def test_fetch_parsing_of_the_usual_shape_and_its_neighbours() -> None:
+    def one(head: bytes, literal: bytes = b"Subject: x\r\n\r\n", tail: bytes = b")") -> Any:
+        return syntax.parse_fetch([head, bytearray(literal), tail])
+
+    usual = b"5 FETCH (UID 7 RFC822.SIZE 120 BODY[HEADER.FIELDS (MESSAGE-ID)] {15}"
+    assert one(usual) == [syntax.FetchedMessage(7, 120, b"Subject: x\r\n\r\n")]
+    assert one(b"5 fetch (rfc822.size 3 uid 7 body[]<0> {15+}") == [
+        syntax.FetchedMessage(7, 3, b"Subject: x\r\n\r\n")
+    ]
+    assert one(b"5 FETCH (UID 7 UID 8 BODY[] {15}")[0].uid == 8  # the last one counts
+    assert one(b"5 FETCH (RFC822.SIZE 3 BODY[] {15}") == []  # no UID
+    assert one(b"5 FETCH (UID 7 FLAGS (\\Seen) BODY[] {15}")[0].uid == 7
+    assert one(usual, tail=b" FLAGS (\\Seen))")[0].body == b"Subject: x\r\n\r\n"
+    assert one(b'5 FETCH (UID 7 X-NAME "a b" BODY[] {15}')[0].size is None
+    with pytest.raises(syntax.ImapSyntaxError):
+        one(b"5 FETCH (UID 7 BODY[] {15}", tail=b"")
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        (
+            b'a "q\\"uo\\\\ted" NIL nil (x (y)) BODY[H (A B)]<0>',
+            [
+                "a",
+                b'q"uo\\ted',
+                None,
+                None,
+                ["x", ["y"]],
+                "BODY[H (A B)]<0>",
+            ],
+        ),
+        (b'{abc} x{1} ""', ["{abc}", "x{1}", b""]),
+        (b"  spaced   out  ", ["spaced", "out"]),
+        (b'caf\xc3\xa9 "\xc3\xa9"', ["café", b"\xc3\xa9"]),
+    ],
+)
+def test_tokenizer(text: bytes, tokens: list[Any]) -> None:
+    assert syntax.tokenize([text]) == tokens
+
+
+@pytest.mark.parametrize("text", [b'"open', b'"ends in \\', b"A[open", b"x)", b"(x"])
+def test_tokenizer_refuses_broken_text(text: bytes) -> None:
+    with pytest.raises(syntax.ImapSyntaxError):
+        syntax.tokenize([text])
+
+
+def test_search_parsing() -> None:
+    lines = [b"SEARCH 3 1 2", b"SEARCH", b"SEARCH 4 (MODSEQ 99)"]
+    assert syntax.parse_search(lines) == [1, 2, 3, 4]
+    assert syntax.parse_search([b"SEARCH  5\t6 7"]) == [7]  # "5\t6" is one atom
+
+
 def test_list_and_status_parsing() -> None:
     listed = syntax.parse_list(
         [
@@ -517,6 +570,46 @@ async def test_silent_server_times_out_as_transient() -> None:
         await provider.close()
 
 
+async def test_a_fetch_times_out_after_silence_not_after_its_length() -> None:
+    """A body that keeps flowing may take longer than the timeout; a server that
+    stops in the middle of one fails the fetch after one timeout of silence."""
+    body = b"Subject: slow\r\n\r\n" + b"x" * 23
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK IMAP4rev1 ready\r\n")
+        while line := await reader.readline():
+            tag, command = line.split(b" ", 2)[:2]
+            command = command.strip().upper()
+            if command == b"UID" and b" 1 " in line:
+                writer.write(b"* 1 FETCH (UID 1 BODY[] {%d}\r\n" % len(body))
+                for i in range(0, len(body), 10):  # 0.8 s in all, never 0.5 s quiet
+                    writer.write(body[i : i + 10])
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+                writer.write(b")\r\n" + tag + b" OK done\r\n")
+            elif command == b"UID":
+                writer.write(b"* 2 FETCH (UID 2 BODY[] {%d}\r\n" % len(body) + body[:10])
+                await writer.drain()
+                await reader.read()  # silent from now on
+            elif command == b"CAPABILITY":
+                writer.write(b"* CAPABILITY IMAP4rev1\r\n" + tag + b" OK done\r\n")
+            elif command == b"EXAMINE":
+                writer.write(b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 3] ok\r\n")
+                writer.write(tag + b" OK [READ-ONLY] done\r\n")
+            else:
+                writer.write(tag + b" OK done\r\n")
+
+    async with scripted_server(script) as port:
+        provider = scripted_provider(port, password_env="PW")
+        provider.timeout = 0.5
+        async with opened(provider):
+            assert await provider.fetch(INBOX, "1") == body
+            started = time.monotonic()
+            with pytest.raises(TransientProviderError, match="stopped answering"):
+                await provider.fetch(INBOX, "2")
+            assert time.monotonic() - started < 2
+
+
 # ---- folders ---------------------------------------------------------------------------
 
 
@@ -676,6 +769,53 @@ async def test_fetch_returns_whole_message_and_keeps_it_unread(
             await provider.fetch(INBOX, "999")
     assert imap_server.flags(email) == [set()]
     assert "marker 4711" not in caplog.text
+
+
+async def test_fetch_many_returns_every_body_and_keeps_them_unread(
+    imap_server: ImapServer, mailbox: tuple[str, str]
+) -> None:
+    email = mailbox[0]
+    fill(imap_server, mailbox, 70, "many")
+    async with opened(make_provider(imap_server, mailbox)) as provider:
+        headers, _, _ = await drain(provider, INBOX, await from_start(provider, INBOX))
+        refs = [h.ref for h in headers]
+        wanted = refs[1:3] + refs[5:62:2] + refs[63:]  # gaps, and more than one UID FETCH
+        wanted.reverse()
+        bodies = await provider.fetch_many(INBOX, wanted)
+        assert list(bodies) == wanted
+        by_ref = {h.ref: h.message_id for h in headers}
+        for ref, body in bodies.items():
+            assert f"Message-ID: {by_ref[ref]}".encode() in body
+            assert body.rstrip().endswith(b"hello")
+        assert await provider.fetch_many(INBOX, []) == {}
+        # Another session adds a message: its UID is past the open view, found anyway.
+        imap_server.deliver(email, message("late@example.org"))
+        late = str(int(refs[-1]) + 1)
+        assert b"late@example.org" in (await provider.fetch_many(INBOX, [refs[0], late]))[late]
+        with pytest.raises(ProviderProtocolError, match="not in 'INBOX'"):
+            await provider.fetch_many(INBOX, [refs[0], "999999"])
+        with pytest.raises(ProviderProtocolError, match="not an IMAP UID"):
+            await provider.fetch_many(INBOX, ["1:*"])
+    assert imap_server.flags(email) == [set()] * 71
+
+
+async def test_a_subclass_overriding_fetch_still_sees_every_body(
+    imap_server: ImapServer, mailbox: tuple[str, str]
+) -> None:
+    fill(imap_server, mailbox, 3, "sub")
+    seen: list[str] = []
+
+    class Observed(ImapSmtpProvider):
+        async def fetch(self, folder: Folder, ref: str) -> bytes:
+            seen.append(ref)
+            return await super().fetch(folder, ref)
+
+    provider = Observed(make_provider(imap_server, mailbox).account, {"timeout": 10})
+    async with opened(provider):
+        headers, _, _ = await drain(provider, INBOX, await from_start(provider, INBOX))
+        refs = [h.ref for h in headers]
+        assert list(await provider.fetch_many(INBOX, refs)) == refs
+    assert seen == refs
 
 
 # ---- sending ---------------------------------------------------------------------------

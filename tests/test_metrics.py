@@ -1,0 +1,90 @@
+"""``/metrics``: provider errors per kind, from the error codes the kernel records
+on ``connection.state_changed`` events, the same after a restart."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.orm import Session
+
+from core.api import Threadsync
+from core.compose import Draft
+from core.models import Event
+from plugins.http_api import metrics
+from plugins.http_api.context import ApiContext
+from tests.kernelfixtures import SUB, USER, World
+from tests.test_http_api_support import (  # noqa: F401 (fixtures)
+    Api,
+    api_factory_fixture,
+    api_fixture,
+    http_settings,
+    synced_thread,
+)
+
+
+def provider_errors(text: str) -> dict[str, int]:
+    prefix = 'threadsync_provider_errors_total{kind="'
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            kind, value = line[len(prefix) :].split('"} ')
+            found[kind] = int(value)
+    return found
+
+
+@pytest.mark.parametrize("scenario_database_url", ["sqlite", "postgresql"], indirect=True)
+async def test_provider_errors_by_kind_from_error_codes(api: Api, world: World) -> None:
+    with api.client(api.admin) as admin:
+        zero = provider_errors(admin.get("/metrics").text)
+    assert zero == {
+        "authentication_failed": 0,
+        "provider_error": 0,
+        "provider_protocol_error": 0,
+        "transient_provider_error": 0,
+    }
+
+    sent = await synced_thread(world)
+    # The mailbox password changes: rejected credentials.
+    world.imap.add_user(world.email, "rotated-password")
+    world.submission.users[world.email] = "rotated-password"
+    await world.ts.run_once()
+    world.ts.kernel.environ["MAILPW"] = "rotated-password"
+    await world.connect()
+    # The mailbox's SMTP server goes away: a CRM reply fails for now and is queued.
+    port = world.submission.port
+    world.submission.stop()
+    queued = await world.ts.reply(sent["thread_id"], Draft(text="queued"))
+    world.submission.port = port
+    world.submission.start()
+    assert queued["status"] == "queued"
+    assert world.ts.status(SUB, USER)["connections"][0]["state"] == "error"
+
+    changes = world.recorder.of("connection.state_changed")
+    assert [(e["state"], e["error_code"]) for e in changes] == [
+        ("connected", None),
+        ("needs_reauth", "authentication_failed"),
+        ("connected", None),
+        ("error", "transient_provider_error"),
+    ]
+
+    # An event recorded before error codes existed counts by the state it caused.
+    def legacy(session: Session) -> None:
+        payload = {"event": "connection.state_changed", "subaccount": SUB, "state": "error"}
+        session.add(Event(subaccount_id=SUB, type="connection.state_changed", payload=payload))
+
+    world.ts.kernel.store.call(legacy)
+    expected = {
+        "authentication_failed": 1,
+        "provider_error": 1,
+        "provider_protocol_error": 0,
+        "transient_provider_error": 1,
+    }
+    with api.client(api.admin) as admin:
+        assert provider_errors(admin.get("/metrics").text) == expected
+
+    # Counted from the database: a restarted process shows the same numbers.
+    restarted = Threadsync.from_settings(world.ts.kernel.settings, environ=world.env)
+    try:
+        text = metrics.collect(ApiContext.build(restarted, http_settings()), None)
+    finally:
+        await restarted.aclose()
+    assert provider_errors(text) == expected
