@@ -161,7 +161,7 @@ async def send(k: Kernel, subaccount: str, user: str, draft: Draft) -> dict[str,
     events = EventBuffer()
     limit = k.settings.sync.max_attachment_bytes
 
-    def work(session: Session) -> tuple[dict[str, Any], int]:
+    def work(session: Session) -> tuple[dict[str, Any], delivery.Claim | None]:
         get_subaccount(session, subaccount, create=True)
         conn = live_connection(session, subaccount, user)
         route = rules.route_first_message(
@@ -187,11 +187,11 @@ async def send(k: Kernel, subaccount: str, user: str, draft: Draft) -> dict[str,
         msg, entry_id = _store_outgoing(
             session, k, events, thread, conn, route, draft, in_reply_to=None, references=[]
         )
-        return _result(thread, msg, route), entry_id
+        return _result(thread, msg, route), delivery.claim_in(session, k, entry_id, False)
 
-    result, entry_id = await k.store.run(work)
+    result, claim = await k.store.run(work)
     events.announce(k.pm)
-    result["status"] = await delivery.deliver_entry(k, entry_id)
+    result["status"] = await _deliver(k, claim)
     return result
 
 
@@ -201,7 +201,7 @@ async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
     events = EventBuffer()
     limit = k.settings.sync.max_attachment_bytes
 
-    def work(session: Session) -> tuple[dict[str, Any], int]:
+    def work(session: Session) -> tuple[dict[str, Any], delivery.Claim | None]:
         thread = session.get(SyncedThread, thread_id)
         if thread is None:
             raise NotFound(f"thread {thread_id!r} not found")
@@ -256,9 +256,15 @@ async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
             in_reply_to=last.message_id,
             references=rules.references_for_reply(chain),
         )
-        return _result(thread, msg, route), entry_id
+        return _result(thread, msg, route), delivery.claim_in(session, k, entry_id, False)
 
-    result, entry_id = await k.store.run(work)
+    result, claim = await k.store.run(work)
     events.announce(k.pm)
-    result["status"] = await delivery.deliver_entry(k, entry_id)
+    result["status"] = await _deliver(k, claim)
     return result
+
+
+async def _deliver(k: Kernel, claim: delivery.Claim | None) -> str:
+    """Deliver the entry claimed with its message, in the same transaction; one
+    not claimable now (its mailbox in backoff, say) waits for the daemon."""
+    return "queued" if claim is None else await delivery.deliver_claim(k, claim)

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from core import rules
 from core.accounts import labs_on
-from core.errors import ProviderError, ProviderProtocolError
+from core.errors import ProviderError, ProviderProtocolError, ThreadsyncError
 from core.events import EventBuffer
 from core.kernel import Kernel
 from core.models import Connection, Message, OutboxEntry, utcnow
@@ -52,6 +52,16 @@ class Claim:
     was_transmitting: bool
     sent_copy_stored: bool
     already_sent: bool
+    #: The mailbox's connection as read with the claim (detached), so that
+    #: opening a provider for this delivery needs no further query.
+    connection: Connection | None = None
+
+
+class LeaseLost(ThreadsyncError):
+    """The entry's lease passed to another worker before the point of no return:
+    this worker must not send it (the other one does)."""
+
+    code = "lease_lost"
 
 
 def _lease_is_dead(owner: str | None, until: datetime | None, now: datetime) -> bool:
@@ -71,73 +81,76 @@ def _lease_is_dead(owner: str | None, until: datetime | None, now: datetime) -> 
     return False
 
 
-def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
-    """Take the lease on an entry, or ``None`` when it is not ours to deliver now
-    (someone else holds it, it waits for its backoff, or its mailbox cannot be
-    used now)."""
-
-    def work(session: Session) -> Claim | None:
-        entry = session.get(OutboxEntry, entry_id)
-        if entry is None:
+def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
+    """Take the lease on an entry inside ``session``'s transaction, or ``None``
+    when it is not ours to deliver now (someone else holds it, it waits for its
+    backoff, or its mailbox cannot be used now). ``compose`` claims the entry it
+    has just written in that same transaction."""
+    entry = session.get(OutboxEntry, entry_id)
+    if entry is None:
+        return None
+    now = utcnow()
+    conn: Connection | None = None
+    if entry.channel == "mailbox":
+        conn = _mailbox_ready(session, entry.connection_id, provider_open, now)
+        if conn is None:
             return None
-        now = utcnow()
-        if entry.channel == "mailbox" and not _mailbox_ready(
-            session, entry.connection_id, provider_open, now
-        ):
-            return None
-        if entry.status == "sent":
-            if entry.channel == "mailbox" and not entry.sent_copy_stored:
-                if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
-                    return None
-            else:
-                return None
-        elif entry.status in ("claimed", "transmitting"):
+    if entry.status == "sent":
+        if entry.channel == "mailbox" and not entry.sent_copy_stored:
             if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
-                return None
-        elif entry.status == "pending":
-            if entry.next_attempt_at and entry.next_attempt_at > now:
                 return None
         else:
             return None
-        was_transmitting = entry.status == "transmitting"
-        already_sent = entry.status == "sent"
-        # Compare-and-set, so that two workers never both win the same entry.
-        won = session.execute(
-            update(OutboxEntry)
-            .where(
-                OutboxEntry.id == entry.id,
-                OutboxEntry.status == entry.status,
-                OutboxEntry.lease_owner.is_(None)
-                if entry.lease_owner is None
-                else OutboxEntry.lease_owner == entry.lease_owner,
-            )
-            .values(
-                status="claimed" if entry.status in ("pending", "claimed") else entry.status,
-                lease_owner=k.worker,
-                lease_until=now + timedelta(seconds=k.settings.sync.lease_seconds),
-            )
-            .execution_options(synchronize_session=False)
-        )
-        if won.rowcount != 1:  # type: ignore[attr-defined]
+    elif entry.status in ("claimed", "transmitting"):
+        if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
             return None
-        msg = session.get(Message, entry.message_pk)
-        assert msg is not None
-        return Claim(
-            entry_id=entry.id,
-            channel=entry.channel,
-            connection_id=entry.connection_id,
-            mail=OutgoingMail(
-                raw=entry.raw,
-                message_id=msg.message_id,
-                sender=entry.sender,
-                recipients=tuple(entry.recipients),
-            ),
-            was_transmitting=was_transmitting,
-            sent_copy_stored=entry.sent_copy_stored,
-            already_sent=already_sent,
+    elif entry.status == "pending":
+        if entry.next_attempt_at and entry.next_attempt_at > now:
+            return None
+    else:
+        return None
+    was_transmitting = entry.status == "transmitting"
+    already_sent = entry.status == "sent"
+    # Compare-and-set, so that two workers never both win the same entry.
+    won = session.execute(
+        update(OutboxEntry)
+        .where(
+            OutboxEntry.id == entry.id,
+            OutboxEntry.status == entry.status,
+            OutboxEntry.lease_owner.is_(None)
+            if entry.lease_owner is None
+            else OutboxEntry.lease_owner == entry.lease_owner,
         )
+        .values(
+            status="claimed" if entry.status in ("pending", "claimed") else entry.status,
+            lease_owner=k.worker,
+            lease_until=now + timedelta(seconds=k.settings.sync.lease_seconds),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if won.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    msg = session.get(Message, entry.message_pk)
+    assert msg is not None
+    return Claim(
+        entry_id=entry.id,
+        channel=entry.channel,
+        connection_id=entry.connection_id,
+        mail=OutgoingMail(
+            raw=entry.raw,
+            message_id=msg.message_id,
+            sender=entry.sender,
+            recipients=tuple(entry.recipients),
+        ),
+        was_transmitting=was_transmitting,
+        sent_copy_stored=entry.sent_copy_stored,
+        already_sent=already_sent,
+        connection=conn,
+    )
 
-    return k.store.call(work)
+
+def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
+    return k.store.call(lambda session: claim_in(session, k, entry_id, provider_open))
 
 
 def _update(k: Kernel, entry_id: int, events: EventBuffer | None = None, **values: object) -> None:
@@ -186,9 +199,18 @@ async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = No
     claim = await _run(k, _claim, entry_id, provider is not None)
     if claim is None:
         return await _status(k, entry_id)
-    if claim.channel == "default":
-        return await _deliver_default(k, claim)
-    return await _deliver_mailbox(k, claim, provider)
+    return await deliver_claim(k, claim, provider)
+
+
+async def deliver_claim(k: Kernel, claim: Claim, provider: Provider | None = None) -> str:
+    """Deliver an entry whose lease this worker holds (see :func:`deliver_entry`)."""
+    try:
+        if claim.channel == "default":
+            return await _deliver_default(k, claim)
+        return await _deliver_mailbox(k, claim, provider)
+    except LeaseLost as exc:
+        log.warning("%s; not sent here", exc, extra={"outbox_id": claim.entry_id})
+        return await _status(k, claim.entry_id)
 
 
 async def _run(k: Kernel, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -206,9 +228,31 @@ async def _status(k: Kernel, entry_id: int) -> str:
 
 def _checkpoint(k: Kernel, claim: Claim) -> Checkpoint:
     async def checkpoint() -> None:
-        await _run(k, _update, claim.entry_id, None, status="transmitting")
+        await _run(k, _to_transmitting, claim)
 
     return checkpoint
+
+
+def _to_transmitting(k: Kernel, claim: Claim) -> None:
+    """Commit "transmitting" only while this worker still holds the lease: if it
+    ran out (a server slower than ``lease_seconds`` before DATA) and another
+    worker took the entry, sending here as well would duplicate the message."""
+
+    def work(session: Session) -> int:
+        moved = session.execute(
+            update(OutboxEntry)
+            .where(
+                OutboxEntry.id == claim.entry_id,
+                OutboxEntry.status == "claimed",
+                OutboxEntry.lease_owner == k.worker,
+            )
+            .values(status="transmitting")
+            .execution_options(synchronize_session=False)
+        )
+        return int(moved.rowcount)  # type: ignore[attr-defined]
+
+    if k.store.call(work) != 1:
+        raise LeaseLost(f"outbox entry {claim.entry_id} was taken over by another worker")
 
 
 async def _deliver_default(k: Kernel, claim: Claim) -> str:
@@ -251,25 +295,26 @@ def _fail(k: Kernel, claim: Claim, error: str) -> None:
 
 def _mailbox_ready(
     session: Session, conn_id: int | None, provider_open: bool, now: datetime
-) -> bool:
-    """Whether the mailbox may be used now. With a provider the daemon just opened,
-    a connection in ``error`` is usable (it is recovering); for a one-off delivery
-    it must be ``connected`` and past any backoff."""
+) -> Connection | None:
+    """The connection when its mailbox may be used now. With a provider the daemon
+    just opened, a connection in ``error`` is usable (it is recovering); for a
+    one-off delivery it must be ``connected`` and past any backoff."""
     conn = session.get(Connection, conn_id) if conn_id else None
     if conn is None or not labs_on(session, conn.subaccount_id):
-        return False
+        return None
     if provider_open:
-        return conn.state in ("connected", "error")
-    return conn.state == "connected" and (
+        return conn if conn.state in ("connected", "error") else None
+    ready = conn.state == "connected" and (
         conn.next_attempt_at is None or conn.next_attempt_at <= now
     )
+    return conn if ready else None
 
 
 async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -> str:
     try:
         if provider is not None:
             return await _transmit(k, claim, provider)
-        async with k.pool.borrow(k, claim.connection_id or 0) as pooled:
+        async with k.pool.borrow(k, claim.connection_id or 0, claim.connection) as pooled:
             return await _transmit(k, claim, pooled)
     except ProviderError as exc:
         await _run(k, _connection_failed, claim, exc)
@@ -313,6 +358,8 @@ def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
 
     def work(session: Session) -> None:
         entry = session.get(OutboxEntry, claim.entry_id)
+        if entry is not None and entry.lease_owner != k.worker:
+            entry = None  # another worker holds it now: its state is not ours to change
         if entry is not None and entry.status in ("claimed", "transmitting"):
             # An error raised by the provider means the server did not take it.
             entry.status = "pending"

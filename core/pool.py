@@ -23,6 +23,7 @@ from core.provider import Provider
 
 if TYPE_CHECKING:
     from core.kernel import Kernel
+    from core.models import Connection
 
 IDLE_SECONDS = 60.0
 
@@ -43,11 +44,16 @@ class ProviderPool:
         self._locks: dict[tuple[int, int], asyncio.Lock] = {}
 
     @asynccontextmanager
-    async def borrow(self, k: Kernel, conn_id: int) -> AsyncIterator[Provider]:
+    async def borrow(
+        self, k: Kernel, conn_id: int, conn: Connection | None = None
+    ) -> AsyncIterator[Provider]:
+        """An open provider of connection ``conn_id``; ``conn`` is its row when the
+        caller has just read it (saves a query), else it is read here."""
         key = (id(asyncio.get_running_loop()), conn_id)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            conn = await k.store.run(lambda s: k.get_connection(s, conn_id))
+            if conn is None or conn.id != conn_id:
+                conn = await k.store.run(lambda s: k.get_connection(s, conn_id))
             fingerprint = hashlib.sha256(conn.secrets or b"").hexdigest()
             entry = self._entries.get(key)
             stale = entry is not None and (
