@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from core import rules
 from core.accounts import labs_on
@@ -86,7 +86,7 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
     when it is not ours to deliver now (someone else holds it, it waits for its
     backoff, or its mailbox cannot be used now). ``compose`` claims the entry it
     has just written in that same transaction."""
-    entry = session.get(OutboxEntry, entry_id)
+    entry = session.get(OutboxEntry, entry_id, options=[undefer(OutboxEntry.raw)])
     if entry is None:
         return None
     now = utcnow()

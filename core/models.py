@@ -199,7 +199,8 @@ class Attachment(Base):
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     inline: Mapped[bool] = mapped_column(Boolean, default=False)
-    content: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    #: Loaded only when read (downloads): listings and events need the metadata only.
+    content: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
     message: Mapped[Message] = relationship(back_populates="attachments")
 
@@ -228,7 +229,8 @@ class OutboxEntry(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     sender: Mapped[str] = mapped_column(String(998))
     recipients: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    #: The whole MIME message; loaded only by the claim that delivers it.
+    raw: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
