@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,8 +18,11 @@ import pytest
 from core import apikeys
 from core.api import Threadsync
 from core.compose import Draft
+from core.config import from_mapping
+from core.errors import ConfigError
 from plugins.http_api.app import create_app
 from plugins.http_api.server import ThreadedServer
+from plugins.http_api.settings import http_settings as http_settings_of
 from tests.fakes import FakeMicrosoft
 from tests.fakes.world import MAILBOX, OutlookWorld
 from tests.kernelfixtures import SUB, USER
@@ -180,3 +184,21 @@ async def test_update_email_through_the_hosted_callback(
         assert done["state"] == "connected" and done["connection"]["email"] == OTHER_MAILBOX
     states = {x["email"]: x["state"] for x in ts.status(SUB, USER)["connections"]}
     assert states == {MAILBOX: "replaced", OTHER_MAILBOX: "connected"}
+
+
+def test_public_url_is_checked(tmp_path: Path) -> None:
+    def read(http: dict[str, Any]) -> str | None:
+        raw = {
+            "database": {"url": "sqlite:///unused.db"},
+            "security": {"secret_key_file": "unused.key"},
+            "http": http,
+        }
+        return http_settings_of(from_mapping(raw, base=tmp_path)).public_url
+
+    assert read({}) is None
+    assert read({"public_url": "https://sync.example.com/"}) == "https://sync.example.com"
+    assert read({"public_url": "http://127.0.0.1:8080/ts"}) == "http://127.0.0.1:8080/ts"
+    for bad in ("http://sync.example.com", "ftp://sync.example.com", "https://",
+                "https://sync.example.com/?a=1", "https://user@sync.example.com"):  # fmt: skip
+        with pytest.raises(ConfigError, match="public_url"):
+            read({"public_url": bad})
