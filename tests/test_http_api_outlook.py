@@ -6,6 +6,9 @@ the connection is made before the page answers."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +29,8 @@ from plugins.http_api.settings import http_settings as http_settings_of
 from tests.fakes import FakeMicrosoft
 from tests.fakes.world import MAILBOX, OutlookWorld
 from tests.kernelfixtures import SUB, USER
-from tests.test_http_api_support import http_settings
+from tests.test_http_api_support import http_settings, wait_for
+from tests.test_webhooks_daemon import free_port, start, wait_ready
 
 pytest_plugins = ["tests.fakes.fixtures"]
 
@@ -202,3 +206,64 @@ def test_public_url_is_checked(tmp_path: Path) -> None:
                 "https://sync.example.com/?a=1", "https://user@sync.example.com"):  # fmt: skip
         with pytest.raises(ConfigError, match="public_url"):
             read({"public_url": bad})
+
+
+async def test_the_daemon_connects_outlook_through_its_own_callback(
+    outlook_world: OutlookWorld, ms: FakeMicrosoft, tmp_path: Path
+) -> None:
+    """``threadsync run --listen``, a separate process: the consent URL it hands
+    out comes back to its own ``/oauth/callback``, and its sync loop then serves
+    the new connection (a CRM send goes out, the contact's reply comes in)."""
+    settings = outlook_world.ts.kernel.settings
+    outlook = "".join(f"{k} = {json.dumps(v)}\n" for k, v in ms.outlook_settings().items())
+    cfg = tmp_path / "daemon.toml"
+    cfg.write_text(
+        f'[database]\nurl = "{settings.database_url}"\n'
+        f'[security]\nsecret_key_file = "{settings.secret_key_file}"\n'
+        "[sync]\npoll_interval_seconds = 0.5\n"
+        f'[outbound.default]\nhost = "127.0.0.1"\nport = {settings.default_channel.port}\n'
+        'security = "none"\nfrom_address = "crm@threadsync.local"\n'
+        f"[outlook]\n{outlook}",
+        encoding="utf-8",
+    )
+    listen = f"127.0.0.1:{free_port()}"
+    url = f"http://{listen}"
+    key = apikeys.create(outlook_world.ts.kernel.store, SUB)["key"]
+    proc = start(cfg, listen, ms.environ())
+    try:
+        wait_ready(url, proc)
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        ) as c:
+            r = c.post(connection_url(), json={"provider": "outlook", "email": MAILBOX})
+            assert r.status_code == 202, r.text
+            consent = r.json()["consent_url"]
+            assert parse_qs(urlsplit(consent).query)["redirect_uri"] == [url + "/oauth/callback"]
+            assert await ms.browse(consent) == 200
+            assert c.get(r.headers["location"]).json()["state"] == "connected"
+
+            sent = c.post(f"/v1/subaccounts/{SUB}/users/{USER}/send",
+                          json={"to": ["carol@fabrikam.test"], "subject": "Offer",
+                                "text": "From the CRM"})  # fmt: skip
+            assert sent.status_code == 201, sent.text
+            assert (sent.json()["channel"], sent.json()["status"]) == ("mailbox", "sent")
+            outlook_world.contact_replies(sent.json(), body="Deal.")
+            thread = f"/v1/threads/{sent.json()['thread_id']}"
+
+            def replied() -> bool:
+                return len(c.get(thread).json()["messages"]) == 2
+
+            await wait_for(replied, 30, "the daemon to sync the contact's reply")
+            last = c.get(thread).json()["messages"][-1]
+            assert (last["direction"], last["state"]) == ("inbound", "synced")
+            assert "Deal." in last["text"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err and key.encode() not in err
+    assert (ms.app.secret or "-").encode() not in err
