@@ -172,11 +172,19 @@ class Threadsync:
 
     # ---- mail ------------------------------------------------------------------------
 
-    async def send(self, subaccount: str, user: str, draft: Draft) -> dict[str, Any]:
-        return await compose.send(self.kernel, subaccount, user, draft)
+    async def send(
+        self, subaccount: str, user: str, draft: Draft, *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Start a thread from the CRM. With ``idempotency_key``, calling again
+        (after a timeout, a crash) returns the first call's message and never
+        sends a second one."""
+        return await compose.send(self.kernel, subaccount, user, draft, idempotency_key)
 
-    async def reply(self, thread_id: str, draft: Draft) -> dict[str, Any]:
-        return await compose.reply(self.kernel, thread_id, draft)
+    async def reply(
+        self, thread_id: str, draft: Draft, *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Reply in a thread; ``idempotency_key`` as for :meth:`send`."""
+        return await compose.reply(self.kernel, thread_id, draft, idempotency_key)
 
     def threads(self, subaccount: str, user: str | None = None) -> dict[str, Any]:
         return views.threads(self.kernel, subaccount, user)

@@ -8,11 +8,13 @@ tried at once; if it cannot happen now, the daemon delivers it later.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core import delivery, rules
@@ -75,6 +77,7 @@ def _store_outgoing(
     in_reply_to: str | None,
     references: list[str],
     user_name: str | None = None,
+    request_key: str | None = None,
 ) -> tuple[Message, int]:
     """Store the message and its outbox entry; returns both (the entry's id)."""
     domain = k.settings.sync.message_id_domain
@@ -126,6 +129,7 @@ def _store_outgoing(
         recipients=[*draft.to, *draft.cc],
         raw=raw,
         attempts=0,
+        request_key=request_key,
     )
     session.add(entry)
     session.flush()
@@ -155,13 +159,77 @@ def _validate(draft: Draft, *, need_recipients: bool) -> Draft:
     )
 
 
-async def send(k: Kernel, subaccount: str, user: str, draft: Draft) -> dict[str, Any]:
-    """Start a thread from the CRM (R3): through the mailbox when the route allows."""
+Outcome = tuple[dict[str, Any], "delivery.Claim | None"]
+
+
+def request_key(key: str | None, *scope: str) -> str | None:
+    """The outbox's key for a caller's idempotency key: a digest of the key and
+    what it was given for (``send`` and the user, or ``reply`` and the thread),
+    so one key names one message and never another sub-account's."""
+    if key is None:
+        return None
+    if not key or len(key) > 255 or not key.isprintable():
+        raise InvalidInput("an idempotency key must be 1-255 printable characters")
+    parts = [*scope, key]
+    return hashlib.sha256("".join(f"{len(x)}:{x}" for x in parts).encode()).hexdigest()
+
+
+def _earlier(session: Session, k: Kernel, key: str | None) -> Outcome | None:
+    """The message already made with this idempotency key, if any: its result,
+    and its entry claimed when it still waits to leave (the first request died
+    before delivering it; a live delivery's lease keeps this from sending twice)."""
+    if key is None:
+        return None
+    row = session.execute(
+        select(OutboxEntry.id, OutboxEntry.channel, OutboxEntry.status, Message)
+        .join(Message, Message.id == OutboxEntry.message_pk)
+        .where(OutboxEntry.request_key == key)
+    ).first()
+    if row is None:
+        return None
+    entry_id, channel, status, msg = row
+    result = {
+        "thread_id": msg.thread_id,
+        "message_id": msg.message_id,
+        "channel": channel,
+        "synced": msg.state == "synced",
+        "reason": msg.reason,
+        "status": "sent" if status == "sent" else "queued",
+    }
+    claim = None if status == "sent" else delivery.claim_in(session, k, entry_id, False)
+    return result, claim
+
+
+async def _store_once(
+    k: Kernel, key: str | None, work: Callable[[Session], Outcome]
+) -> Outcome:
+    """Run ``work``; when a concurrent request with the same idempotency key won
+    the insert, run it again, and it finds that request's message."""
+    try:
+        return await k.store.run(work)
+    except IntegrityError:
+        if key is None:
+            raise
+        return await k.store.run(work)
+
+
+async def send(
+    k: Kernel, subaccount: str, user: str, draft: Draft, idempotency_key: str | None = None
+) -> dict[str, Any]:
+    """Start a thread from the CRM (R3): through the mailbox when the route allows.
+
+    With ``idempotency_key``, a repeated call returns the first call's message
+    (delivering it if it still waits) instead of sending another."""
     draft = _validate(draft, need_recipients=True)
+    key = request_key(idempotency_key, "send", subaccount, user)
     events = EventBuffer()
     limit = k.settings.sync.max_attachment_bytes
 
-    def work(session: Session) -> tuple[dict[str, Any], delivery.Claim | None]:
+    def work(session: Session) -> Outcome:
+        events.pending.clear()
+        earlier = _earlier(session, k, key)
+        if earlier is not None:
+            return earlier
         get_subaccount(session, subaccount, create=True)
         conn = live_connection(session, subaccount, user)
         route = rules.route_first_message(
@@ -185,26 +253,36 @@ async def send(k: Kernel, subaccount: str, user: str, draft: Draft) -> dict[str,
         session.add(thread)
         session.flush()
         msg, entry_id = _store_outgoing(
-            session, k, events, thread, conn, route, draft, in_reply_to=None, references=[]
-        )
+            session, k, events, thread, conn, route, draft,
+            in_reply_to=None, references=[], request_key=key,
+        )  # fmt: skip
         return _result(thread, msg, route), delivery.claim_in(session, k, entry_id, False)
 
-    result, claim = await k.store.run(work)
+    result, claim = await _store_once(k, key, work)
     events.announce(k.pm)
-    result["status"] = await _deliver(k, claim)
+    if claim is not None:
+        result["status"] = await delivery.deliver_claim(k, claim)
     return result
 
 
-async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
-    """Reply from the CRM in an existing thread (R4), threaded for mail clients."""
+async def reply(
+    k: Kernel, thread_id: str, draft: Draft, idempotency_key: str | None = None
+) -> dict[str, Any]:
+    """Reply from the CRM in an existing thread (R4), threaded for mail clients.
+    ``idempotency_key`` as for :func:`send`."""
     draft = _validate(draft, need_recipients=False)
     events = EventBuffer()
     limit = k.settings.sync.max_attachment_bytes
 
-    def work(session: Session) -> tuple[dict[str, Any], delivery.Claim | None]:
+    def work(session: Session) -> Outcome:
+        events.pending.clear()
         thread = session.get(SyncedThread, thread_id)
         if thread is None:
             raise NotFound(f"thread {thread_id!r} not found")
+        key = request_key(idempotency_key, "reply", thread.subaccount_id, thread.id)
+        earlier = _earlier(session, k, key)
+        if earlier is not None:
+            return earlier
         # Only the ids of the chain and the last message's addresses, not bodies.
         chain = list(
             session.scalars(
@@ -255,16 +333,14 @@ async def reply(k: Kernel, thread_id: str, draft: Draft) -> dict[str, Any]:
             full,
             in_reply_to=last.message_id,
             references=rules.references_for_reply(chain),
+            request_key=key,
         )
         return _result(thread, msg, route), delivery.claim_in(session, k, entry_id, False)
 
-    result, claim = await k.store.run(work)
+    result, claim = await _store_once(k, idempotency_key, work)
     events.announce(k.pm)
-    result["status"] = await _deliver(k, claim)
+    # The entry is claimed with its message, in the same transaction; one not
+    # claimable now (its mailbox in backoff, say) waits for the daemon.
+    if claim is not None:
+        result["status"] = await delivery.deliver_claim(k, claim)
     return result
-
-
-async def _deliver(k: Kernel, claim: delivery.Claim | None) -> str:
-    """Deliver the entry claimed with its message, in the same transaction; one
-    not claimable now (its mailbox in backoff, say) waits for the daemon."""
-    return "queued" if claim is None else await delivery.deliver_claim(k, claim)

@@ -217,6 +217,7 @@ class OutboxEntry(Base):
     __tablename__ = "outbox"
     __table_args__ = (
         UniqueConstraint("message_pk", name="uq_outbox_message"),
+        UniqueConstraint("request_key", name="uq_outbox_request_key"),
         Index("ix_outbox_due", "status", "next_attempt_at"),
     )
 
@@ -241,6 +242,9 @@ class OutboxEntry(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    #: SHA-256 of the caller's idempotency key and what it was for (sub-account,
+    #: user or thread): a second send or reply with it gets this message instead.
+    request_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Event(Base):

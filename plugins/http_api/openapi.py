@@ -19,7 +19,7 @@ _TEXT_FOR = {
     401: "No valid API key.",
     403: "Needs an admin key, or the sub-account's Labs flag is off.",
     404: "No such object for this key (another sub-account's objects are not found).",
-    409: "Refused by a rule (already connected), or the Idempotency-Key is in use.",
+    409: "Refused by a rule (already connected, a sign-in already used).",
     413: "Request body too large.",
     415: "The body must be application/json.",
     422: "A field is invalid.",

@@ -5,8 +5,11 @@ A thread belongs to one sub-account; a sub-account key asking for another's
 thread gets 404, exactly as for a thread that does not exist (R10). Send and
 reply with an ``Idempotency-Key`` are answered from the stored first answer when
 retried (header ``Idempotent-Replayed: true``), so a retry never sends twice
-(R9); the same key with a different body is refused (422), and a key whose first
-request is still running, or died with an unknown outcome, answers 409.
+(R9); the same key with a different body is refused (422). A retry while the
+first request still runs, or after it died without an answer, goes to the
+kernel with the same key: the outbox knows the key (unique), so it answers the
+message the first request stored, delivering it if it still waits, or, when
+nothing was stored, sends it now, once.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ async def _idempotent(
     """Run ``run()`` once per ``Idempotency-Key``; answer retries from the record."""
     key = request.headers.get("idempotency-key")
     if key is None:
-        return await _answer(ctx, await run())
+        return await _answer(ctx, await run(None))
     store = ctx.ts.kernel.store
     fingerprint = hashlib.sha256(
         request.method.encode() + b" " + request.url.path.encode() + b"\n" + raw
@@ -72,17 +75,10 @@ async def _idempotent(
                 "this Idempotency-Key was used for a different request",
                 code="idempotency_key_reused",
             )
-        if replay.status_code is None or replay.response is None:
-            raise ApiProblem(
-                409,
-                "a request with this Idempotency-Key is running or ended without an answer; "
-                "look at the threads before sending again with a new key",
-                code="idempotency_key_in_use",
-                headers={"Retry-After": "1"},
-            )
-        return ok(replay.response, replay.status_code, {"Idempotent-Replayed": "true"})
+        if replay.status_code is not None and replay.response is not None:
+            return ok(replay.response, replay.status_code, {"Idempotent-Replayed": "true"})
     try:
-        result = await run()
+        result = await run(key)
     except NOTHING_DONE:
         await ctx.call(apikeys.abandon, store, subaccount, key)
         raise
@@ -102,8 +98,8 @@ async def send(ctx: ApiContext, request: Request, who: Principal) -> Response:
     body, raw = await bodies.json_object(request, ctx.http.max_body_bytes)
     draft = _draft(body, new_thread=True)
 
-    async def run() -> dict[str, Any]:
-        return await ctx.ts.send(subaccount, user, draft)
+    async def run(key: str | None) -> dict[str, Any]:
+        return await ctx.ts.send(subaccount, user, draft, idempotency_key=key)
 
     return await _idempotent(ctx, request, subaccount, raw, run)
 
@@ -114,8 +110,8 @@ async def reply(ctx: ApiContext, request: Request, who: Principal) -> Response:
     draft = _draft(body, new_thread=False)
     owner = (await ctx.call(ctx.ts.thread, thread_id, who.subaccount))["subaccount"]
 
-    async def run() -> dict[str, Any]:
-        return await ctx.ts.reply(thread_id, draft)
+    async def run(key: str | None) -> dict[str, Any]:
+        return await ctx.ts.reply(thread_id, draft, idempotency_key=key)
 
     return await _idempotent(ctx, request, owner, raw, run)
 

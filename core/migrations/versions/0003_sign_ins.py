@@ -1,6 +1,7 @@
 """Sign-ins waiting for the user's consent in a browser (the hosted OAuth
 redirect), kept in the database so that any process finishes them; indexes for
-the retention sweep of idempotency records and finished webhook deliveries.
+the retention sweep of idempotency records and finished webhook deliveries;
+the outbox's idempotency key.
 
 Revision ID: 0003
 Revises: 0002
@@ -45,6 +46,9 @@ def upgrade() -> None:
         batch_op.create_index('ix_sign_in_owner', ['subaccount_id', 'user_id'], unique=False)
     with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:
         batch_op.create_index('ix_idempotency_created', ['created_at'], unique=False)
+    with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('request_key', sa.String(length=64), nullable=True))
+        batch_op.create_unique_constraint('uq_outbox_request_key', ['request_key'])
     with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
         batch_op.create_index(
             'ix_webhook_delivery_finished', ['status', 'finished_at'], unique=False
@@ -52,6 +56,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.drop_constraint('uq_outbox_request_key', type_='unique')
+        batch_op.drop_column('request_key')
     with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
         batch_op.drop_index('ix_webhook_delivery_finished')
     with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:
