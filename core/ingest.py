@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -75,56 +75,31 @@ def _classify(
     Message-ID is already stored (the CRM's sent copy, INBOX+Sent) are left out.
     """
     domain = k.settings.sync.message_id_domain
-    refs: set[str] = set()
-    tokens: set[str] = set()
-    own: set[str] = set()
-    for h in headers:
-        for mid in _candidate_ids(h):
-            refs.add(mid)
-            token = rules.token_of(mid, domain)
-            if token:
-                tokens.add(token)
-        if h.message_id:
-            own.add(h.message_id)
-    if not refs:
+    # Only a header that refers to other messages can be a member, and only then
+    # does its own Message-ID matter: the other headers are not looked up.
+    candidates = [(h, _candidate_ids(h)) for h in headers if h.in_reply_to or h.references]
+    if not candidates:
         return []
-
-    def work(session: Session) -> tuple[dict[str, str], dict[str, str], set[str]]:
-        by_token: dict[str, str] = {}
-        by_mid: dict[str, str] = {}
-        known: set[str] = set()
-        active = select(SyncedThread.id).where(
-            SyncedThread.connection_id == conn_id, SyncedThread.state == "active"
-        )
-        if tokens:
-            for tid, token in session.execute(
-                select(SyncedThread.id, SyncedThread.token).where(
-                    SyncedThread.token.in_(tokens),
-                    SyncedThread.connection_id == conn_id,
-                    SyncedThread.state == "active",
-                )
-            ):
-                by_token[token] = tid
-        for chunk in _chunks(sorted(refs | own), 500):
-            for mid, tid in session.execute(
-                select(Message.message_id, Message.thread_id).where(
-                    Message.message_id.in_(chunk), Message.thread_id.in_(active)
-                )
-            ):
-                by_mid[mid] = tid
-                known.add(mid)
-        return by_token, by_mid, known
-
-    by_token, by_mid, known = k.store.call(work)
+    token_of: dict[str, str | None] = {}
+    wanted: set[str] = set()
+    for h, ids in candidates:
+        for mid in ids:
+            if mid not in token_of:
+                token_of[mid] = rules.token_of(mid, domain)
+        wanted.update(ids)
+        if h.message_id:
+            wanted.add(h.message_id)
+    tokens = {token for token in token_of.values() if token}
+    by_token, by_mid = k.store.call(lambda session: _stored(session, conn_id, tokens, wanted))
     members: list[tuple[HeaderSummary, str]] = []
-    for h in headers:
-        if h.message_id and h.message_id in known:
-            continue
+    for h, ids in candidates:
+        if h.message_id and h.message_id in by_mid:
+            continue  # already stored: the CRM's own copy, or INBOX and Sent
         thread_id = None
-        for mid in reversed(_candidate_ids(h)):
+        for mid in reversed(ids):
             thread_id = by_mid.get(mid)
             if thread_id is None:
-                token = rules.token_of(mid, domain)
+                token = token_of[mid]
                 thread_id = by_token.get(token) if token else None
             if thread_id:
                 break
@@ -134,8 +109,56 @@ def _classify(
         if h.message_id:
             # A later header in the same batch may reply to this one.
             by_mid[h.message_id] = thread_id
-            known.add(h.message_id)
     return members
+
+
+#: Most ids bound in one lookup query (SQLite before 3.32 takes 999 parameters).
+_LOOKUP_CHUNK = 500
+
+# The lookups of _classify, built once. Each is led by the index of the ids it
+# looks for. Tokens are unique, so the few threads found are checked afterwards
+# (with the connection in the query, SQLite walks all of the connection's
+# threads instead). A message's thread is checked per message found (EXISTS on
+# the thread's key); "thread_id IN (active threads)" made SQLite probe every
+# Message-ID once per active thread.
+_THREADS_BY_TOKEN = select(
+    SyncedThread.token, SyncedThread.id, SyncedThread.connection_id, SyncedThread.state
+).where(SyncedThread.token.in_(bindparam("tokens", expanding=True)))
+_MESSAGES_IN_ACTIVE_THREADS = (
+    select(Message.message_id, Message.thread_id)
+    .where(
+        Message.message_id.in_(bindparam("mids", expanding=True)),
+        select(SyncedThread.id)
+        .where(
+            SyncedThread.id == Message.thread_id,
+            SyncedThread.connection_id == bindparam("conn_id"),
+            SyncedThread.state == "active",
+        )
+        .exists(),
+    )
+    # A Message-ID stored in two threads gives the later one, on every database.
+    .order_by(Message.id)
+)
+
+
+def _stored(
+    session: Session, conn_id: int, tokens: set[str], mids: set[str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The connection's active threads by token, and its messages in them by
+    Message-ID, among ``tokens`` and ``mids``: (token -> thread, mid -> thread).
+    One query for each while the ids fit (those of a batch of 250 headers do)."""
+    by_token: dict[str, str] = {}
+    for chunk in _chunks(sorted(tokens), _LOOKUP_CHUNK):
+        for token, thread_id, owner, state in session.execute(_THREADS_BY_TOKEN, {"tokens": chunk}):
+            if owner == conn_id and state == "active":
+                by_token[token] = thread_id
+    by_mid: dict[str, str] = {}
+    for chunk in _chunks(sorted(mids), _LOOKUP_CHUNK):
+        for mid, thread_id in session.execute(
+            _MESSAGES_IN_ACTIVE_THREADS, {"mids": chunk, "conn_id": conn_id}
+        ):
+            by_mid[mid] = thread_id
+    return by_token, by_mid
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:

@@ -115,6 +115,12 @@ class HeaderSummary:
     ``ref`` is the provider's id for the message inside ``folder`` (an IMAP UID as a
     string, a Graph immutable id). Message-IDs are given with angle brackets, as in
     the header (``<abc@host>``); ``references`` in header order.
+
+    Build it with its fields, or from a raw header block with
+    :func:`core.mime.summarize_headers`. Such a summary decodes ``sender``,
+    ``subject`` and ``date`` only when they are first read (the kernel reads them
+    only for members of synced threads) and is otherwise the same: equal to one
+    built with the same values.
     """
 
     ref: str

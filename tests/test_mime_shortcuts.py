@@ -6,16 +6,28 @@ shortcut is checked here against the general decoder it stands in for (the
 stdlib header parser, ``addresses``, ``parse_date``, ``parse_msgid_list``), on
 plain values and on values just outside what the shortcut accepts, generated
 from a fixed seed, including the notes the general path writes.
+
+A summary reads only the threading ids of its block at once (the kernel needs
+nothing else to decide membership) and sender, subject and date when they are
+first read; both are checked against the full reading of every field, over
+generated blocks, the tricky values of the Message-ID tests and the mutated
+messages of the parser's fuzz test.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import pickle
 import random
 
 import pytest
 
 from core import mime_parse
+from core.mime import summarize_headers
 from core.mime_decode import Notes, addresses, parse_date, parse_msgid_list, raw_text
+from core.provider import HeaderSummary
+from tests.test_mime import SNIPPETS, fuzz_bases, mutate
 
 FIELDS = [
     b"From: Sender 5 <sender@example.net>",
@@ -170,3 +182,186 @@ def test_bracketed_ids_read_as_parse_msgid_list_reads_them(values: list[str]) ->
         general.add("References holds no usable Message-ID")
     assert mime_parse._ids(entity, "references", "References", quick) == expected
     assert quick.result() == general.result()
+
+
+# ---- header summaries ------------------------------------------------------------------
+
+THREAD_FIELDS = [
+    b"Message-ID: <1.abc@mail.example.net>",
+    b"MESSAGE-ID:<no.blank@example.net>",
+    b"message-id: <a@example.net> <b@example.net>",
+    b"Message-Id: (comment) <c@example.net>",
+    b"Message-ID: <0123456789abcdef.abcdefghijklmnop@threadsync.local>",
+    b"Message-ID:",
+    b"Message-ID: not an id",
+    b"Message-ID: <caf\xc3\xa9@example.net>",
+    b"In-Reply-To: <p1@example.net>",
+    b"In-Reply-To: =?utf-8?q?caf=C3=A9?= <p2@example.net>",
+    b'In-Reply-To: Your message of "Mon, 1 Jan" <orig@example.net>',
+    b"In-Reply-To:\r\n\t<folded@example.net>",
+    b"in-reply-to: <a@example.net>,<c@example.net>,<a@example.net>",
+    b"References: <a@example.net>\r\n <b@example.net>",
+    b"References: <a@example.net>\n\t<b@example.net>\n <c@example.net>",
+    b"References: <very\r\n long@host.example>",
+    b"References: <a@b> (comment (nested) <x@y>) <c@d>",
+    b"References: a@example.net",
+    b"References: <>",
+    b"References:",
+    b"References: <a\x00b@example.net>",
+    b"References: <" + b"x" * 1000 + b"@example.net>",
+    b"References: (" + b"<a@b> " * 200,
+    b"REFERENCES: <d@example.net>   ",
+    b"References : <blank.before.colon@example.net>",
+    b"X-References: <not.this@example.net>",
+    b"Message-ID-Extra: <not.this@example.net>",
+]
+
+
+def thread_blocks(count: int) -> list[bytes]:
+    """Header blocks as IMAP servers and Maildir files give them: any order,
+    CRLF or LF, a blank line and maybe a body after them, maybe an odd line."""
+    rng = random.Random(815)
+    blocks = []
+    for _ in range(count):
+        lines = [rng.choice(THREAD_FIELDS + FIELDS) for _ in range(rng.randint(0, 7))]
+        if rng.random() < 0.25:
+            lines.insert(rng.randint(0, len(lines)), rng.choice(ODD_LINES))
+        newline = rng.choice([b"\r\n", b"\n"])
+        block = newline.join(line.replace(b"\r\n", b"\n").replace(b"\n", newline) for line in lines)
+        block += rng.choice([b"", newline, newline * 2, newline * 2 + b"body line" + newline])
+        blocks.append(rng.choice([b"", newline]) + block)
+    return blocks
+
+
+def mutated_messages(count: int) -> list[bytes]:
+    rng = random.Random(2024)
+    bases = fuzz_bases()
+    return [mutate(rng, rng.choice(bases))[:2000] for _ in range(count)]
+
+
+def random_bytes(count: int) -> list[bytes]:
+    rng = random.Random(78)
+    alphabet = b"".join(SNIPPETS) + bytes(range(256))
+    return [bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(count)]
+
+
+CORPUS = [
+    *thread_blocks(4000),
+    *header_blocks(1000),
+    *mutated_messages(400),
+    *random_bytes(200),
+]
+
+
+def full_summary(ref: str, block: bytes, size: int | None) -> HeaderSummary:
+    """What a summary held when every field was decoded at once."""
+    entity = mime_parse._parse_entity(block.lstrip(b"\r\n"))
+    env = mime_parse._envelope(entity, Notes(), recipients=False)
+    return HeaderSummary(
+        ref=ref,
+        message_id=env.message_id,
+        in_reply_to=env.in_reply_to,
+        references=env.references,
+        sender=env.sender,
+        subject=env.subject,
+        date=env.date,
+        size=size,
+    )
+
+
+def values(summary: HeaderSummary) -> list[object]:
+    return [getattr(summary, f.name) for f in dataclasses.fields(HeaderSummary)]
+
+
+def test_the_plain_block_test_is_the_one_plain_headers_makes() -> None:
+    plain = 0
+    for block in CORPUS:
+        head = mime_parse._split_head(block.lstrip(b"\r\n"))[0]
+        if head:
+            text = head.decode("ascii", "surrogateescape")
+            expected = mime_parse._plain_headers(head) is not None
+            assert mime_parse._plain_block(text) == expected, head
+            plain += expected
+    assert 2000 < plain < len(CORPUS) - 1000  # both kinds are common
+
+
+def test_thread_ids_read_as_the_full_path_reads_them() -> None:
+    with_ids = 0
+    for block in CORPUS:
+        data = block.lstrip(b"\r\n")
+        entity = mime_parse._parse_entity(data)
+        notes = Notes()
+        expected = (
+            mime_parse._ids(entity, "message-id", "Message-ID", notes),
+            mime_parse._ids(entity, "in-reply-to", "In-Reply-To", notes),
+            mime_parse._ids(entity, "references", "References", notes),
+        )
+        assert mime_parse._thread_ids(data) == expected, block
+        with_ids += bool(expected[1] or expected[2])
+    assert with_ids > 1000
+
+
+@pytest.mark.parametrize("first", ["sender", "subject", "date", "message_id"])
+def test_summaries_hold_what_the_full_reading_gives(first: str) -> None:
+    for i, block in enumerate(CORPUS):
+        summary = summarize_headers(str(i), block, i % 7 or None)
+        getattr(summary, first)  # whichever field is read first, the others follow
+        expected = full_summary(str(i), block, i % 7 or None)
+        assert values(summary) == values(expected), block
+        assert summary == expected and expected == summary
+        assert hash(summary) == hash(expected)
+
+
+def test_sender_subject_and_date_are_decoded_once_and_only_when_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded: list[object] = []
+    envelope = mime_parse._envelope
+
+    def counting(*args: object, **kwargs: object) -> object:
+        decoded.append(args[0])
+        return envelope(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mime_parse, "_envelope", counting)
+    block = (
+        b"From: =?utf-8?q?Bob_B=C3=A9?= <Bob@Example.ORG>\r\nSubject: Re: Offer\r\n"
+        b"Date: Tue, 02 Jan 2024 10:00:00 +0100\r\nMessage-ID: <r1@example.org>\r\n"
+        b"In-Reply-To: <t1@example.org>\r\n\r\n"
+    )
+    summaries = [summarize_headers(str(i), block, 10) for i in range(100)]
+    assert [s.in_reply_to for s in summaries] == [("<t1@example.org>",)] * 100
+    assert decoded == []
+    one = summaries[0]
+    read = ("Bob@example.org", "Re: Offer", "2024-01-02T09:00:00Z")
+    assert (one.sender, one.subject, one.date) == read
+    assert (one.date, one.subject, one.sender) == read[::-1]
+    assert len(decoded) == 1
+
+
+def test_a_block_summary_is_a_header_summary_like_any_other() -> None:
+    block = b"From: ann@example.com\nSubject: Hi\nMessage-ID: <m@example.com>\n\n"
+    expected = HeaderSummary("3", "<m@example.com>", sender="ann@example.com", subject="Hi")
+
+    def fresh() -> HeaderSummary:
+        return summarize_headers("3", block)
+
+    assert isinstance(fresh(), HeaderSummary)
+    assert fresh() == expected and expected == fresh() and fresh() == fresh()
+    assert fresh() != dataclasses.replace(expected, subject="Other")
+    assert dataclasses.replace(expected, subject="Other") != fresh()
+    not_a_summary: object = dataclasses.astuple(expected)
+    assert fresh() != not_a_summary
+    assert {fresh(), expected, fresh()} == {expected}
+    assert dataclasses.asdict(fresh()) == dataclasses.asdict(expected)
+    assert dataclasses.astuple(fresh()) == dataclasses.astuple(expected)
+    for copied in (copy.copy(fresh()), copy.deepcopy(fresh()), pickle.loads(pickle.dumps(fresh()))):
+        assert values(copied) == values(expected)
+    changed = dataclasses.replace(fresh(), ref="4", date="2024-01-02T09:00:00Z")
+    assert values(changed) == values(dataclasses.replace(expected, ref="4", date=changed.date))
+    assert "subject='Hi'" in repr(fresh()) and "ref='3'" in repr(fresh())
+    summary = fresh()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        summary.sender = "mallory@example.com"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        summary.ref = "9"  # type: ignore[misc]
+    assert summary.sender == "ann@example.com"
