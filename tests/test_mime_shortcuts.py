@@ -1,4 +1,4 @@
-"""The shortcuts of core.mime_parse give exactly what the general path gives.
+"""The shortcuts of core.mime_headers give exactly what the general path gives.
 
 Header summaries are made for every new message, so plain header blocks, plain
 mailboxes, canonical dates and bracketed Message-IDs take a quicker path. Each
@@ -23,7 +23,7 @@ import random
 
 import pytest
 
-from core import mime_parse
+from core import mime_headers
 from core.mime import summarize_headers
 from core.mime_decode import Notes, addresses, parse_date, parse_msgid_list, raw_text
 from core.provider import HeaderSummary
@@ -73,14 +73,14 @@ def header_blocks(count: int) -> list[bytes]:
 
 
 def stdlib_headers(head: bytes) -> tuple[list[tuple[str, str]], list[object]]:
-    msg = mime_parse._HEADER_PARSER.parsebytes(head)
+    msg = mime_headers._HEADER_PARSER.parsebytes(head)
     return [(str(n).strip().lower(), str(v)) for n, v in msg.raw_items()], list(msg.defects)
 
 
 def test_plain_header_blocks_read_as_the_stdlib_parser_reads_them() -> None:
     quick = 0
     for head in header_blocks(3000):
-        headers = mime_parse._plain_headers(head)
+        headers = mime_headers._plain_headers(head)
         if headers is None:
             continue
         quick += 1
@@ -117,7 +117,7 @@ def test_plain_header_blocks_read_as_the_stdlib_parser_reads_them() -> None:
 )
 def test_plain_mailboxes_read_as_addresses_reads_them(value: str) -> None:
     quick, general = Notes(), Notes()
-    assert mime_parse._addresses([value], "From", quick) == addresses([value], "From", general)
+    assert mime_headers._addresses([value], "From", quick) == addresses([value], "From", general)
     assert quick.result() == general.result()
 
 
@@ -148,7 +148,7 @@ DATES = [
 @pytest.mark.parametrize("value", DATES)
 def test_canonical_dates_read_as_parse_date_reads_them(value: str) -> None:
     quick, general = Notes(), Notes()
-    assert mime_parse._date(value, quick) == parse_date(value, general)
+    assert mime_headers._date(value, quick) == parse_date(value, general)
     assert quick.result() == general.result()
 
 
@@ -175,12 +175,12 @@ def test_canonical_dates_read_as_parse_date_reads_them(value: str) -> None:
     ],
 )
 def test_bracketed_ids_read_as_parse_msgid_list_reads_them(values: list[str]) -> None:
-    entity = mime_parse._Entity([("references", v) for v in values], b"")
+    entity = mime_headers.Entity([("references", v) for v in values], b"")
     quick, general = Notes(), Notes()
     expected = parse_msgid_list(" ".join(raw_text(v, "References", general) for v in values))
     if values and not expected:
         general.add("References holds no usable Message-ID")
-    assert mime_parse._ids(entity, "references", "References", quick) == expected
+    assert mime_headers._ids(entity, "references", "References", quick) == expected
     assert quick.result() == general.result()
 
 
@@ -255,8 +255,8 @@ CORPUS = [
 
 def full_summary(ref: str, block: bytes, size: int | None) -> HeaderSummary:
     """What a summary held when every field was decoded at once."""
-    entity = mime_parse._parse_entity(block.lstrip(b"\r\n"))
-    env = mime_parse._envelope(entity, Notes(), recipients=False)
+    entity = mime_headers.parse_entity(block.lstrip(b"\r\n"))
+    env = mime_headers.envelope(entity, Notes(), recipients=False)
     return HeaderSummary(
         ref=ref,
         message_id=env.message_id,
@@ -276,11 +276,11 @@ def values(summary: HeaderSummary) -> list[object]:
 def test_the_plain_block_test_is_the_one_plain_headers_makes() -> None:
     plain = 0
     for block in CORPUS:
-        head = mime_parse._split_head(block.lstrip(b"\r\n"))[0]
+        head = mime_headers._split_head(block.lstrip(b"\r\n"))[0]
         if head:
             text = head.decode("ascii", "surrogateescape")
-            expected = mime_parse._plain_headers(head) is not None
-            assert mime_parse._plain_block(text) == expected, head
+            expected = mime_headers._plain_headers(head) is not None
+            assert mime_headers._plain_block(text) == expected, head
             plain += expected
     assert 2000 < plain < len(CORPUS) - 1000  # both kinds are common
 
@@ -289,14 +289,14 @@ def test_thread_ids_read_as_the_full_path_reads_them() -> None:
     with_ids = 0
     for block in CORPUS:
         data = block.lstrip(b"\r\n")
-        entity = mime_parse._parse_entity(data)
+        entity = mime_headers.parse_entity(data)
         notes = Notes()
         expected = (
-            mime_parse._ids(entity, "message-id", "Message-ID", notes),
-            mime_parse._ids(entity, "in-reply-to", "In-Reply-To", notes),
-            mime_parse._ids(entity, "references", "References", notes),
+            mime_headers._ids(entity, "message-id", "Message-ID", notes),
+            mime_headers._ids(entity, "in-reply-to", "In-Reply-To", notes),
+            mime_headers._ids(entity, "references", "References", notes),
         )
-        assert mime_parse._thread_ids(data) == expected, block
+        assert mime_headers._thread_ids(data) == expected, block
         with_ids += bool(expected[1] or expected[2])
     assert with_ids > 1000
 
@@ -316,13 +316,13 @@ def test_sender_subject_and_date_are_decoded_once_and_only_when_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     decoded: list[object] = []
-    envelope = mime_parse._envelope
+    envelope = mime_headers.envelope
 
     def counting(*args: object, **kwargs: object) -> object:
         decoded.append(args[0])
         return envelope(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mime_parse, "_envelope", counting)
+    monkeypatch.setattr(mime_headers, "envelope", counting)
     block = (
         b"From: =?utf-8?q?Bob_B=C3=A9?= <Bob@Example.ORG>\r\nSubject: Re: Offer\r\n"
         b"Date: Tue, 02 Jan 2024 10:00:00 +0100\r\nMessage-ID: <r1@example.org>\r\n"
