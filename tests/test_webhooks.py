@@ -13,11 +13,11 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, create_engine, func, select, text
 
 from core import webhooks
 from core.compose import Draft
-from core.models import utcnow
+from core.models import WebhookDelivery, utcnow
 from core.webhooks import WebhookSettings
 from plugins.http_api.app import create_app
 from plugins.http_api.dispatcher import Dispatcher
@@ -210,11 +210,21 @@ def insert_event(conn: Connection, thread_id: str) -> int:
 
 async def delivered_ids(world: World, receiver: Receiver, settings: WebhookSettings,
                         count: int) -> list[int]:  # fmt: skip
-    """Run the dispatcher until ``count`` events arrived; their ids in arrival order."""
+    """Run the dispatcher until ``count`` events arrived and were recorded as
+    delivered; their ids in arrival order."""
     dispatcher = Dispatcher(world.ts.kernel, settings)
     task = asyncio.create_task(dispatcher.run())
+
+    def recorded() -> int:
+        return int(world.ts.kernel.store.call(lambda s: s.scalar(
+            select(func.count()).select_from(WebhookDelivery)
+            .where(WebhookDelivery.status == "delivered")
+        )))  # fmt: skip
+
     try:
-        await wait_for(lambda: len(receiver.got) >= count, 10, f"{count} deliveries")
+        await wait_for(
+            lambda: len(receiver.got) >= count and recorded() >= count, 10, f"{count} deliveries"
+        )
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

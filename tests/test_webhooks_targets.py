@@ -21,7 +21,8 @@ from core import webhooks
 from core.config import from_mapping
 from core.errors import ConfigError, InvalidInput
 from core.models import Event
-from core.webhooks import WebhookSettings, address_refusal, check_url
+from core.webhook_targets import address_refusal, check_url
+from core.webhooks import WebhookSettings
 from plugins.http_api.dispatcher import Dispatcher, GuardedTransport, TargetRefused
 from plugins.http_api.settings import http_settings
 from plugins.http_api.signatures import sign

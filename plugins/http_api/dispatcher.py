@@ -13,7 +13,7 @@ A pass runs every ``poll_seconds``, or at once when :meth:`wake` is called (the
 API does so after writing, and the host hooks after every committed event).
 
 Every post goes through :class:`GuardedTransport`, which resolves the host
-itself, refuses when any address is internal (:func:`core.webhooks.address_refusal`)
+itself, refuses when any address is internal (:func:`core.webhook_targets.address_refusal`)
 and connects to the address it checked, so a second DNS answer cannot rebind
 the request elsewhere. Every ``SWEEP_EVERY_SECONDS`` a pass also deletes what
 is past its retention (:func:`core.webhooks.purge`).
@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from core import webhooks
+from core import webhook_targets, webhooks
 from core.errors import ThreadsyncError
 from core.hookspecs import hookimpl
 from core.kernel import Kernel
@@ -108,7 +108,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         if not addresses:
             raise httpx.ConnectError(f"{host} has no address", request=request)
         for address in addresses:
-            refusal = webhooks.address_refusal(address, self.settings)
+            refusal = webhook_targets.address_refusal(address, self.settings)
             if refusal is not None:
                 of_host = "" if address == host else f" (an address of {host})"
                 raise TargetRefused(f"target refused: {refusal}{of_host}", request=request)

@@ -3,7 +3,7 @@
 Creating an endpoint answers its signing secret, once (``Cache-Control:
 no-store``); it is kept encrypted (R11). A URL whose host is, or resolves to, an
 internal address the operator did not allow is refused with ``422`` naming the
-address and why (:func:`core.webhooks.check_url`).
+address and why (:func:`core.webhook_targets.check_url`).
 ``GET .../webhook-deliveries?status=dead`` lists the dead letters, and
 ``POST .../webhook-deliveries/{id}/retry`` sends one again with a fresh retry
 window.
@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import webhooks
+from core import webhook_targets, webhooks
 from core.apikeys import Principal
 from core.errors import InvalidInput
 from plugins.http_api import bodies
@@ -63,7 +63,7 @@ async def endpoints_post(ctx: ApiContext, request: Request, who: Principal) -> R
     settings = ctx.http.webhooks
     addresses = await _addresses(url)
     try:
-        webhooks.check_url(url, settings, addresses)
+        webhook_targets.check_url(url, settings, addresses)
     except InvalidInput as exc:
         raise bodies.invalid("url", str(exc).removeprefix("webhook url ")) from None
     made = await ctx.call(

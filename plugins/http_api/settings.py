@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 from core.config import Settings, is_loopback
 from core.errors import ConfigError
-from core.webhooks import Network, WebhookSettings
+from core.webhook_targets import Network
+from core.webhooks import WebhookSettings
 
 
 @dataclass(frozen=True)
