@@ -2,16 +2,17 @@
 
 An entry moves ``pending`` -> ``claimed`` (a lease, before any network call) ->
 ``transmitting`` (committed by the provider's checkpoint, immediately before the
-step after which the message may have left: SMTP DATA, Graph send) -> ``sent``.
+step after which the message may have left: the line that ends SMTP DATA, Graph
+send) -> ``sent``.
 
 After a crash:
 
 * ``claimed`` with a dead or expired lease: nothing left; it is sent again.
 * ``transmitting``: it may have left. It is never sent again; the Sent folder is
-  checked for its Message-ID and the copy filed if missing. On loopback and LAN
-  the window between that commit and the server taking the message is a single
-  socket write, so in practice this is exactly once; where it is not, threadsync
-  prefers a missing message over a duplicate, as PRODUCT.md R9 demands.
+  checked for its Message-ID and the copy filed if missing. Over SMTP the
+  window between that commit and the message leaving is the write of the
+  three bytes that end DATA (:mod:`core.smtp_data`); a crash in it loses the
+  message rather than doubling it, the one case R9's two demands conflict.
 
 A failure before the checkpoint returns the entry to ``pending`` with backoff.
 """

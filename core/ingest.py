@@ -15,6 +15,7 @@ and the pass stops (R6) instead of writing a cursor that no longer exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from core.events import EventBuffer
 from core.kernel import Kernel
 from core.mime import ParsedMessage, parse_message
 from core.models import Attachment, Connection, Cursor, Message, SyncedThread
-from core.provider import Folder, HeaderSummary, Provider
+from core.provider import ChangeBatch, Folder, HeaderSummary, Provider
 
 log = logging.getLogger(__name__)
 
@@ -350,41 +351,73 @@ async def sync_folder(
         return dict(row.data)
 
     cursor = await k.store.run(load)
-    while True:
-        batch = await provider.changes(folder, cursor, k.settings.sync.batch_size)
-        report.seen += len(batch.headers)
-        members = await asyncio.to_thread(_classify, k, conn_id, batch.headers)
-        accepted: list[Accepted] = []
-        for group in _fetch_groups(members):
-            raws = await provider.fetch_many(folder, [header.ref for header, _ in group])
-            for header, thread_id in group:
-                mid = header.message_id or _synthetic_id(header.ref, header, conn_id)
-                raw = raws.get(header.ref)
-                if raw is None:
-                    raise ProviderProtocolError(f"message {header.ref} was not fetched")
-                try:
-                    # Big messages are parsed off the loop so IDLE and sends never stall.
-                    parsed: ParsedMessage | None = (
-                        parse_message(raw)
-                        if len(raw) < 256 * 1024
-                        else await asyncio.to_thread(parse_message, raw)
-                    )
-                    error = None
-                except MessageParseError as exc:
-                    parsed, error = None, str(exc)
-                accepted.append(Accepted(thread_id, header, mid, parsed, error))
-        if accepted or batch.cursor != cursor:
-            events = EventBuffer()
-            await asyncio.to_thread(
-                _store, k, conn_id, folder, accepted, batch.cursor, events, report
-            )
-            events.announce(k.pm)
-            if report.ended:
+    size = k.settings.sync.batch_size
+    ahead: asyncio.Task[ChangeBatch] | None = None
+    try:
+        while True:
+            if ahead is not None:
+                batch, ahead = await ahead, None
+            else:
+                batch = await provider.changes(folder, cursor, size)
+            report.seen += len(batch.headers)
+            members = await asyncio.to_thread(_classify, k, conn_id, batch.headers)
+            accepted = await _fetch_members(provider, folder, conn_id, members)
+            if batch.more:
+                # The next headers are read while this batch is stored; each cursor
+                # is still stored with its own batch, so a crash replays at most one.
+                ahead = asyncio.ensure_future(provider.changes(folder, batch.cursor, size))
+            if accepted or batch.cursor != cursor:
+                events = EventBuffer()
+                await asyncio.to_thread(
+                    _store, k, conn_id, folder, accepted, batch.cursor, events, report
+                )
+                events.announce(k.pm)
+                if report.ended:
+                    return
+            report.folders[folder.role] = report.folders.get(folder.role, 0) + len(batch.headers)
+            cursor = batch.cursor
+            if not batch.more:
                 return
-        report.folders[folder.role] = report.folders.get(folder.role, 0) + len(batch.headers)
-        cursor = batch.cursor
-        if not batch.more:
-            return
+    finally:
+        if ahead is not None:
+            await _settle(ahead)
+
+
+async def _settle(task: asyncio.Task[ChangeBatch]) -> None:
+    """Let a read-ahead that is no longer wanted finish (cancelling an IMAP
+    command halfway would leave its answer on the line), unless we are being
+    cancelled ourselves."""
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        task.cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await task
+
+
+async def _fetch_members(
+    provider: Provider, folder: Folder, conn_id: int, members: list[tuple[HeaderSummary, str]]
+) -> list[Accepted]:
+    """The whole messages of a batch's members, parsed, in groups (R5: members only)."""
+    accepted: list[Accepted] = []
+    for group in _fetch_groups(members):
+        raws = await provider.fetch_many(folder, [header.ref for header, _ in group])
+        for header, thread_id in group:
+            mid = header.message_id or _synthetic_id(header.ref, header, conn_id)
+            raw = raws.get(header.ref)
+            if raw is None:
+                raise ProviderProtocolError(f"message {header.ref} was not fetched")
+            try:
+                # Big messages are parsed off the loop so IDLE and sends never stall.
+                parsed: ParsedMessage | None = (
+                    parse_message(raw)
+                    if len(raw) < 256 * 1024
+                    else await asyncio.to_thread(parse_message, raw)
+                )
+                error = None
+            except MessageParseError as exc:
+                parsed, error = None, str(exc)
+            accepted.append(Accepted(thread_id, header, mid, parsed, error))
+    return accepted
 
 
 async def sync_connection(k: Kernel, conn_id: int, provider: Provider) -> PassReport:

@@ -41,8 +41,9 @@ from core.errors import ConfigError
 FolderRole = Literal["inbox", "sent"]
 
 #: Awaited by a provider immediately before the step after which the message may
-#: have left (SMTP DATA, Graph ``/send``). The kernel commits "transmitting" there,
-#: so that after a crash it knows whether a re-send could duplicate.
+#: have left (the line that ends SMTP DATA, Graph ``/send``). The kernel commits
+#: "transmitting" there, so that after a crash it knows whether a re-send could
+#: duplicate.
 Checkpoint = Callable[[], Awaitable[None]]
 
 
@@ -359,9 +360,10 @@ class Provider(ABC):
         """Send ``mail`` through the mailbox.
 
         Await ``checkpoint()`` immediately before the step after which the message
-        may have left (for SMTP: after RCPT, before DATA), and not earlier: before
-        it, a crash means "not sent"; after it, the kernel will look in Sent
-        before ever sending again.
+        may have left (for SMTP: inside DATA, before the line that ends it; use
+        :func:`core.smtp_data.send_data`), and not earlier: before it, a crash
+        means "not sent"; after it, the kernel will look in Sent before ever
+        sending again.
         """
 
     async def store_sent_copy(self, mail: OutgoingMail) -> None:

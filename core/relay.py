@@ -20,12 +20,14 @@ from core.errors import (
     TransientProviderError,
 )
 from core.provider import Checkpoint, OutgoingMail
+from core.smtp_data import send_data
 
 
 async def send_via_relay(
     channel: DefaultChannel, mail: OutgoingMail, password: str | None, checkpoint: Checkpoint
 ) -> None:
-    """Send ``mail`` through the relay, awaiting ``checkpoint`` right before DATA."""
+    """Send ``mail`` through the relay; ``checkpoint`` is awaited inside DATA,
+    right before the line that ends it (:func:`core.smtp_data.send_data`)."""
     if channel.username and password is None:
         raise ConfigError(f"[outbound.default] password_env {channel.password_env!r} is not set")
     context = ssl.create_default_context()
@@ -53,8 +55,7 @@ async def send_via_relay(
                     raise TransientProviderError(f"{where} deferred {rcpt}: {exc.code}") from None
         if not accepted:
             raise ProviderProtocolError(f"{where} refused every recipient")
-        await checkpoint()
-        await smtp.data(mail.raw)
+        await send_data(smtp, mail.raw, checkpoint)
     except aiosmtplib.SMTPAuthenticationError as exc:
         raise AuthenticationFailed(f"{where} rejected the login ({exc.code})") from None
     except aiosmtplib.SMTPResponseException as exc:

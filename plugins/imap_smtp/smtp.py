@@ -4,10 +4,11 @@
 or loopback plaintext, certificate verified; PLAIN/LOGIN/CRAM-MD5 as offered,
 or XOAUTH2) and reuses it for every message, closing it after it sat idle or
 at :meth:`SmtpSession.close`. Each message is MAIL FROM, RCPT TO for each
-recipient, then the caller's checkpoint, and only then DATA. Everything before
-the checkpoint can fail without the message having left, so a reused connection
-that turns out to be gone by then (the server closed it while idle) is replaced
-and the message tried once more; DATA is the point of no return (see
+recipient, then DATA with the caller's checkpoint right before the line that
+ends it (:mod:`core.smtp_data`). Everything before the checkpoint can fail
+without the message having left, so a reused connection that turns out to be
+gone by then (the server closed it while idle) is replaced and the message tried
+once more; the end of DATA is the point of no return (see
 :data:`core.provider.Checkpoint`): after the checkpoint nothing is retried.
 Errors leave as :mod:`core.errors` only: rejected credentials ->
 ``AuthenticationFailed``; 4xx replies, network errors and timeouts ->
@@ -32,6 +33,7 @@ from core.errors import (
     TransientProviderError,
 )
 from core.provider import Checkpoint, OutgoingMail
+from core.smtp_data import send_data
 from plugins.imap_smtp.tls import certificate_error, certificate_failure
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ class SmtpSession:
     async def send(
         self, endpoint: SmtpEndpoint, mail: OutgoingMail, checkpoint: Checkpoint
     ) -> None:
-        """Submit ``mail``; ``checkpoint`` is awaited after RCPT and before DATA.
+        """Submit ``mail``; ``checkpoint`` is awaited inside DATA, before its end.
 
         An exception from ``checkpoint`` propagates unchanged and nothing is sent.
         Recipients refused while others are accepted are logged and skipped:
@@ -104,10 +106,10 @@ class SmtpSession:
             self._stop_idle_timer()
             try:
                 client = await self._envelope_sent(endpoint, mail)
-                await checkpoint()
-                # The point of no return: whatever happens now is never retried.
+                # The checkpoint runs inside DATA, right before the line that ends
+                # it: after that nothing is retried (core.smtp_data).
                 with _translated(endpoint, "DATA"):
-                    await client.data(mail.raw)
+                    await send_data(client, mail.raw, checkpoint)
             except BaseException as exc:
                 # The transaction may be half done (or the checkpoint refused it):
                 # never reuse that connection. A cancelled send may have stopped

@@ -104,6 +104,36 @@ async def test_one_connection_carries_every_message(
         await provider.close()
 
 
+async def test_a_checkpoint_that_fails_leaves_nothing_at_the_server(
+    imap_server: ImapServer, mailbox: tuple[str, str], counting_smtp: CountingSmtpServer
+) -> None:
+    """The checkpoint runs inside DATA, before its end: when it fails (the
+    process dies there, the lease was lost) the server has the whole message
+    but not its end, and discards it when the connection goes. Sending it again
+    then delivers it exactly once."""
+    email = mailbox[0]
+
+    class Died(Exception):
+        pass
+
+    async def dies() -> None:
+        assert counting_smtp.received == []
+        raise Died
+
+    with counting_smtp:
+        provider = make_provider(imap_server, mailbox, smtp=counting_smtp)
+        mail = outgoing(email, "contact@example.org")
+        with pytest.raises(Died):
+            await provider.send(mail, dies)
+        await wait_until(lambda: counting_smtp.closed == 1)
+        assert counting_smtp.received == []  # the unterminated message was dropped
+        checkpoints = Checkpoints(counting_smtp)
+        await provider.send(mail, checkpoints)
+        assert checkpoints.seen == [0]
+        assert message_ids(counting_smtp) == [mail.message_id.strip("<>")]
+        await provider.close()
+
+
 async def test_an_idle_connection_is_closed(
     imap_server: ImapServer, mailbox: tuple[str, str], counting_smtp: CountingSmtpServer
 ) -> None:
@@ -156,10 +186,17 @@ async def test_a_connection_dropped_while_idle_still_sends_each_message_once(
     assert retried is not noticed
 
 
-def _smtp_script(events: list[str], on_second_mail: bytes | None, drop_at_data: int | None) -> Any:
+def _smtp_script(
+    events: list[str],
+    on_second_mail: bytes | None,
+    drop_at_data: int | None,
+    drop_at_end: int | None = None,
+) -> Any:
     """A submission server: ``on_second_mail`` is its answer to the second MAIL
     FROM of a connection (after which it closes); ``drop_at_data`` is the DATA
-    command (counted over all connections) at which it hangs up instead."""
+    command (counted over all connections) at which it hangs up instead of
+    answering 354; ``drop_at_end`` the one whose end of data it receives and
+    then hangs up without a verdict (the message may have been taken)."""
     counts = {"data": 0}
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -191,6 +228,10 @@ def _smtp_script(events: list[str], on_second_mail: bytes | None, drop_at_data: 
                 writer.write(b"354 go on\r\n")
                 while (await reader.readline()) != b".\r\n":
                     pass
+                if counts["data"] == drop_at_end:
+                    events.append("ended")
+                    writer.close()
+                    return
                 events.append("accepted")
                 writer.write(b"250 queued\r\n")
             elif verb == b"QUIT":
@@ -221,9 +262,27 @@ async def test_a_421_before_the_checkpoint_is_retried_on_a_new_connection() -> N
     assert events == ["connect", "data", "accepted", "connect", "data", "accepted", "quit"]
 
 
+async def test_a_failure_before_the_end_of_data_sends_nothing() -> None:
+    """The server hangs up at DATA: the checkpoint was not reached, so the
+    kernel keeps the message pending and sends it again later."""
+    events: list[str] = []
+    script = _smtp_script(events, None, drop_at_data=1)
+    async with scripted_server(script) as port:
+        provider = scripted_provider(port, password_env="PW", smtp_port=port)
+        calls: list[str] = []
+
+        async def checkpoint() -> None:
+            calls.append("checkpoint")
+
+        with pytest.raises(TransientProviderError, match="DATA"):
+            await provider.send(outgoing("user@example.org", "a@example.org"), checkpoint)
+        assert calls == [] and events == ["connect", "data"]
+        await provider.close()
+
+
 async def test_a_failure_after_the_checkpoint_is_never_retried() -> None:
     events: list[str] = []
-    script = _smtp_script(events, None, drop_at_data=2)
+    script = _smtp_script(events, None, drop_at_data=None, drop_at_end=2)
     async with scripted_server(script) as port:
         provider = scripted_provider(port, password_env="PW", smtp_port=port)
         calls: list[str] = []
@@ -235,10 +294,10 @@ async def test_a_failure_after_the_checkpoint_is_never_retried() -> None:
         with pytest.raises(TransientProviderError, match="DATA"):
             await provider.send(outgoing("user@example.org", "b@example.org"), checkpoint)
         assert calls == ["checkpoint", "checkpoint"]
-        assert events == ["connect", "data", "accepted", "data"]  # no new connection
+        assert events == ["connect", "data", "accepted", "data", "ended"]  # not sent again
         await provider.send(outgoing("user@example.org", "c@example.org"), checkpoint)
         await provider.close()
-    assert events[4:] == ["connect", "data", "accepted", "quit"]
+    assert events[5:] == ["connect", "data", "accepted", "quit"]
 
 
 async def test_a_refused_message_does_not_poison_the_connection(
