@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, undefer
 from core import rules
 from core.accounts import labs_on
 from core.errors import ProviderError, ProviderProtocolError, ThreadsyncError
-from core.events import EventBuffer
+from core.events import MESSAGE_SYNCED, EventBuffer, message_json
 from core.kernel import Kernel
 from core.models import Connection, Message, OutboxEntry, utcnow
 from core.provider import Checkpoint, OutgoingMail, Provider
@@ -56,6 +56,10 @@ class Claim:
     #: The mailbox's connection as read with the claim (detached), so that
     #: opening a provider for this delivery needs no further query.
     connection: Connection | None = None
+    message_pk: int = 0
+    #: (sub-account, payload) of the ``message.synced`` event recorded when the
+    #: message has left, prepared with the claim (the message is at hand there).
+    synced_event: tuple[str, dict[str, Any]] | None = None
 
 
 class LeaseLost(ThreadsyncError):
@@ -133,6 +137,13 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         return None
     msg = session.get(Message, entry.message_pk)
     assert msg is not None
+    synced_event = None
+    if entry.channel == "mailbox" and msg.state == "synced" and not already_sent:
+        thread = msg.thread
+        synced_event = (
+            thread.subaccount_id,
+            {"user": thread.user_id, "thread_id": thread.id, "message": message_json(msg)},
+        )
     return Claim(
         entry_id=entry.id,
         channel=entry.channel,
@@ -147,6 +158,8 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         sent_copy_stored=entry.sent_copy_stored,
         already_sent=already_sent,
         connection=conn,
+        message_pk=msg.id,
+        synced_event=synced_event,
     )
 
 
@@ -154,17 +167,14 @@ def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
     return k.store.call(lambda session: claim_in(session, k, entry_id, provider_open))
 
 
-def _update(k: Kernel, entry_id: int, events: EventBuffer | None = None, **values: object) -> None:
+def _update(k: Kernel, entry_id: int, **values: object) -> None:
     def work(session: Session) -> None:
-        entry = session.get(OutboxEntry, entry_id)
-        if entry is None:
-            return
-        for key, value in values.items():
-            setattr(entry, key, value)
-        if values.get("status") == "sent" and events is not None and entry.channel == "mailbox":
-            msg = session.get(Message, entry.message_pk)
-            if msg is not None and msg.state == "synced":
-                events.message(session, msg.thread, msg)
+        session.execute(
+            update(OutboxEntry)
+            .where(OutboxEntry.id == entry_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
 
     k.store.call(work)
 
@@ -276,22 +286,35 @@ async def _deliver_default(k: Kernel, claim: Claim) -> str:
 
 
 def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
+    """Record that the message left, with its ``message.synced`` event unless a
+    disconnect turned it into a skipped one meanwhile."""
     events = EventBuffer()
-    _update(
-        k,
-        claim.entry_id,
-        events,
-        status="sent",
-        sent_at=utcnow(),
-        sent_copy_stored=copy_stored,
-        lease_owner=None if copy_stored else k.worker,
-        last_error=None,
-    )
+
+    def work(session: Session) -> None:
+        session.execute(
+            update(OutboxEntry)
+            .where(OutboxEntry.id == claim.entry_id)
+            .values(
+                status="sent",
+                sent_at=utcnow(),
+                sent_copy_stored=copy_stored,
+                lease_owner=None if copy_stored else k.worker,
+                last_error=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if claim.synced_event is not None:
+            state = session.scalar(select(Message.state).where(Message.id == claim.message_pk))
+            if state == "synced":
+                subaccount, payload = claim.synced_event
+                events.record(session, subaccount, MESSAGE_SYNCED, payload)
+
+    k.store.call(work)
     events.announce(k.pm)
 
 
 def _fail(k: Kernel, claim: Claim, error: str) -> None:
-    _update(k, claim.entry_id, None, status="failed", last_error=error, lease_owner=None)
+    _update(k, claim.entry_id, status="failed", last_error=error, lease_owner=None)
 
 
 def _mailbox_ready(
@@ -350,7 +373,7 @@ async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
         recovering = claim.was_transmitting or claim.already_sent
         if not recovering or not await provider.find_sent(claim.mail.message_id):
             await provider.store_sent_copy(claim.mail)
-        await _run(k, _update, claim.entry_id, None, sent_copy_stored=True, lease_owner=None)
+        await _run(k, _update, claim.entry_id, sent_copy_stored=True, lease_owner=None)
     return "sent"
 
 
