@@ -211,9 +211,29 @@ async def connect(
     """Connect a user's mailbox, or re-authorise one in ``needs_reauth``/``error``.
 
     ``notify`` shows the user what an interactive sign-in needs (a consent URL)."""
+    return await _authorized(connect_with, k, subaccount, user, provider, email, options, notify)
+
+
+Finish = Callable[
+    [Kernel, str, str, str, str, Callable[[], Awaitable[Account]]], Awaitable[dict[str, Any]]
+]
+
+
+async def _authorized(
+    finish: Finish,
+    k: Kernel,
+    subaccount: str,
+    user: str,
+    provider: str,
+    email: str,
+    options: Mapping[str, Any],
+    notify: Callable[[str], None],
+) -> dict[str, Any]:
+    """``finish`` (connect or update-email) with the account the provider's
+    :meth:`~core.provider.Provider.authorize` signs in."""
     email, cls = checked_request(k, subaccount, user, provider, email)
     settings = k.provider_settings.get(cls.name, {})
-    return await connect_with(
+    return await finish(
         k, subaccount, user, provider, email,
         lambda: cls.authorize(email, options, k.environ, notify, settings),
     )  # fmt: skip
@@ -367,12 +387,9 @@ async def update_email(
 ) -> dict[str, Any]:
     """Replace the connected address without a gap: the new connection is verified
     first, then in one transaction the old one becomes ``replaced``."""
-    email, cls = checked_request(k, subaccount, user, provider, email)
-    settings = k.provider_settings.get(cls.name, {})
-    return await update_email_with(
-        k, subaccount, user, provider, email,
-        lambda: cls.authorize(email, options, k.environ, notify, settings),
-    )  # fmt: skip
+    return await _authorized(
+        update_email_with, k, subaccount, user, provider, email, options, notify
+    )
 
 
 async def update_email_with(

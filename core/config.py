@@ -102,7 +102,8 @@ def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _typed(section: str, data: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+def typed(section: str, data: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """``data[key]`` of ``[section]`` checked to be a ``kind`` (ints accepted as floats)."""
     value = data.get(key, default)
     if value is None:
         return None
@@ -116,26 +117,26 @@ def _typed(section: str, data: dict[str, Any], key: str, kind: type, default: An
 def from_mapping(raw: dict[str, Any], *, base: Path, path: Path | None = None) -> Settings:
     """Build settings from parsed TOML; relative paths resolve against ``base``."""
     db = _section(raw, "database")
-    url = _typed("database", db, "url", str, "sqlite:///var/threadsync.db")
+    url = typed("database", db, "url", str, "sqlite:///var/threadsync.db")
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         rel = url.removeprefix("sqlite:///")
         if rel and rel != ":memory:":
             url = "sqlite:///" + str((base / rel).resolve())
     sec = _section(raw, "security")
-    key_file = Path(_typed("security", sec, "secret_key_file", str, "var/secret.key"))
+    key_file = Path(typed("security", sec, "secret_key_file", str, "var/secret.key"))
     if not key_file.is_absolute():
         key_file = (base / key_file).resolve()
 
     s = _section(raw, "sync")
     sync = SyncSettings(
-        poll_interval_seconds=_typed("sync", s, "poll_interval_seconds", float, 30.0),
-        max_attachment_bytes=_typed("sync", s, "max_attachment_bytes", int, 3_145_728),
-        message_id_domain=_typed("sync", s, "message_id_domain", str, "threadsync.local"),
-        batch_size=_typed("sync", s, "batch_size", int, 250),
-        backoff_base_seconds=_typed("sync", s, "backoff_base_seconds", float, 5.0),
-        backoff_max_seconds=_typed("sync", s, "backoff_max_seconds", float, 900.0),
-        idle_seconds=_typed("sync", s, "idle_seconds", float, 300.0),
-        lease_seconds=_typed("sync", s, "lease_seconds", float, 120.0),
+        poll_interval_seconds=typed("sync", s, "poll_interval_seconds", float, 30.0),
+        max_attachment_bytes=typed("sync", s, "max_attachment_bytes", int, 3_145_728),
+        message_id_domain=typed("sync", s, "message_id_domain", str, "threadsync.local"),
+        batch_size=typed("sync", s, "batch_size", int, 250),
+        backoff_base_seconds=typed("sync", s, "backoff_base_seconds", float, 5.0),
+        backoff_max_seconds=typed("sync", s, "backoff_max_seconds", float, 900.0),
+        idle_seconds=typed("sync", s, "idle_seconds", float, 300.0),
+        lease_seconds=typed("sync", s, "lease_seconds", float, 120.0),
     )
     if sync.poll_interval_seconds <= 0:
         raise ConfigError("[sync] poll_interval_seconds must be positive")
@@ -151,13 +152,13 @@ def from_mapping(raw: dict[str, Any], *, base: Path, path: Path | None = None) -
         raise ConfigError("[outbound.default] must be a table")
     d = outbound.get("default", {})
     channel = DefaultChannel(
-        host=_typed("outbound.default", d, "host", str, "127.0.0.1"),
-        port=_typed("outbound.default", d, "port", int, 2525),
-        security=_typed("outbound.default", d, "security", str, "none"),
-        from_address=_typed("outbound.default", d, "from_address", str, "crm@threadsync.local"),
-        username=_typed("outbound.default", d, "username", str, None),
-        password_env=_typed("outbound.default", d, "password_env", str, None),
-        timeout_seconds=_typed("outbound.default", d, "timeout_seconds", float, 30.0),
+        host=typed("outbound.default", d, "host", str, "127.0.0.1"),
+        port=typed("outbound.default", d, "port", int, 2525),
+        security=typed("outbound.default", d, "security", str, "none"),
+        from_address=typed("outbound.default", d, "from_address", str, "crm@threadsync.local"),
+        username=typed("outbound.default", d, "username", str, None),
+        password_env=typed("outbound.default", d, "password_env", str, None),
+        timeout_seconds=typed("outbound.default", d, "timeout_seconds", float, 30.0),
     )
     check_security(channel.security, channel.host, "[outbound.default]")
 

@@ -95,13 +95,7 @@ async def _open(k: Kernel, conn_id: int) -> Provider | None:
     conn = await k.store.run(lambda s: k.get_connection(s, conn_id))
     if conn.state not in LIVE_STATES:
         return None
-    provider = k.provider_for(conn)
-    try:
-        await provider.open()
-    except BaseException:
-        await provider.close()
-        raise
-    return provider
+    return await k.open_provider(conn)
 
 
 async def deliver_default_channel(k: Kernel) -> int:

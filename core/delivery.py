@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,7 +33,7 @@ from core import rules
 from core.accounts import labs_on
 from core.errors import ProviderError, ProviderProtocolError, ThreadsyncError
 from core.events import MESSAGE_SYNCED, EventBuffer, message_json
-from core.kernel import Kernel
+from core.kernel import Kernel, worker_is_dead
 from core.models import Connection, Message, OutboxEntry, utcnow
 from core.provider import Checkpoint, OutgoingMail, Provider
 from core.relay import send_via_relay
@@ -70,20 +68,7 @@ class LeaseLost(ThreadsyncError):
 
 
 def _lease_is_dead(owner: str | None, until: datetime | None, now: datetime) -> bool:
-    if owner is None or until is None or until <= now:
-        return True
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return owner is None or until is None or until <= now or worker_is_dead(owner)
 
 
 def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:

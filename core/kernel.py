@@ -53,8 +53,25 @@ def _with_env_secrets(section: dict[str, Any], environ: Mapping[str, str]) -> di
 
 
 def worker_id() -> str:
-    """Who holds an outbox lease: host and process, so a dead holder is recognised."""
+    """Who holds a lease (outbox, webhooks): host and process, so that a dead
+    holder is recognised (:func:`worker_is_dead`)."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_is_dead(owner: str) -> bool:
+    """Whether the lease holder ``owner`` (a :func:`worker_id`) is a process of
+    this host that no longer runs. Holders on other hosts, and this process,
+    count as alive: their leases end by expiring."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @dataclass
@@ -114,6 +131,16 @@ class Kernel:
             secrets=self.vault.open(conn.secrets),
         )
         return cls(account, self.provider_settings.get(conn.provider, {}))
+
+    async def open_provider(self, conn: Connection) -> Provider:
+        """:meth:`provider_for`, logged in; closed again when the login fails."""
+        provider = self.provider_for(conn)
+        try:
+            await provider.open()
+        except BaseException:
+            await provider.close()
+            raise
+        return provider
 
     # ---- the connection state machine (R2) ---------------------------------------------
 

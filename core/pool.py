@@ -64,12 +64,7 @@ class ProviderPool:
                 await self._drop(key)
                 entry = None
             if entry is None:
-                provider = k.provider_for(conn)
-                try:
-                    await provider.open()
-                except BaseException:
-                    await provider.close()
-                    raise
+                provider = await k.open_provider(conn)
                 entry = self._entries[key] = _Entry(provider, fingerprint)
             try:
                 yield entry.provider

@@ -33,10 +33,8 @@ keeps state.
 from __future__ import annotations
 
 import json
-import os
 import random
 import secrets
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,7 +45,7 @@ from sqlalchemy.orm import Session, aliased
 
 from core.errors import InvalidInput, NotFound
 from core.events import CONNECTION_STATE_CHANGED, MESSAGE_SKIPPED, MESSAGE_SYNCED, THREAD_STOPPED
-from core.kernel import Kernel
+from core.kernel import Kernel, worker_is_dead
 from core.models import (
     Event,
     IdempotencyRecord,
@@ -540,19 +538,6 @@ def record(
     return k.store.call(work)
 
 
-def _holder_is_dead(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def release_dead_leases(k: Kernel) -> int:
     """Free the leases of workers on this host that died (kill -9, a crash)."""
 
@@ -562,7 +547,7 @@ def release_dead_leases(k: Kernel) -> int:
             .where(WebhookDelivery.status == "pending", WebhookDelivery.lease_owner.is_not(None))
             .distinct()
         ).all()
-        dead = [o for o in owners if o is not None and _holder_is_dead(o)]
+        dead = [o for o in owners if o is not None and worker_is_dead(o)]
         if not dead:
             return 0
         result = session.execute(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from core.config import Settings, is_loopback
+from core.config import Settings, is_loopback, typed
 from core.errors import ConfigError
 from core.webhook_targets import Network
 from core.webhooks import WebhookSettings
@@ -51,17 +51,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"listen address must be HOST:PORT, not {value!r}")
     return host, int(port)
-
-
-def _typed(section: str, data: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = data.get(key, default)
-    if value is None:
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"[{section}] {key} must be a {kind.__name__}, not {value!r}")
-    return value
 
 
 def _section(settings: Settings, name: str) -> dict[str, Any]:
@@ -107,12 +96,12 @@ def webhook_settings(settings: Settings) -> WebhookSettings:
         if name in _NOT_NUMBERS:
             continue
         kind = int if f.type in ("int", int) else float
-        values[name] = _typed("webhooks", raw, name, kind, f.default)
+        values[name] = typed("webhooks", raw, name, kind, f.default)
         if values[name] <= 0:
             raise ConfigError(f"[webhooks] {name} must be positive")
     values["allowed_networks"] = _networks(raw)
-    values["allow_private_targets"] = _typed("webhooks", raw, "allow_private_targets", bool, False)
-    hours = _typed("http", _section(settings, "http"), "idempotency_hours", float, 24.0)
+    values["allow_private_targets"] = typed("webhooks", raw, "allow_private_targets", bool, False)
+    hours = typed("http", _section(settings, "http"), "idempotency_hours", float, 24.0)
     if hours <= 0:
         raise ConfigError("[http] idempotency_hours must be positive")
     return WebhookSettings(**values, idempotency_hours=hours)
@@ -140,22 +129,22 @@ def _public_url(value: str | None) -> str | None:
 def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings:
     """Read ``[http]`` and ``[webhooks]``; ``listen`` (from ``run --listen``) wins."""
     raw = _section(settings, "http")
-    address = listen or _typed("http", raw, "listen", str, None)
+    address = listen or typed("http", raw, "listen", str, None)
     result = HttpSettings(
         listen=address,
-        rate_per_second=_typed("http", raw, "rate_per_second", float, 50.0),
-        burst=_typed("http", raw, "burst", int, 100),
-        max_body_bytes=_typed("http", raw, "max_body_bytes", int, 25 * 1024 * 1024),
-        metrics_public=_typed("http", raw, "metrics_public", bool, False),
+        rate_per_second=typed("http", raw, "rate_per_second", float, 50.0),
+        burst=typed("http", raw, "burst", int, 100),
+        max_body_bytes=typed("http", raw, "max_body_bytes", int, 25 * 1024 * 1024),
+        metrics_public=typed("http", raw, "metrics_public", bool, False),
         tls_cert_file=_file(
-            settings, _typed("http", raw, "tls_cert_file", str, None), "tls_cert_file"
+            settings, typed("http", raw, "tls_cert_file", str, None), "tls_cert_file"
         ),
         tls_key_file=_file(
-            settings, _typed("http", raw, "tls_key_file", str, None), "tls_key_file"
+            settings, typed("http", raw, "tls_key_file", str, None), "tls_key_file"
         ),
-        behind_tls_proxy=_typed("http", raw, "behind_tls_proxy", bool, False),
-        session_hours=_typed("http", raw, "session_hours", float, 12.0),
-        public_url=_public_url(_typed("http", raw, "public_url", str, None)),
+        behind_tls_proxy=typed("http", raw, "behind_tls_proxy", bool, False),
+        session_hours=typed("http", raw, "session_hours", float, 12.0),
+        public_url=_public_url(typed("http", raw, "public_url", str, None)),
         webhooks=webhook_settings(settings),
     )
     if result.rate_per_second <= 0 or result.burst < 1:
