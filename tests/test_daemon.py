@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from core.compose import Draft
+from tests.daemonproc import terminate
 from tests.kernelfixtures import CONTACT, SUB, USER, World, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,12 +82,7 @@ async def test_daemon_idle_push_recovery_disconnect_and_sigterm(
         assert world.count_messages(late) == 0
         assert proc.poll() is None, "the daemon must keep running"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        err = terminate(proc, 15)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err
     assert world.password.encode() not in err

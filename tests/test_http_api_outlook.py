@@ -7,8 +7,6 @@ the connection is made before the page answers."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +24,11 @@ from core.errors import ConfigError
 from plugins.http_api.app import create_app
 from plugins.http_api.server import ThreadedServer
 from plugins.http_api.settings import http_settings as http_settings_of
+from tests.daemonproc import free_port, start, terminate, wait_ready
 from tests.fakes import FakeMicrosoft
 from tests.fakes.world import MAILBOX, OutlookWorld
 from tests.kernelfixtures import SUB, USER
 from tests.test_http_api_support import http_settings, wait_for
-from tests.test_webhooks_daemon import free_port, start, wait_ready
 
 pytest_plugins = ["tests.fakes.fixtures"]
 
@@ -258,12 +256,7 @@ async def test_the_daemon_connects_outlook_through_its_own_callback(
             assert (last["direction"], last["state"]) == ("inbound", "synced")
             assert "Deal." in last["text"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        err = terminate(proc)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err and key.encode() not in err
     assert (ms.app.secret or "-").encode() not in err

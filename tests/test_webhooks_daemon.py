@@ -6,18 +6,14 @@ lost (at least once: deliveries in flight at the kill may come again)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from core import apikeys
 from core.compose import Draft
+from tests.daemonproc import free_port, start, terminate, wait_ready
 from tests.kernelfixtures import CONTACT, SUB, World, write_config
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     Receiver,
@@ -25,36 +21,7 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     wait_for,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 THREADS, MESSAGES = 8, 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(cfg: Path, listen: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), "--config", str(cfg), "run", "--listen", listen],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1].decode()
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the daemon's API did not come up")
 
 
 async def test_daemon_killed_mid_delivery_loses_nothing(
@@ -97,12 +64,7 @@ async def test_daemon_killed_mid_delivery_loses_nothing(
         await wait_for(lambda: len(receiver.unique()) == len(expected), 60, "every event")
         await asyncio.sleep(0.5)  # nothing more (no stray re-deliveries keep coming)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        err = terminate(proc)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err and key.encode() not in err
     assert sorted(r.event_id for r in receiver.unique()) == expected
