@@ -1,5 +1,6 @@
-"""The daemon as a separate process, for tests: ``python cli.py run --listen``
-started, waited for, and stopped with SIGTERM the way an init system does."""
+"""threadsync processes in tests: the daemon (``python cli.py run --listen``)
+started, waited for and stopped with SIGTERM the way an init system does, and
+checks that a process left no port open and no process behind."""
 
 from __future__ import annotations
 
@@ -53,3 +54,25 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float = 20) -> bytes:
         proc.kill()
         raise
     return err
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of other processes that name ``text`` (a data folder)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(cmdline)
+    return found

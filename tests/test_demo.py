@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from core.models import Attachment, Connection, Event, Message, OutboxEntry, SyncedThread
+from tests.daemonproc import port_open, processes_mentioning
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = [
@@ -38,27 +38,6 @@ def demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     return proc
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(cmdline)
-    return found
 
 
 @pytest.fixture(scope="module")

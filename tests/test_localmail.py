@@ -29,6 +29,7 @@ import pytest
 from core.config import from_mapping
 from core.errors import ConfigError, InvalidInput
 from plugins.localmail import MailserverSettings, MailSystemThread, from_config, parse_user
+from tests.daemonproc import port_open, processes_mentioning
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,28 +88,6 @@ class Mailserver:
         if tls:
             client.starttls(ssl.create_default_context(cafile=self.info["ca_file"]))
         return client
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of other processes that name ``text`` (a data folder)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(cmdline)
-    return found
 
 
 def message(mid: str, sender: str = ALICE, to: str = ALICE) -> bytes:
