@@ -69,7 +69,10 @@ def sign_in_json(row: PendingSignIn, now: datetime | None = None) -> dict[str, A
         "email": row.email,
         "purpose": row.purpose,
         "state": status,
-        "message": row.message,
+        "message": (
+            f"To connect {row.email}, open this address in a browser, sign in as "
+            f"{row.email} and accept: {row.consent_url}"
+        ),
         "consent_url": row.consent_url if status == "pending" else None,
         "expires_at": _iso(row.expires_at),
         "connection": row.connection,
@@ -122,10 +125,6 @@ async def begin(
         ),
         status="pending",
         consent_url=request.url,
-        message=(
-            f"To connect {email}, open this address in a browser, sign in as {email} "
-            f"and accept: {request.url}"
-        ),
         created_at=now,
         expires_at=now + timedelta(seconds=request.expires_in),
     )

@@ -410,7 +410,6 @@ class PendingSignIn(Base):
     flow: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     consent_url: Mapped[str] = mapped_column(Text)
-    message: Mapped[str] = mapped_column(Text)
     connection: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

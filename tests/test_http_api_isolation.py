@@ -80,7 +80,7 @@ async def test_a_key_of_a_reaches_nothing_of_b(world: World) -> None:
     k.store.call(lambda session: session.add(PendingSignIn(
         id="si_b_db", subaccount_id=OTHER, user_id=USER, provider="outlook", email=world.email,
         purpose="connect", options={}, state_hash="0" * 64, flow=None, status="pending",
-        consent_url="https://login.example.test/authorize", message="consent",
+        consent_url="https://login.example.test/authorize",
         expires_at=utcnow() + timedelta(minutes=10),
     )))  # fmt: skip
     server = ThreadedServer(app, http).start()

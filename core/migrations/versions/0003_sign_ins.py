@@ -33,7 +33,6 @@ def upgrade() -> None:
     sa.Column('flow', sa.LargeBinary(), nullable=True),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('consent_url', sa.Text(), nullable=False),
-    sa.Column('message', sa.Text(), nullable=False),
     sa.Column('connection', sa.JSON(), nullable=True),
     sa.Column('error', sa.JSON(), nullable=True),
     sa.Column('created_at', sa.DateTime(), nullable=False),
