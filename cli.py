@@ -21,8 +21,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from core.config import Settings, default_config_path, load
-from core.errors import (
+from threadsync.core.config import Settings, default_config_path, load
+from threadsync.core.errors import (
     ConfigError,
     InvalidInput,
     NotFound,
@@ -61,7 +61,7 @@ class Ctx:
         return self._settings
 
     def threadsync(self) -> Any:
-        from core.api import Threadsync
+        from threadsync.core.api import Threadsync
 
         if self._ts is None:
             self._ts = Threadsync.from_settings(self.settings)
@@ -132,7 +132,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @pass_ctx
 def init(ctx: Ctx) -> None:
     """Create or upgrade the database and the secret key; idempotent."""
-    from core.api import Threadsync
+    from threadsync.core.api import Threadsync
 
     result = Threadsync.init(ctx.settings)
     ctx.emit(
@@ -202,7 +202,9 @@ def _connect_command(name: str, doc: str, update: bool) -> click.Command:
     @click.option("--provider", required=True, help="Provider name (see `threadsync plugins`).")
     @click.option("--email", required=True, help="The mailbox address to connect.")
     @pass_ctx
-    def command(ctx: Ctx, subaccount: str, user: str, provider: str, email: str, **kw: Any) -> None:
+    def command(
+        ctx: Ctx, /, subaccount: str, user: str, provider: str, email: str, **kw: Any
+    ) -> None:
         ts = ctx.threadsync()
         fn = ts.update_email if update else ts.connect
         result = run_async(
@@ -248,7 +250,7 @@ def _read_text(path: Path | None, what: str) -> str | None:
 
 
 def _attachments(paths: tuple[Path, ...]) -> list[Any]:
-    from core.mime import AttachmentIn
+    from threadsync.core.mime import AttachmentIn
 
     out = []
     for p in paths:
@@ -315,7 +317,7 @@ def send(
     attach: tuple[Path, ...],
 ) -> None:
     """Send a new email from the CRM; through the user's mailbox when possible."""
-    from core.compose import Draft
+    from threadsync.core.outbox.compose import Draft
 
     draft = Draft(
         text=_body(text, text_file),
@@ -341,7 +343,7 @@ def reply(
     attach: tuple[Path, ...],
 ) -> None:
     """Reply from the CRM in THREAD_ID."""
-    from core.compose import Draft
+    from threadsync.core.outbox.compose import Draft
 
     draft = Draft(
         text=_body(text, text_file),
@@ -449,16 +451,16 @@ def run(ctx: Ctx, once: bool, listen: str | None) -> None:
         logging.getLogger().setLevel(logging.INFO)
     http: Any = None
     if listen is not None or "http" in ctx.settings.providers:  # the [http] section
-        from plugins.http_api.settings import http_settings
+        from threadsync.plugins.http_api.settings import http_settings
 
         http = http_settings(ctx.settings, listen)
 
     async def main() -> None:
-        from core.daemon import Daemon
+        from threadsync.core.sync.daemon import Daemon
 
         extra: list[Any] = []
         if http is not None and http.listen is not None:
-            from plugins.http_api.server import Service
+            from threadsync.plugins.http_api.server import Service
 
             service = Service.prepare(ts, http)
             extra = service.coroutines()
@@ -491,7 +493,7 @@ def apikey() -> None:
 @pass_ctx
 def apikey_create(ctx: Ctx, subaccount: str | None, admin: bool, label: str) -> None:
     """Make a key for SUBACCOUNT (or --admin). The key is shown once; only its hash is kept."""
-    from core import apikeys
+    from threadsync.core.host import apikeys
 
     if admin == (subaccount is not None):
         raise InvalidInput("give a SUBACCOUNT, or --admin for an operator key (not both)")
@@ -511,7 +513,7 @@ def apikey_create(ctx: Ctx, subaccount: str | None, admin: bool, label: str) -> 
 @pass_ctx
 def apikey_list(ctx: Ctx, subaccount: str | None) -> None:
     """Keys (all, or SUBACCOUNT's), revoked ones too; never the keys themselves."""
-    from core import apikeys
+    from threadsync.core.host import apikeys
 
     result = apikeys.list_keys(ctx.threadsync().kernel.store, subaccount)
     ctx.emit(
@@ -533,7 +535,7 @@ def apikey_list(ctx: Ctx, subaccount: str | None) -> None:
 @pass_ctx
 def apikey_revoke(ctx: Ctx, key_id: str) -> None:
     """Revoke the key KEY_ID (as listed); it stops working within seconds."""
-    from core import apikeys
+    from threadsync.core.host import apikeys
 
     result = apikeys.revoke(ctx.threadsync().kernel.store, key_id)
     ctx.emit(result, lambda r: f"API key {r['key_id']} revoked")
@@ -543,7 +545,7 @@ def apikey_revoke(ctx: Ctx, key_id: str) -> None:
 @pass_ctx
 def plugins(ctx: Ctx) -> None:
     """Registered providers and the plugin that gave each."""
-    from core.registry import get_plugin_manager, providers
+    from threadsync.core.registry import get_plugin_manager, providers
 
     found = providers(get_plugin_manager())
     data = {
@@ -598,9 +600,9 @@ def mailserver(
     list_outside: bool,
 ) -> None:
     """A local mail system (SMTP + IMAP) for trying threadsync out and for tests."""
-    from plugins.localmail import serve
-    from plugins.localmail.outside import list_outside as outside_messages
-    from plugins.localmail.settings import for_command
+    from threadsync.plugins.localmail import serve
+    from threadsync.plugins.localmail.outside import list_outside as outside_messages
+    from threadsync.plugins.localmail.settings import for_command
 
     config = for_command(
         ctx.settings,
@@ -633,7 +635,7 @@ def mailserver(
 @pass_ctx
 def demo(ctx: Ctx, data_dir: Path | None) -> None:
     """The whole story on the embedded defaults, against a local mail system."""
-    from plugins.localmail.demo import introduction, render_step, run_demo, summary
+    from threadsync.plugins.localmail.demo import introduction, render_step, run_demo, summary
 
     if not ctx.as_json:
         click.echo(introduction())
@@ -648,7 +650,7 @@ def demo(ctx: Ctx, data_dir: Path | None) -> None:
 
 def build() -> click.Group:
     """Attach connect/update-email with every registered provider's options."""
-    from core.registry import get_plugin_manager, providers
+    from threadsync.core.registry import get_plugin_manager, providers
 
     specs: dict[str, Any] = {}
     for reg in providers(get_plugin_manager()).values():
@@ -694,4 +696,8 @@ def _ctx_from_argv(argv: list[str] | None) -> Ctx:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the installed module, not this file as ``__main__``: plugins that add
+    # commands import ``threadsync.cli``, and there must be one copy of it.
+    from threadsync.cli import main as _main
+
+    _main()

@@ -8,7 +8,7 @@ transactions and the time spent inside them.
 go through them, so one IMAP command is one request/response round trip, plus
 the greeting of each connection), the connect step of both IMAP clients, the
 ``aiosmtplib.SMTP`` steps (connect, EHLO, AUTH, MAIL, RCPT, DATA, QUIT) and
-``core.store.Store.call`` (every unit of kernel work is one transaction). The
+``threadsync.core.store.database.Store.call`` (every unit of kernel work is one transaction). The
 wrappers cost about a microsecond per call. Times of nested steps overlap
 (``login`` includes the ``ehlo`` it sends), so they are a breakdown to read, not
 to add up.
@@ -42,8 +42,8 @@ def install() -> None:
     import aiosmtplib
     from aioimaplib import aioimaplib
 
-    from core.store import Store
-    from plugins.imap_smtp.imap import ImapSession
+    from threadsync.core.store.database import Store
+    from threadsync.plugins.imap_smtp.imap import ImapSession
 
     protocol = aioimaplib.IMAP4ClientProtocol
     execute, made = protocol.execute, protocol.connection_made
@@ -80,12 +80,12 @@ def install() -> None:
     _timed_method(aiosmtplib.SMTP, "connect", "smtp_s:connect", count="smtp_connections")
     for name in ("ehlo", "login", "mail", "rcpt", "data", "quit"):
         _timed_method(aiosmtplib.SMTP, name, f"smtp_s:{name}")
-    # threadsync's own DATA (core.smtp_data.send_data, the checkpoint's commit
+    # threadsync's own DATA (threadsync.core.outbox.smtp_data.send_data, the checkpoint's commit
     # included), where the modules that use it look it up.
-    import core.relay
-    import plugins.imap_smtp.smtp
+    import threadsync.core.outbox.relay
+    import threadsync.plugins.imap_smtp.smtp
 
-    for module in (core.relay, plugins.imap_smtp.smtp):
+    for module in (threadsync.core.outbox.relay, threadsync.plugins.imap_smtp.smtp):
         _timed_function(module, "send_data", "smtp_s:data")
 
     call: Callable[..., Any] = Store.call

@@ -2,7 +2,7 @@
 
 :class:`BenchEnvironment` starts one private Dovecot (``tests.servers``) and the
 users' SMTP submission server (:mod:`benchmarks.smtp_process`) on loopback, makes
-fresh mailbox users, and builds :class:`core.api.Threadsync` instances, each on
+fresh mailbox users, and builds :class:`threadsync.core.api.Threadsync` instances, each on
 its own fresh database: a SQLite file, or a new PostgreSQL schema (dropped at
 exit), as the test suite does (``tests/dbfixtures.py``). Everything it started is
 stopped by :meth:`close`, which also runs on SIGINT/SIGTERM and at interpreter
@@ -23,10 +23,10 @@ from types import FrameType
 from typing import Any
 
 from benchmarks.smtp_process import SmtpProcess
-from core.api import Threadsync
 from tests.kernelfixtures import make_settings
 from tests.servers import start_imap_server
 from tests.servers.dovecot import DovecotServer
+from threadsync.core.api import Threadsync
 
 SUB = "bench"
 PASSWORD = "bench-password"

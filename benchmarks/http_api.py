@@ -42,11 +42,11 @@ import httpx  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from benchmarks.smtp_process import SmtpProcess  # noqa: E402
-from core import apikeys  # noqa: E402
-from core.api import Threadsync  # noqa: E402
-from core.compose import Draft  # noqa: E402
-from core.config import load  # noqa: E402
-from core.models import Event  # noqa: E402
+from threadsync.core.api import Threadsync  # noqa: E402
+from threadsync.core.config import load  # noqa: E402
+from threadsync.core.host import apikeys  # noqa: E402
+from threadsync.core.outbox.compose import Draft  # noqa: E402
+from threadsync.core.store.models import Event  # noqa: E402
 
 SUB, USER = "bench", "u1"
 RELAY_USER, RELAY_PASSWORD = "relay@bench.test", "relay-password"

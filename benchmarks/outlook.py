@@ -38,11 +38,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.api import Threadsync  # noqa: E402
-from core.compose import Draft  # noqa: E402
 from tests.fakes import FakeMicrosoft  # noqa: E402
 from tests.kernelfixtures import make_mail, make_settings, reply_to  # noqa: E402
 from tests.servers.tlscerts import make_test_ca  # noqa: E402
+from threadsync.core.api import Threadsync  # noqa: E402
+from threadsync.core.outbox.compose import Draft  # noqa: E402
 
 SUB, USER = "bench", "u1"
 MAILBOX = "ann@contoso.test"

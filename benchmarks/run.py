@@ -38,8 +38,8 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks import counters, floor, mailstore  # noqa: E402
 from benchmarks.environment import PASSWORD, SUB, BenchEnvironment  # noqa: E402
 from benchmarks.profiling import profiled  # noqa: E402
-from core.api import Threadsync  # noqa: E402
-from core.compose import Draft  # noqa: E402
+from threadsync.core.api import Threadsync  # noqa: E402
+from threadsync.core.outbox.compose import Draft  # noqa: E402
 
 USER = "u1"
 #: CRM sends timed on each mailbox of benchmark 1.

@@ -1,36 +1,21 @@
-"""threadsync's kernel: rules, store, MIME, outbox, scheduler and plugin API.
+"""The kernel (``threadsync.core``): every rule decision, the store, the sync loop,
+the outbox, MIME and what the host sees. Plugins and the CLI call into it; it
+never imports them.
 
-The public Python API is :class:`Threadsync` (see :mod:`core.api`); provider
-authors need :mod:`core.provider` and :data:`hookimpl`. Names are imported on
-first use, so that ``import core.errors`` stays cheap and plugins can import
-``core`` while the kernel is still loading.
+Rooms, one concern each:
+
+* :mod:`~threadsync.core.rules`: every rule as a pure decision (states, routing,
+  limits, backoff); :mod:`~threadsync.core.errors`: the one error tree;
+  :mod:`~threadsync.core.config`: typed settings.
+* :mod:`~threadsync.core.kernel` (shared context, applying state changes) and
+  :mod:`~threadsync.core.api` (the Python API, :class:`Threadsync`).
+* The plugin seams: :mod:`~threadsync.core.provider`,
+  :mod:`~threadsync.core.hookspecs`, :mod:`~threadsync.core.registry`.
+* :mod:`~threadsync.core.accounts`: Labs, connect, update-email, disconnect, sign-ins.
+* :mod:`~threadsync.core.sync`: reading mailboxes (ingest) and the daemon.
+* :mod:`~threadsync.core.outbox`: composing CRM mail and delivering it exactly once.
+* :mod:`~threadsync.core.mime`: building and parsing messages.
+* :mod:`~threadsync.core.store`: models, the database, migrations, the vault.
+* :mod:`~threadsync.core.host`: events, the webhook queue, API keys and read models.
+* :mod:`~threadsync.core.testing`: the provider contract kit (``threadsync.testing``).
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "Threadsync": "core.api",
-    "Draft": "core.compose",
-    "ThreadsyncError": "core.errors",
-    "hookimpl": "core.hookspecs",
-    "AttachmentIn": "core.mime",
-    "Account": "core.provider",
-    "ChangeBatch": "core.provider",
-    "Folder": "core.provider",
-    "HeaderSummary": "core.provider",
-    "OutgoingMail": "core.provider",
-    "Provider": "core.provider",
-    "ProviderOption": "core.provider",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'core' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)

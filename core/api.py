@@ -2,7 +2,7 @@
 
 A CRM that embeds threadsync in-process uses :class:`Threadsync`::
 
-    from core import Threadsync, Draft
+    from threadsync import Threadsync, Draft
 
     ts = Threadsync.from_config("config.toml", plugins=[MyEventHandlers()])
     ts.init()
@@ -11,7 +11,7 @@ A CRM that embeds threadsync in-process uses :class:`Threadsync`::
     sent = await ts.send("acme", "u1", Draft(to=["c@example.org"], subject="Hi", text="..."))
     await ts.run_once()
 
-Host events arrive through the hooks in :mod:`core.hookspecs` on the plugins
+Host events arrive through the hooks in :mod:`threadsync.core.hookspecs` on the plugins
 passed in.
 """
 
@@ -22,12 +22,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from core import accounts, compose, consent, daemon, reports, views
-from core.compose import Draft
-from core.config import Settings, load
-from core.kernel import Kernel
-from core.store import Store
-from core.vault import Vault
+from threadsync.core.accounts import connections as accounts
+from threadsync.core.accounts import consent
+from threadsync.core.config import Settings, load
+from threadsync.core.host import reports, views
+from threadsync.core.kernel import Kernel
+from threadsync.core.outbox import compose
+from threadsync.core.outbox.compose import Draft
+from threadsync.core.store.database import Store
+from threadsync.core.store.vault import Vault
+from threadsync.core.sync import daemon
 
 
 def _log_notice(text: str) -> None:

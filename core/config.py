@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError
+from threadsync.core.errors import ConfigError
 
 SECURITY_CHOICES = ("tls", "starttls", "none")
 

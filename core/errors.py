@@ -17,6 +17,7 @@ turns these into exit codes and messages for people.
     │   ├── LabsDisabled            R1: the sub-account's Labs flag is off
     │   └── AlreadyConnected        R2a: use update-email instead
     ├── StoreError                  the database failed or is not initialised
+    ├── LeaseLost                   another worker holds the work now; stop touching it
     ├── MessageParseError           a message could not be parsed at all
     └── ProviderError               a mailbox provider failed
         ├── AuthenticationFailed    credentials rejected -> connection needs_reauth
@@ -85,6 +86,13 @@ class StoreError(ThreadsyncError):
     code = "store_error"
 
 
+class LeaseLost(ThreadsyncError):
+    """Another worker holds the lease on this work now (an outbox entry before its
+    point of no return, or a connection): this worker must stop touching it."""
+
+    code = "lease_lost"
+
+
 class MessageParseError(ThreadsyncError):
     """A message could not be parsed into anything usable."""
 
@@ -129,6 +137,7 @@ __all__ = [
     "HeaderInjection",
     "InvalidInput",
     "LabsDisabled",
+    "LeaseLost",
     "MessageParseError",
     "NotFound",
     "ProviderError",

@@ -4,7 +4,7 @@ Plugins are modules or objects with functions named like the hooks below, marked
 with :data:`hookimpl`, loaded from the ``threadsync`` entry-point group (built-in
 providers come through the same group as third-party ones).
 
-* Provider hooks: a plugin contributes :class:`core.provider.Provider` classes.
+* Provider hooks: a plugin contributes :class:`threadsync.core.provider.Provider` classes.
 * Host hooks: the host CRM (or an integration plugin) is told about events. They
   are called after the change they describe is committed, once per event, in the
   order the events happened. ``payload`` is the JSON-ready dict also stored in the
@@ -19,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from core.provider import Provider
+from threadsync.core.provider import Provider
 
 PROJECT = "threadsync"
 

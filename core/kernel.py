@@ -3,7 +3,7 @@ sessions, plus the connection state machine (R2) that every other kernel module
 uses when a provider succeeds or fails.
 
 Nothing outside ``core`` changes a connection's state; providers only raise
-:mod:`core.errors` exceptions, and :meth:`Kernel.record_failure` decides what
+:mod:`threadsync.core.errors` exceptions, and :meth:`Kernel.record_failure` decides what
 they mean. A connection can be ended by another process (disconnect,
 update-email) at any moment, so every write made on behalf of a live connection
 first takes :meth:`Kernel.lock_live_connection` in its own transaction.
@@ -22,22 +22,22 @@ import pluggy
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from core import rules
-from core.config import Settings
-from core.errors import (
+from threadsync.core import rules
+from threadsync.core.config import Settings
+from threadsync.core.errors import (
     AuthenticationFailed,
     ConfigError,
     NotFound,
     ProviderError,
     TransientProviderError,
 )
-from core.events import EventBuffer
-from core.models import LIVE_STATES, Connection, utcnow
-from core.pool import ProviderPool
-from core.provider import Account, Provider
-from core.registry import RegisteredProvider, get_plugin_manager, providers
-from core.store import Store
-from core.vault import Vault
+from threadsync.core.host.events import EventBuffer
+from threadsync.core.outbox.pool import ProviderPool
+from threadsync.core.provider import Account, Provider
+from threadsync.core.registry import RegisteredProvider, get_plugin_manager, providers
+from threadsync.core.store.database import Store
+from threadsync.core.store.models import LIVE_STATES, Connection, utcnow
+from threadsync.core.store.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,20 @@ class Kernel:
     #: Provider kernel-wide settings (timeouts), per provider name, from config.
     provider_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Open providers reused by one-off deliveries (``send`` / ``reply``).
+    #: A copy made with ``dataclasses.replace`` shares it with the original.
     pool: ProviderPool = field(default_factory=ProviderPool)
+
+    def __post_init__(self) -> None:
+        if not self.pool.bound:
+            self.pool.bind(
+                load=self.load_connection,
+                open=self.open_provider,
+                after_use=self.keep_refreshed_secrets,
+            )
+
+    async def load_connection(self, conn_id: int) -> Connection:
+        """A connection's row, read in its own transaction (``NotFound`` if gone)."""
+        return await self.store.run(lambda s: self.get_connection(s, conn_id))
 
     @classmethod
     def build(
@@ -156,7 +169,7 @@ class Kernel:
     ) -> None:
         """Move ``conn`` to ``state`` and record the event when it really changed.
 
-        ``error_code`` is the :attr:`~core.errors.ThreadsyncError.code` of the failure
+        ``error_code`` is the :attr:`~threadsync.core.errors.ThreadsyncError.code` of the failure
         that caused the change; the event carries it so that hosts and ``/metrics``
         can tell kinds of failure apart.
         """
@@ -232,7 +245,8 @@ class Kernel:
     def lock_live_connection(self, session: Session, conn_id: int) -> Connection | None:
         """The connection, if it is still live, held until ``session`` commits.
 
-        Ending a connection (``core.accounts``) writes its row before it deletes
+        Ending a connection (:mod:`~threadsync.core.accounts.connections`) writes its
+        row before it deletes
         the cursors, so a unit of work that takes this first either sees the end
         and writes nothing, or makes the end wait until it has committed; it never
         updates a cursor that is being deleted, nor overwrites a final state.

@@ -22,7 +22,7 @@ Lifecycle, driven by the kernel::
     await provider.close()
 
 All methods are coroutines and must not block the event loop. Errors must be
-translated into :mod:`core.errors` (``AuthenticationFailed``,
+translated into :mod:`threadsync.core.errors` (``AuthenticationFailed``,
 ``TransientProviderError``, ``ProviderProtocolError``) before they leave the
 provider.
 """
@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from core.errors import ConfigError
+from threadsync.core.errors import ConfigError
 
 FolderRole = Literal["inbox", "sent"]
 
@@ -118,7 +118,7 @@ class HeaderSummary:
     the header (``<abc@host>``); ``references`` in header order.
 
     Build it with its fields, or from a raw header block with
-    :func:`core.mime.summarize_headers`. Such a summary decodes ``sender``,
+    :func:`threadsync.core.mime.summarize_headers`. Such a summary decodes ``sender``,
     ``subject`` and ``date`` only when they are first read (the kernel reads them
     only for members of synced threads) and is otherwise the same: equal to one
     built with the same values.
@@ -200,7 +200,7 @@ class Provider(ABC):
         The default copies every declared option into ``settings`` and, for
         ``secret_env`` options, reads the named variable from ``environ`` into
         ``secrets`` under the option's name without its ``_env`` suffix. Raise
-        :class:`core.errors.ConfigError` for anything missing or unusable.
+        :class:`threadsync.core.errors.ConfigError` for anything missing or unusable.
         """
         settings: dict[str, Any] = {}
         secrets: dict[str, str] = {}
@@ -361,7 +361,7 @@ class Provider(ABC):
 
         Await ``checkpoint()`` immediately before the step after which the message
         may have left (for SMTP: inside DATA, before the line that ends it; use
-        :func:`core.smtp_data.send_data`), and not earlier: before it, a crash
+        :func:`threadsync.core.outbox.smtp_data.send_data`), and not earlier: before it, a crash
         means "not sent"; after it, the kernel will look in Sent before ever
         sending again.
         """

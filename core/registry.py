@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import pluggy
 
-from core import hookspecs
-from core.errors import ConfigError
-from core.provider import Provider
+from threadsync.core import hookspecs
+from threadsync.core.errors import ConfigError
+from threadsync.core.provider import Provider
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 def _ensure_builtin(pm: pluggy.PluginManager) -> None:
     """Register the built-in providers when running from a source tree that was
     not pip-installed (``python cli.py``), so the entry points are missing."""
-    for name in ("plugins.imap_smtp", "plugins.outlook"):
+    for name in ("threadsync.plugins.imap_smtp", "threadsync.plugins.outlook"):
         module = importlib.import_module(name)
         if not pm.is_registered(module):
             pm.register(module, name=name.rsplit(".", 1)[-1])

@@ -34,6 +34,8 @@ from tests.servers import (
 from tests.servers.smtp import SmtpServer
 from tests.servers.tlscerts import TestCA
 
+pytest_plugins = ["tests.dbfixtures", "tests.kernelfixtures"]
+
 
 def _imap_kinds() -> list[str]:
     wanted = os.environ.get(IMAP_KIND_ENV, "").strip().lower()

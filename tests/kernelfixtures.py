@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from core.api import Threadsync
-from core.config import Settings, from_mapping
-from core.hookspecs import hookimpl
-from core.models import Message
 from tests.servers import ImapServer
 from tests.servers.smtp import SmtpServer
+from threadsync.core.api import Threadsync
+from threadsync.core.config import Settings, from_mapping
+from threadsync.core.hookspecs import hookimpl
+from threadsync.core.store.models import Message
 
 SUB = "acme"
 USER = "u1"

@@ -1,4 +1,5 @@
-"""Which new messages of a batch belong to a synced thread (``core.ingest._classify``).
+"""Which new messages of a batch belong to a synced thread
+(``threadsync.core.sync.ingest._classify``).
 
 Membership is decided from our tables only (PRODUCT.md, "Thread membership"): a
 thread token inside a referenced Message-ID of ours, or a referenced Message-ID
@@ -21,13 +22,13 @@ import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
-from core import rules
-from core.api import Threadsync
-from core.ingest import _MESSAGES_IN_ACTIVE_THREADS, _classify
-from core.kernel import Kernel
-from core.models import Connection, Message, SubAccount, SyncedThread
-from core.provider import HeaderSummary
 from tests.kernelfixtures import make_settings
+from threadsync.core import rules
+from threadsync.core.api import Threadsync
+from threadsync.core.kernel import Kernel
+from threadsync.core.provider import HeaderSummary
+from threadsync.core.store.models import Connection, Message, SubAccount, SyncedThread
+from threadsync.core.sync.ingest import _MESSAGES_IN_ACTIVE_THREADS, _classify
 
 OURS, OTHERS = 1, 2
 SEEDED = random.Random(7)

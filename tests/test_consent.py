@@ -1,4 +1,4 @@
-"""The kernel's half of redirect sign-ins (core.consent), on SQLite and
+"""The kernel's half of redirect sign-ins (threadsync.core.accounts.consent), on SQLite and
 PostgreSQL: a redirect is redeemed once even when two arrive together, an
 expired sign-in connects nothing, and old sign-ins are deleted."""
 
@@ -11,11 +11,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlalchemy import func, select, update
 
-from core.api import Threadsync
-from core.errors import NotFound, Refused
-from core.models import PendingSignIn, utcnow
 from tests.kernelfixtures import SUB, USER, World
 from tests.test_http_api_hosted import ConsentPlugin
+from threadsync.core.api import Threadsync
+from threadsync.core.errors import NotFound, Refused
+from threadsync.core.store.models import PendingSignIn, utcnow
 
 pytestmark = pytest.mark.parametrize(
     "scenario_database_url", ["sqlite", "postgresql"], indirect=True

@@ -1,4 +1,4 @@
-"""The provider contract (core.contract) against every built-in provider setup:
+"""The provider contract (threadsync.testing) against every built-in provider setup:
 ``imap_smtp`` on the suite's IMAP server (Dovecot by default, with the aiosmtpd
 submission fixture) and ``imap_smtp`` on the local mail system of
 ``threadsync mailserver`` (pymap and aiosmtpd in one process). The example
@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from core.contract import ContractMailbox, ProviderContract
-from core.provider import Provider
-from plugins.imap_smtp import ImapSmtpProvider
-from plugins.localmail import MailserverSettings, MailSystemThread
 from tests.servers import ImapServer
 from tests.servers.smtp import SmtpServer
+from threadsync.core.provider import Provider
+from threadsync.plugins.imap_smtp import ImapSmtpProvider
+from threadsync.plugins.localmail import MailserverSettings, MailSystemThread
+from threadsync.testing import ContractMailbox, ProviderContract
 
 
 def imap_smtp(email: str, password: str, **options: Any) -> ImapSmtpProvider:

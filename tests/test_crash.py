@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from core.compose import Draft
 from tests.kernelfixtures import CONTACT, SUB, USER, World, make_mail, write_config
+from threadsync.core.outbox.compose import Draft
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUED, REPLIES = 8, 24

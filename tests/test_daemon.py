@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from core.compose import Draft
 from tests.daemonproc import terminate
 from tests.kernelfixtures import CONTACT, SUB, USER, World, write_config
+from threadsync.core.outbox.compose import Draft
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,10 +10,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from core import delivery
-from core.compose import Draft
-from core.models import Connection, OutboxEntry, utcnow
 from tests.kernelfixtures import CONTACT, SUB, USER, World
+from threadsync.core.outbox import delivery
+from threadsync.core.outbox.compose import Draft
+from threadsync.core.store.models import Connection, OutboxEntry, utcnow
 
 pytestmark = pytest.mark.parametrize(
     "scenario_database_url", ["sqlite", "postgresql"], indirect=True

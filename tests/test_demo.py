@@ -19,8 +19,15 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from core.models import Attachment, Connection, Event, Message, OutboxEntry, SyncedThread
 from tests.daemonproc import port_open, processes_mentioning
+from threadsync.core.store.models import (
+    Attachment,
+    Connection,
+    Event,
+    Message,
+    OutboxEntry,
+    SyncedThread,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = [

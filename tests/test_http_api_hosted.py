@@ -13,15 +13,6 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
-from core import apikeys
-from core.api import Threadsync
-from core.errors import AuthenticationFailed
-from core.hookspecs import hookimpl
-from core.provider import Account, ConsentRequest, Provider
-from plugins.http_api.app import create_app
-from plugins.http_api.server import ThreadedServer
-from plugins.imap_smtp.provider import ImapSmtpProvider
-from plugins.outlook.notifications import NotificationHub
 from tests.kernelfixtures import SUB, USER, World
 from tests.test_http_api import connect_body, is_problem
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
@@ -31,6 +22,15 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     http_settings,
     wait_for,
 )
+from threadsync.core.api import Threadsync
+from threadsync.core.errors import AuthenticationFailed
+from threadsync.core.hookspecs import hookimpl
+from threadsync.core.host import apikeys
+from threadsync.core.provider import Account, ConsentRequest, Provider
+from threadsync.plugins.http_api.app import create_app
+from threadsync.plugins.http_api.server import ThreadedServer
+from threadsync.plugins.imap_smtp.provider import ImapSmtpProvider
+from threadsync.plugins.outlook.notifications import NotificationHub
 
 
 class Target:

@@ -10,20 +10,20 @@ from urllib.parse import quote
 
 import pytest
 
-from core import apikeys, webhooks
-from core.compose import Draft
-from core.mime import AttachmentIn
-from core.models import PendingSignIn, utcnow
-from plugins.http_api.app import create_app
-from plugins.http_api.openapi import document
-from plugins.http_api.server import ThreadedServer
-from plugins.http_api.signins import SignIn
 from tests.kernelfixtures import CONTACT, SUB, USER, World
 from tests.test_http_api_support import (
     OTHER,
     Api,
     http_settings,
 )
+from threadsync.core.host import apikeys, webhooks
+from threadsync.core.mime import AttachmentIn
+from threadsync.core.outbox.compose import Draft
+from threadsync.core.store.models import PendingSignIn, utcnow
+from threadsync.plugins.http_api.app import create_app
+from threadsync.plugins.http_api.openapi import document
+from threadsync.plugins.http_api.server import ThreadedServer
+from threadsync.plugins.http_api.signins import SignIn
 
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("put", "/v1/subaccounts/{subaccount}/labs"): {"two_way_email_sync": False},

@@ -16,19 +16,19 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from core import apikeys
-from core.api import Threadsync
-from core.compose import Draft
-from core.config import from_mapping
-from core.errors import ConfigError
-from plugins.http_api.app import create_app
-from plugins.http_api.server import ThreadedServer
-from plugins.http_api.settings import http_settings as http_settings_of
 from tests.daemonproc import free_port, start, terminate, wait_ready
 from tests.fakes import FakeMicrosoft
 from tests.fakes.world import MAILBOX, OutlookWorld
 from tests.kernelfixtures import SUB, USER
 from tests.test_http_api_support import http_settings, wait_for
+from threadsync.core.api import Threadsync
+from threadsync.core.config import from_mapping
+from threadsync.core.errors import ConfigError
+from threadsync.core.host import apikeys
+from threadsync.core.outbox.compose import Draft
+from threadsync.plugins.http_api.app import create_app
+from threadsync.plugins.http_api.server import ThreadedServer
+from threadsync.plugins.http_api.settings import http_settings as http_settings_of
 
 pytest_plugins = ["tests.fakes.fixtures"]
 

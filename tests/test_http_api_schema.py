@@ -22,16 +22,16 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from core import apikeys
-from core.api import Threadsync
-from core.compose import Draft
-from plugins.http_api.app import create_app
-from plugins.http_api.server import ThreadedServer
 from tests.kernelfixtures import CONTACT, SUB, USER, make_settings
 from tests.servers.smtp import SmtpServer
 from tests.test_http_api_support import (
     http_settings,
 )
+from threadsync.core.api import Threadsync
+from threadsync.core.host import apikeys
+from threadsync.core.outbox.compose import Draft
+from threadsync.plugins.http_api.app import create_app
+from threadsync.plugins.http_api.server import ThreadedServer
 
 CHECKS = [
     not_a_server_error,
@@ -112,7 +112,7 @@ async def test_no_server_error_and_no_schema_violation(served: dict[str, Any]) -
 
 
 def test_the_document_is_valid_openapi() -> None:
-    from plugins.http_api.openapi import document
+    from threadsync.plugins.http_api.openapi import document
 
     schema = schemathesis.openapi.from_dict(document())
     operations = [r.ok() for r in schema.get_all_operations()]

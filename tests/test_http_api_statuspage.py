@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from core.compose import Draft
 from tests.kernelfixtures import CONTACT, SUB, USER, World
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     OTHER,
@@ -19,6 +18,7 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     api_fixture,
     synced_thread,
 )
+from threadsync.core.outbox.compose import Draft
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -22,14 +22,14 @@ from typing import Any
 import httpx
 import pytest
 
-from core import apikeys
-from core.compose import Draft
-from core.webhooks import WebhookSettings
-from plugins.http_api.app import create_app
-from plugins.http_api.server import ThreadedServer
-from plugins.http_api.settings import HttpSettings
-from plugins.http_api.signatures import verify
 from tests.kernelfixtures import CONTACT, SUB, USER, World
+from threadsync.core.host import apikeys
+from threadsync.core.host.webhooks import WebhookSettings
+from threadsync.core.outbox.compose import Draft
+from threadsync.plugins.http_api.app import create_app
+from threadsync.plugins.http_api.server import ThreadedServer
+from threadsync.plugins.http_api.settings import HttpSettings
+from threadsync.plugins.http_api.signatures import verify
 
 OTHER = "other"
 

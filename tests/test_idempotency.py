@@ -10,16 +10,16 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from core import apikeys
-from core.compose import Draft
-from core.errors import InvalidInput
-from core.models import Connection, utcnow
 from tests.kernelfixtures import CONTACT, SUB, USER, World
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     Api,
     api_factory_fixture,
     api_fixture,
 )
+from threadsync.core.errors import InvalidInput
+from threadsync.core.host import apikeys
+from threadsync.core.outbox.compose import Draft
+from threadsync.core.store.models import Connection, utcnow
 
 pytestmark = pytest.mark.parametrize(
     "scenario_database_url", ["sqlite", "postgresql"], indirect=True

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.ingest import FETCH_GROUP, FETCH_GROUP_BYTES, _fetch_groups
-from core.provider import Account, Folder, HeaderSummary, Provider
+from threadsync.core.provider import Account, Folder, HeaderSummary, Provider
+from threadsync.core.sync.ingest import FETCH_GROUP, FETCH_GROUP_BYTES, _fetch_groups
 
 
 class FetchOnly(Provider):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from core.compose import Draft
-from core.errors import NotFound
 from tests.kernelfixtures import CONTACT, SUB, USER, World, reply_to
+from threadsync.core.errors import NotFound
+from threadsync.core.outbox.compose import Draft
 
 
 async def test_r10_a_subaccount_sees_nothing_of_another(world: World) -> None:

@@ -26,11 +26,16 @@ from typing import Any
 
 import pytest
 
-from core.config import from_mapping
-from core.errors import ConfigError, InvalidInput
-from plugins.localmail import MailserverSettings, MailSystemThread, from_config, parse_user
 from tests.daemonproc import port_open, processes_mentioning
 from tests.servers import free_port
+from threadsync.core.config import from_mapping
+from threadsync.core.errors import ConfigError, InvalidInput
+from threadsync.plugins.localmail import (
+    MailserverSettings,
+    MailSystemThread,
+    from_config,
+    parse_user,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE, PASSWORD = "alice@example.test", "s3cret:with-colon"

@@ -6,11 +6,6 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.orm import Session
 
-from core.api import Threadsync
-from core.compose import Draft
-from core.models import Event
-from plugins.http_api import metrics
-from plugins.http_api.context import ApiContext
 from tests.kernelfixtures import SUB, USER, World
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     Api,
@@ -19,6 +14,11 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     http_settings,
     synced_thread,
 )
+from threadsync.core.api import Threadsync
+from threadsync.core.outbox.compose import Draft
+from threadsync.core.store.models import Event
+from threadsync.plugins.http_api import metrics
+from threadsync.plugins.http_api.context import ApiContext
 
 
 def provider_errors(text: str) -> dict[str, int]:

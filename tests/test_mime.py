@@ -1,4 +1,4 @@
-"""Tests for core.mime: building outgoing mail and robustly parsing what arrives.
+"""Tests for threadsync.core.mime: building outgoing mail and robustly parsing what arrives.
 
 Messages are written out as raw bytes, shaped like the real mail that breaks naive
 parsers (see the CPython ``email`` section of the pitfalls file).
@@ -19,8 +19,8 @@ from email import policy
 
 import pytest
 
-from core.errors import HeaderInjection, InvalidInput, MessageParseError
-from core.mime import (
+from threadsync.core.errors import HeaderInjection, InvalidInput, MessageParseError
+from threadsync.core.mime import (
     AttachmentIn,
     ParsedMessage,
     build_message,

@@ -1,4 +1,4 @@
-"""The shortcuts of core.mime_headers give exactly what the general path gives.
+"""The shortcuts of threadsync.core.mime.headers give exactly what the general path gives.
 
 Header summaries are made for every new message, so plain header blocks, plain
 mailboxes, canonical dates and bracketed Message-IDs take a quicker path. Each
@@ -23,11 +23,11 @@ import random
 
 import pytest
 
-from core import mime_headers
-from core.mime import summarize_headers
-from core.mime_decode import Notes, addresses, parse_date, parse_msgid_list, raw_text
-from core.provider import HeaderSummary
 from tests.test_mime import SNIPPETS, fuzz_bases, mutate
+from threadsync.core.mime import headers as mime_headers
+from threadsync.core.mime import summarize_headers
+from threadsync.core.mime.decode import Notes, addresses, parse_date, parse_msgid_list, raw_text
+from threadsync.core.provider import HeaderSummary
 
 FIELDS = [
     b"From: Sender 5 <sender@example.net>",

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import core
-from core import errors, hookspecs
-from core.errors import ConfigError
-from core.hookspecs import hookimpl
-from core.provider import Provider
-from core.registry import get_plugin_manager, providers
+import threadsync
+from threadsync.core import errors, hookspecs
+from threadsync.core.errors import ConfigError
+from threadsync.core.hookspecs import hookimpl
+from threadsync.core.provider import Provider
+from threadsync.core.registry import get_plugin_manager, providers
 
 TESTS = Path(__file__).parent
 
@@ -129,7 +129,7 @@ def test_error_tree_is_documented_with_unique_codes() -> None:
 
 
 def test_public_exports_resolve() -> None:
-    for name in core.__all__:
-        assert getattr(core, name) is not None
+    for name in threadsync.__all__:
+        assert getattr(threadsync, name) is not None
     with pytest.raises(AttributeError):
-        core.no_such_name  # noqa: B018
+        threadsync.no_such_name  # noqa: B018

@@ -26,15 +26,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import ORMExecuteState, Session
 
-from core import accounts
-from core.api import Threadsync
-from core.compose import Draft
-from core.daemon import Daemon, run_once
-from core.hookspecs import hookimpl
-from core.models import Cursor, Message
-from core.provider import ChangeBatch, Folder, Provider
-from plugins.imap_smtp.provider import ImapSmtpProvider
 from tests.kernelfixtures import CONTACT, SUB, USER, EventRecorder, World, make_mail
+from threadsync.core.accounts import connections as accounts
+from threadsync.core.api import Threadsync
+from threadsync.core.hookspecs import hookimpl
+from threadsync.core.outbox.compose import Draft
+from threadsync.core.provider import ChangeBatch, Folder, Provider
+from threadsync.core.store.models import Cursor, Message
+from threadsync.core.sync.daemon import Daemon, run_once
+from threadsync.plugins.imap_smtp.provider import ImapSmtpProvider
 
 BOTH = pytest.mark.parametrize("scenario_database_url", ["sqlite", "postgresql"], indirect=True)
 

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from core import rules
+from threadsync.core import rules
 
 LIMIT = 3_145_728
 

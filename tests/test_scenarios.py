@@ -10,11 +10,16 @@ import email.policy
 import pytest
 from sqlalchemy import select
 
-from core.compose import Draft
-from core.errors import AlreadyConnected, AuthenticationFailed, HeaderInjection, LabsDisabled
-from core.mime import AttachmentIn
-from core.models import Connection, Message, OutboxEntry
 from tests.kernelfixtures import CONTACT, SUB, USER, World
+from threadsync.core.errors import (
+    AlreadyConnected,
+    AuthenticationFailed,
+    HeaderInjection,
+    LabsDisabled,
+)
+from threadsync.core.mime import AttachmentIn
+from threadsync.core.outbox.compose import Draft
+from threadsync.core.store.models import Connection, Message, OutboxEntry
 
 LIMIT = 3_145_728
 

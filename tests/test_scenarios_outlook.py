@@ -12,12 +12,17 @@ import email.policy
 import pytest
 from sqlalchemy import select
 
-from core.compose import Draft
-from core.errors import AlreadyConnected, AuthenticationFailed, HeaderInjection, LabsDisabled
-from core.mime import AttachmentIn
-from core.models import Connection, Message, OutboxEntry
 from tests.fakes.world import MAILBOX, OutlookWorld
 from tests.kernelfixtures import CONTACT, SUB, USER, make_mail
+from threadsync.core.errors import (
+    AlreadyConnected,
+    AuthenticationFailed,
+    HeaderInjection,
+    LabsDisabled,
+)
+from threadsync.core.mime import AttachmentIn
+from threadsync.core.outbox.compose import Draft
+from threadsync.core.store.models import Connection, Message, OutboxEntry
 
 pytest_plugins = ["tests.fakes.fixtures"]
 

@@ -10,10 +10,17 @@ import pytest
 from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError
 
-from core.errors import ConfigError, StoreError
-from core.models import Connection, Cursor, Message, OutboxEntry, SubAccount, SyncedThread
-from core.store import Store, safe_url
-from core.vault import Vault
+from threadsync.core.errors import ConfigError, StoreError
+from threadsync.core.store.database import Store, safe_url
+from threadsync.core.store.models import (
+    Connection,
+    Cursor,
+    Message,
+    OutboxEntry,
+    SubAccount,
+    SyncedThread,
+)
+from threadsync.core.store.vault import Vault
 
 
 @pytest.fixture
@@ -68,12 +75,12 @@ def test_upgrade_from_empty_is_idempotent(database_url: str) -> None:
 
 
 def test_the_migrations_build_exactly_the_models(database_url: str) -> None:
-    """What ``alembic upgrade head`` creates is what core.models declares: no
+    """What ``alembic upgrade head`` creates is what threadsync.core.store.models declares: no
     column, index or constraint missing from a migration."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from core.models import Base
+    from threadsync.core.store.models import Base
 
     s = Store(database_url)
     s.upgrade()

@@ -15,14 +15,6 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, create_engine, func, select, text
 
-from core import webhooks
-from core.compose import Draft
-from core.models import WebhookDelivery, utcnow
-from core.webhooks import WebhookSettings
-from plugins.http_api.app import create_app
-from plugins.http_api.dispatcher import Dispatcher
-from plugins.http_api.server import ThreadedServer
-from plugins.http_api.signatures import sign, verify
 from tests.kernelfixtures import CONTACT, SUB, USER, World
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     LOOPBACK,
@@ -33,6 +25,14 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     receiver_fixture,
     wait_for,
 )
+from threadsync.core.host import webhooks
+from threadsync.core.host.webhooks import WebhookSettings
+from threadsync.core.outbox.compose import Draft
+from threadsync.core.store.models import WebhookDelivery, utcnow
+from threadsync.plugins.http_api.app import create_app
+from threadsync.plugins.http_api.dispatcher import Dispatcher
+from threadsync.plugins.http_api.server import ThreadedServer
+from threadsync.plugins.http_api.signatures import sign, verify
 
 FAST = WebhookSettings(
     timeout_seconds=2,
@@ -48,7 +48,7 @@ FAST = WebhookSettings(
 @contextlib.asynccontextmanager
 async def serving(world: World, settings: WebhookSettings) -> AsyncIterator[tuple[Api, Dispatcher]]:
     """The API in a uvicorn thread, the dispatcher on this loop (as under ``run``)."""
-    from core import apikeys
+    from threadsync.core.host import apikeys
 
     dispatcher = Dispatcher(world.ts.kernel, settings)
     world.ts.kernel.pm.register(dispatcher)

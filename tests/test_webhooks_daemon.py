@@ -11,8 +11,6 @@ from pathlib import Path
 
 import httpx
 
-from core import apikeys
-from core.compose import Draft
 from tests.daemonproc import free_port, start, terminate, wait_ready
 from tests.kernelfixtures import CONTACT, SUB, World, write_config
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
@@ -20,6 +18,8 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     receiver_fixture,
     wait_for,
 )
+from threadsync.core.host import apikeys
+from threadsync.core.outbox.compose import Draft
 
 THREADS, MESSAGES = 8, 8
 

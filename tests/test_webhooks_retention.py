@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core import apikeys, webhooks
-from core.models import IdempotencyRecord, WebhookDelivery, utcnow
-from core.webhooks import WebhookSettings
-from plugins.http_api.dispatcher import Dispatcher
 from tests.kernelfixtures import SUB, World
 from tests.test_http_api_support import wait_for
+from threadsync.core.host import apikeys, webhooks
+from threadsync.core.host.webhooks import WebhookSettings
+from threadsync.core.store.models import IdempotencyRecord, WebhookDelivery, utcnow
+from threadsync.plugins.http_api.dispatcher import Dispatcher
 
 SETTINGS = WebhookSettings(
     delivered_retention_days=7, dead_retention_days=30, idempotency_hours=24, poll_seconds=0.05

@@ -17,15 +17,6 @@ from typing import Any
 import httpx
 import pytest
 
-from core import webhooks
-from core.config import from_mapping
-from core.errors import ConfigError, InvalidInput
-from core.models import Event
-from core.webhook_targets import address_refusal, check_url
-from core.webhooks import WebhookSettings
-from plugins.http_api.dispatcher import Dispatcher, GuardedTransport, TargetRefused
-from plugins.http_api.settings import http_settings
-from plugins.http_api.signatures import sign
 from tests.kernelfixtures import SUB, World
 from tests.servers.tlscerts import make_test_ca
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
@@ -36,6 +27,15 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     receiver_fixture,
     wait_for,
 )
+from threadsync.core.config import from_mapping
+from threadsync.core.errors import ConfigError, InvalidInput
+from threadsync.core.host import webhooks
+from threadsync.core.host.webhook_targets import address_refusal, check_url
+from threadsync.core.host.webhooks import WebhookSettings
+from threadsync.core.store.models import Event
+from threadsync.plugins.http_api.dispatcher import Dispatcher, GuardedTransport, TargetRefused
+from threadsync.plugins.http_api.settings import http_settings
+from threadsync.plugins.http_api.signatures import sign
 
 STRICT = WebhookSettings()
 

@@ -1,9 +1,9 @@
 """threadsync's HTTP API and webhooks, for CRMs that are not written in Python.
 
-A Starlette application (:func:`plugins.http_api.app.create_app`) over the
+A Starlette application (:func:`threadsync.plugins.http_api.app.create_app`) over the
 Python API, served by uvicorn beside the sync loop by ``threadsync run
 --listen HOST:PORT``, with a webhook dispatcher that posts signed events from
-the durable queue in :mod:`core.webhooks`. Modules: :mod:`.settings` (config),
+the durable queue in :mod:`threadsync.core.host.webhooks`. Modules: :mod:`.settings` (config),
 :mod:`.auth` (API keys, sessions, rate limits), :mod:`.problems` (RFC 9457
 errors), :mod:`.bodies` (request checks), the ``routes_*`` modules,
 :mod:`.openapi` and :mod:`.openapi_schemas`, :mod:`.metrics`,
@@ -14,6 +14,6 @@ callbacks), :mod:`.dispatcher` and :mod:`.signatures` (webhooks),
 
 from __future__ import annotations
 
-from plugins.http_api.signatures import sign, verify
+from threadsync.plugins.http_api.signatures import sign, verify
 
 __all__ = ["sign", "verify"]

@@ -2,7 +2,7 @@
 
 Starlette (on uvicorn) rather than FastAPI: the API needs routing, requests and
 responses, not a validation framework with pydantic; bodies are checked by hand
-in :mod:`plugins.http_api.bodies` against the same rules as the hand-written
+in :mod:`threadsync.plugins.http_api.bodies` against the same rules as the hand-written
 OpenAPI document. Two small dependencies instead of five.
 
 :class:`Guard` wraps every request: it refuses NUL bytes in paths and queries,
@@ -25,18 +25,18 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.api import Threadsync
-from plugins.http_api import (
+from threadsync.core.api import Threadsync
+from threadsync.plugins.http_api import (
     routes_accounts,
     routes_mail,
     routes_service,
     routes_webhooks,
     statuspage,
 )
-from plugins.http_api.context import ApiContext
-from plugins.http_api.hosted import install_outlook
-from plugins.http_api.problems import HANDLERS, problem, unexpected
-from plugins.http_api.settings import HttpSettings
+from threadsync.plugins.http_api.context import ApiContext
+from threadsync.plugins.http_api.hosted import install_outlook
+from threadsync.plugins.http_api.problems import HANDLERS, problem, unexpected
+from threadsync.plugins.http_api.settings import HttpSettings
 
 log = logging.getLogger("threadsync.http")
 

@@ -1,7 +1,7 @@
 """Who is calling, and how often: API keys, status-page sessions and rate limits.
 
 Requests carry ``Authorization: Bearer tsk_...``. A key is checked against the
-stored SHA-256 (:mod:`core.apikeys`); a valid one is remembered for a few
+stored SHA-256 (:mod:`threadsync.core.host.apikeys`); a valid one is remembered for a few
 seconds so that a busy client does not cost a database lookup per request
 (revoking a key takes effect within ``CACHE_SECONDS``). The status page uses a
 signed, HttpOnly cookie naming the admin key's public id instead, so the key
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 from starlette.requests import Request
 
-from core import apikeys
-from core.apikeys import Principal
-from core.store import Store
-from plugins.http_api.problems import ApiProblem
+from threadsync.core.host import apikeys
+from threadsync.core.host.apikeys import Principal
+from threadsync.core.store.database import Store
+from threadsync.plugins.http_api.problems import ApiProblem
 
 CACHE_SECONDS = 5.0
 SESSION_COOKIE = "threadsync_session"

@@ -17,8 +17,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from core.mime import AttachmentIn
-from plugins.http_api.problems import ApiProblem
+from threadsync.core.mime import AttachmentIn
+from threadsync.plugins.http_api.problems import ApiProblem
 
 
 def invalid(field: str, message: str) -> ApiProblem:

@@ -21,12 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from core.api import Threadsync
-from core.apikeys import Principal
-from plugins.http_api.auth import Authenticator, RateLimiter, authenticate, require_admin
-from plugins.http_api.hosted import Hosted
-from plugins.http_api.settings import HttpSettings
-from plugins.http_api.signins import SignIns
+from threadsync.core.api import Threadsync
+from threadsync.core.host.apikeys import Principal
+from threadsync.plugins.http_api.auth import Authenticator, RateLimiter, authenticate, require_admin
+from threadsync.plugins.http_api.hosted import Hosted
+from threadsync.plugins.http_api.settings import HttpSettings
+from threadsync.plugins.http_api.signins import SignIns
 
 T = TypeVar("T")
 Handler = Callable[["ApiContext", Request, Principal], Awaitable[Response]]

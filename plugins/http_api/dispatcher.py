@@ -1,7 +1,7 @@
 """Posts webhook deliveries: the worker beside the sync loop (``run --listen``,
 or any process that runs :meth:`Dispatcher.run`).
 
-Each pass enqueues new events (:func:`core.webhooks.enqueue`), claims due
+Each pass enqueues new events (:func:`threadsync.core.host.webhooks.enqueue`), claims due
 deliveries and posts them, one chain per ordering key so that a thread's events
 arrive in order, many chains at once (``concurrency``). A chain stops at its
 first failure; the rest is released untouched and waits for the retry. Outcomes
@@ -13,10 +13,11 @@ A pass runs every ``poll_seconds``, or at once when :meth:`wake` is called (the
 API does so after writing, and the host hooks after every committed event).
 
 Every post goes through :class:`GuardedTransport`, which resolves the host
-itself, refuses when any address is internal (:func:`core.webhook_targets.address_refusal`)
+itself, refuses when any address is internal
+(:func:`threadsync.core.host.webhook_targets.address_refusal`)
 and connects to the address it checked, so a second DNS answer cannot rebind
 the request elsewhere. Every ``SWEEP_EVERY_SECONDS`` a pass also deletes what
-is past its retention (:func:`core.webhooks.purge`).
+is past its retention (:func:`threadsync.core.host.webhooks.purge`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from typing import Any
 
 import httpx
 
-from core import webhook_targets, webhooks
-from core.errors import ThreadsyncError
-from core.hookspecs import hookimpl
-from core.kernel import Kernel
-from core.webhooks import Outcome, Outgoing, WebhookSettings
-from plugins.http_api.signatures import HEADER, sign
+from threadsync.core.errors import ThreadsyncError
+from threadsync.core.hookspecs import hookimpl
+from threadsync.core.host import webhook_targets, webhooks
+from threadsync.core.host.webhooks import Outcome, Outgoing, WebhookSettings
+from threadsync.core.kernel import Kernel
+from threadsync.plugins.http_api.signatures import HEADER, sign
 
 log = logging.getLogger(__name__)
 USER_AGENT = "threadsync-webhooks/1"

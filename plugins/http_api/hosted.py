@@ -4,7 +4,7 @@ registry that providers plug into.
 ``/notifications/{provider}`` hands the raw body and query to the handler
 registered under the provider's name and answers what it returns. The built-in
 ``outlook`` handler is the Outlook plugin's
-:class:`plugins.outlook.notifications.NotificationHub`: it echoes Graph's
+:class:`threadsync.plugins.outlook.notifications.NotificationHub`: it echoes Graph's
 ``validationToken`` as ``text/plain``, checks each notification's
 ``clientState`` and answers ``202`` at once after waking the subscribed
 connection (the sync loop does the work). The hub is put into the kernel's
@@ -12,7 +12,8 @@ connection (the sync loop does the work). The hub is put into the kernel's
 
 ``/oauth/callback`` needs no registry: a provider that signs in through a
 browser redirect implements ``begin_consent`` / ``finish_consent`` (see
-:mod:`core.provider`), and the kernel's :mod:`core.consent` finds the sign-in
+:mod:`threadsync.core.provider`), and the kernel's
+:mod:`threadsync.core.accounts.consent` finds the sign-in
 by the redirect's ``state``.
 """
 
@@ -54,7 +55,7 @@ def install_outlook(hosted: Hosted, provider_settings: dict[str, dict[str, Any]]
     """Route ``/notifications/outlook`` to a new hub that Outlook connections of
     this process subscribe through. False when the Outlook plugin is absent."""
     try:
-        from plugins.outlook.notifications import NotificationHub
+        from threadsync.plugins.outlook.notifications import NotificationHub
     except ImportError:
         log.info("the Outlook plugin is not installed: no Graph notification endpoint")
         return False

@@ -10,8 +10,8 @@ and webhook posts.
 Provider errors are counted from the event log: every provider failure that
 moves a connection into ``needs_reauth`` or ``error`` records a
 ``connection.state_changed`` event whose ``error_code`` is the failure's
-:attr:`~core.errors.ThreadsyncError.code`, in the same transaction as the state
-(``core.kernel``). Reading them back from the database rather than counting in
+:attr:`~threadsync.core.errors.ThreadsyncError.code`, in the same transaction as the state
+(``threadsync.core.kernel``). Reading them back from the database rather than counting in
 memory keeps the number right whichever process made the failure (the daemon's
 sync loop beside the API, another worker, the CLI) and across restarts. A
 failure while the connection is already in that state changes nothing and is not
@@ -25,14 +25,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from core import webhooks
-from core.errors import (
+from threadsync.core.errors import (
     AuthenticationFailed,
     ProviderError,
     ProviderProtocolError,
     TransientProviderError,
 )
-from plugins.http_api.context import ApiContext
+from threadsync.core.host import webhooks
+from threadsync.plugins.http_api.context import ApiContext
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document served at ``/openapi.json``, written by hand.
 
 It describes exactly what the routes accept and answer: request bodies are
-checked by :mod:`plugins.http_api.bodies` with the same limits, response shapes
+checked by :mod:`threadsync.plugins.http_api.bodies` with the same limits, response shapes
 are those of PRODUCT.md (with the extra keys the API adds), and every error is
 an RFC 9457 problem. The test suite fuzzes the API against this document, so a
 drift between the two fails there.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.webhooks import STATUSES
-from plugins.http_api.openapi_schemas import ID, SCHEMAS, Schema, ref
+from threadsync.core.host.webhooks import STATUSES
+from threadsync.plugins.http_api.openapi_schemas import ID, SCHEMAS, Schema, ref
 
 _TEXT_FOR = {
     400: "Malformed request (not JSON) or a bad provider option.",

@@ -1,12 +1,12 @@
-"""The component schemas of the OpenAPI document (:mod:`plugins.http_api.openapi`):
+"""The component schemas of the OpenAPI document (:mod:`threadsync.plugins.http_api.openapi`):
 the JSON shapes of PRODUCT.md as the routes answer them, and the request bodies
-with the limits :mod:`plugins.http_api.bodies` enforces."""
+with the limits :mod:`threadsync.plugins.http_api.bodies` enforces."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from core.webhooks import EVENT_TYPES, STATUSES
+from threadsync.core.host.webhooks import EVENT_TYPES, STATUSES
 
 Schema = dict[str, Any]
 

@@ -1,6 +1,6 @@
 """Errors as RFC 9457 problem details (``application/problem+json``).
 
-The kernel's exception tree (:mod:`core.errors`) is translated here, at the HTTP
+The kernel's exception tree (:mod:`threadsync.core.errors`) is translated here, at the HTTP
 boundary, and nowhere else: each class has one status code and a stable
 ``type`` URI (``urn:threadsync:problem:<code>``). ``detail`` is the kernel's
 message, which never carries a secret (R11); unexpected errors are logged with
@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core.errors import (
+from threadsync.core.errors import (
     AuthenticationFailed,
     ConfigError,
     InvalidInput,

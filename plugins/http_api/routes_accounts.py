@@ -21,15 +21,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import apikeys
-from core.api import Threadsync
-from core.apikeys import Principal
-from core.errors import NotFound, ThreadsyncError
-from core.provider import ProviderOption
-from plugins.http_api import bodies
-from plugins.http_api.auth import require_admin, require_subaccount
-from plugins.http_api.context import ApiContext, api_route, ok
-from plugins.http_api.problems import ApiProblem, from_kernel
+from threadsync.core.api import Threadsync
+from threadsync.core.errors import NotFound, ThreadsyncError
+from threadsync.core.host import apikeys
+from threadsync.core.host.apikeys import Principal
+from threadsync.core.provider import ProviderOption
+from threadsync.plugins.http_api import bodies
+from threadsync.plugins.http_api.auth import require_admin, require_subaccount
+from threadsync.plugins.http_api.context import ApiContext, api_route, ok
+from threadsync.plugins.http_api.problems import ApiProblem, from_kernel
 
 SECRET_VAR = "THREADSYNC_HTTP_SECRET_"
 #: Options only an operator may set: they name files on the server.

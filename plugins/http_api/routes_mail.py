@@ -22,14 +22,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import apikeys
-from core.apikeys import Principal
-from core.compose import Draft
-from core.errors import ConfigError, InvalidInput, NotFound, Refused
-from plugins.http_api import bodies
-from plugins.http_api.auth import require_subaccount
-from plugins.http_api.context import ApiContext, api_route, ok
-from plugins.http_api.problems import ApiProblem
+from threadsync.core.errors import ConfigError, InvalidInput, NotFound, Refused
+from threadsync.core.host import apikeys
+from threadsync.core.host.apikeys import Principal
+from threadsync.core.outbox.compose import Draft
+from threadsync.plugins.http_api import bodies
+from threadsync.plugins.http_api.auth import require_subaccount
+from threadsync.plugins.http_api.context import ApiContext, api_route, ok
+from threadsync.plugins.http_api.problems import ApiProblem
 
 #: Kernel errors that prove nothing was stored: the idempotency key is released.
 NOTHING_DONE = (InvalidInput, NotFound, Refused, ConfigError)

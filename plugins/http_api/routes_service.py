@@ -1,10 +1,10 @@
 """Routes for operators and outside services: ``/healthz``, ``/readyz``,
 ``/metrics``, ``/openapi.json``, provider change notifications and the OAuth
-redirect (see :mod:`plugins.http_api.hosted`).
+redirect (see :mod:`threadsync.plugins.http_api.hosted`).
 
 ``/healthz`` says the process serves; ``/readyz`` that the database answers at
 the newest schema. ``/oauth/callback`` finishes the sign-in named by the
-redirect's ``state`` (:mod:`core.consent`) and shows the user a short page.
+redirect's ``state`` (:mod:`threadsync.core.accounts.consent`) and shows the user a short page.
 ``/metrics`` needs the admin key unless ``[http] metrics_public = true``. The
 notification endpoint answers from memory only, well within Graph's 3 s
 (notifications) and 10 s (validation) limits: the handler wakes the subscribed
@@ -21,13 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from core.errors import AuthenticationFailed, StoreError, ThreadsyncError
-from plugins.http_api import bodies, metrics
-from plugins.http_api.auth import authenticate, require_admin
-from plugins.http_api.context import ApiContext, open_route
-from plugins.http_api.hosted import Reply
-from plugins.http_api.openapi import document
-from plugins.http_api.problems import ApiProblem, from_kernel, problem_status
+from threadsync.core.errors import AuthenticationFailed, StoreError, ThreadsyncError
+from threadsync.plugins.http_api import bodies, metrics
+from threadsync.plugins.http_api.auth import authenticate, require_admin
+from threadsync.plugins.http_api.context import ApiContext, open_route
+from threadsync.plugins.http_api.hosted import Reply
+from threadsync.plugins.http_api.openapi import document
+from threadsync.plugins.http_api.problems import ApiProblem, from_kernel, problem_status
 
 NOTIFICATION_BODY_LIMIT = 1024 * 1024
 

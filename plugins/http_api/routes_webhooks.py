@@ -3,7 +3,7 @@
 Creating an endpoint answers its signing secret, once (``Cache-Control:
 no-store``); it is kept encrypted (R11). A URL whose host is, or resolves to, an
 internal address the operator did not allow is refused with ``422`` naming the
-address and why (:func:`core.webhook_targets.check_url`).
+address and why (:func:`threadsync.core.host.webhook_targets.check_url`).
 ``GET .../webhook-deliveries?status=dead`` lists the dead letters, and
 ``POST .../webhook-deliveries/{id}/retry`` sends one again with a fresh retry
 window.
@@ -18,13 +18,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from core import webhook_targets, webhooks
-from core.apikeys import Principal
-from core.errors import InvalidInput
-from plugins.http_api import bodies
-from plugins.http_api.auth import require_subaccount
-from plugins.http_api.context import ApiContext, api_route, ok
-from plugins.http_api.dispatcher import resolve
+from threadsync.core.errors import InvalidInput
+from threadsync.core.host import webhook_targets, webhooks
+from threadsync.core.host.apikeys import Principal
+from threadsync.plugins.http_api import bodies
+from threadsync.plugins.http_api.auth import require_subaccount
+from threadsync.plugins.http_api.context import ApiContext, api_route, ok
+from threadsync.plugins.http_api.dispatcher import resolve
 
 RESOLVE_TIMEOUT_SECONDS = 5.0
 

@@ -2,10 +2,10 @@
 --listen``), or on a thread of its own (tests, benchmarks).
 
 The listening socket is bound before anything starts, so a taken port is a
-clear :class:`core.errors.ConfigError` instead of uvicorn exiting the process.
+clear :class:`threadsync.core.errors.ConfigError` instead of uvicorn exiting the process.
 Signals belong to the daemon: the uvicorn server installs none, and stops
 gracefully (``should_exit``) when the daemon cancels it. uvicorn's access log is
-off; :class:`plugins.http_api.app.Guard` logs requests without their query.
+off; :class:`threadsync.plugins.http_api.app.Guard` logs requests without their query.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import uvicorn
 from starlette.applications import Starlette
 
-from core.api import Threadsync
-from core.errors import ConfigError
-from plugins.http_api.app import create_app
-from plugins.http_api.dispatcher import Dispatcher
-from plugins.http_api.settings import HttpSettings, parse_listen
+from threadsync.core.api import Threadsync
+from threadsync.core.errors import ConfigError
+from threadsync.plugins.http_api.app import create_app
+from threadsync.plugins.http_api.dispatcher import Dispatcher
+from threadsync.plugins.http_api.settings import HttpSettings, parse_listen
 
 
 class ApiServer(uvicorn.Server):

@@ -1,6 +1,6 @@
 """The ``[http]`` and ``[webhooks]`` sections of config.toml, checked and typed.
 
-``core.config`` hands sections it does not know to plugins (they arrive in
+``threadsync.core.config`` hands sections it does not know to plugins (they arrive in
 ``Settings.providers``), so both are read from there. The API is off unless
 ``[http] listen`` (or ``run --listen``) names an address; it listens on loopback
 unless told otherwise, and a non-loopback address needs TLS (``tls_cert_file``
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from core.config import Settings, is_loopback, typed
-from core.errors import ConfigError
-from core.webhook_targets import Network
-from core.webhooks import WebhookSettings
+from threadsync.core.config import Settings, is_loopback, typed
+from threadsync.core.errors import ConfigError
+from threadsync.core.host.webhook_targets import Network
+from threadsync.core.host.webhooks import WebhookSettings
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 (a device code, or a plugin's own ``notify`` flow).
 
 Providers with a redirect sign-in (Outlook's consent page) go through
-:mod:`core.consent` instead, kept in the database. A provider whose
+:mod:`threadsync.core.accounts.consent` instead, kept in the database. A provider whose
 ``authorize`` needs the user otherwise says so through ``notify(text)`` and
 then waits for the user. The request cannot wait that long:
 :meth:`SignIns.start` runs the connect as a task and answers as soon as either
@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import ThreadsyncError
+from threadsync.core.errors import ThreadsyncError
 
 Notify = Callable[[str], None]
 KEEP_SECONDS = 3600.0

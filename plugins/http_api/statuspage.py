@@ -18,11 +18,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from core import webhooks
-from core.apikeys import Principal
-from plugins.http_api import bodies
-from plugins.http_api.auth import SESSION_COOKIE
-from plugins.http_api.context import ApiContext, open_route
+from threadsync.core.host import webhooks
+from threadsync.core.host.apikeys import Principal
+from threadsync.plugins.http_api import bodies
+from threadsync.plugins.http_api.auth import SESSION_COOKIE
+from threadsync.plugins.http_api.context import ApiContext, open_route
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "

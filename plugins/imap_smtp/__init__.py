@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from core.hookspecs import hookimpl
-from core.provider import Provider
-from plugins.imap_smtp.provider import ImapSmtpProvider
+from threadsync.core.hookspecs import hookimpl
+from threadsync.core.provider import Provider
+from threadsync.plugins.imap_smtp.provider import ImapSmtpProvider
 
 __all__ = ["ImapSmtpProvider", "register_providers"]
 

@@ -14,7 +14,7 @@ again because pre-TLS capabilities must not be trusted (RFC 3501 6.2.1).
 Every command is bounded: it fails with ``TransientProviderError`` when the
 server does not answer within the timeout or the connection drops, and the
 session is then unusable (``alive`` is false) because aioimaplib cannot recover
-from an abandoned command. Failures leave as :mod:`core.errors` exceptions only.
+from an abandoned command. Failures leave as :mod:`threadsync.core.errors` exceptions only.
 A session runs one command at a time; the caller serialises access.
 """
 
@@ -30,10 +30,14 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
-from core.errors import AuthenticationFailed, ProviderProtocolError, TransientProviderError
-from plugins.imap_smtp import imap_syntax as syntax
-from plugins.imap_smtp import wire
-from plugins.imap_smtp.tls import certificate_error, certificate_failure
+from threadsync.core.errors import (
+    AuthenticationFailed,
+    ProviderProtocolError,
+    TransientProviderError,
+)
+from threadsync.plugins.imap_smtp import imap_syntax as syntax
+from threadsync.plugins.imap_smtp import wire
+from threadsync.plugins.imap_smtp.tls import certificate_error, certificate_failure
 
 log = logging.getLogger(__name__)
 

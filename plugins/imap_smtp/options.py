@@ -13,9 +13,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from core.config import SECURITY_CHOICES, check_security
-from core.errors import ConfigError
-from core.provider import Account, ProviderOption
+from threadsync.core.config import SECURITY_CHOICES, check_security
+from threadsync.core.errors import ConfigError
+from threadsync.core.provider import Account, ProviderOption
 
 AUTH_CHOICES = ("password", "xoauth2")
 _IMAP_PORTS = {"tls": 993, "starttls": 143, "none": 143}

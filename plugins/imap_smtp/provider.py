@@ -28,13 +28,13 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
-from core.errors import (
+from threadsync.core.errors import (
     ConfigError,
     ProviderProtocolError,
     TransientProviderError,
 )
-from core.mime import summarize_headers
-from core.provider import (
+from threadsync.core.mime import summarize_headers
+from threadsync.core.provider import (
     Account,
     ChangeBatch,
     Checkpoint,
@@ -43,11 +43,11 @@ from core.provider import (
     Provider,
     ProviderOption,
 )
-from plugins.imap_smtp import smtp
-from plugins.imap_smtp.imap import ImapEndpoint, ImapSession
-from plugins.imap_smtp.imap_syntax import FetchedMessage, ListedMailbox, quote, uid_set
-from plugins.imap_smtp.options import OPTIONS, MailboxSettings, normalise, secrets_of
-from plugins.imap_smtp.tls import client_context
+from threadsync.plugins.imap_smtp import smtp
+from threadsync.plugins.imap_smtp.imap import ImapEndpoint, ImapSession
+from threadsync.plugins.imap_smtp.imap_syntax import FetchedMessage, ListedMailbox, quote, uid_set
+from threadsync.plugins.imap_smtp.options import OPTIONS, MailboxSettings, normalise, secrets_of
+from threadsync.plugins.imap_smtp.tls import client_context
 
 log = logging.getLogger(__name__)
 

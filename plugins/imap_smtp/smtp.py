@@ -5,12 +5,12 @@ or loopback plaintext, certificate verified; PLAIN/LOGIN/CRAM-MD5 as offered,
 or XOAUTH2) and reuses it for every message, closing it after it sat idle or
 at :meth:`SmtpSession.close`. Each message is MAIL FROM, RCPT TO for each
 recipient, then DATA with the caller's checkpoint right before the line that
-ends it (:mod:`core.smtp_data`). Everything before the checkpoint can fail
+ends it (:mod:`threadsync.core.outbox.smtp_data`). Everything before the checkpoint can fail
 without the message having left, so a reused connection that turns out to be
 gone by then (the server closed it while idle) is replaced and the message tried
 once more; the end of DATA is the point of no return (see
-:data:`core.provider.Checkpoint`): after the checkpoint nothing is retried.
-Errors leave as :mod:`core.errors` only: rejected credentials ->
+:data:`threadsync.core.provider.Checkpoint`): after the checkpoint nothing is retried.
+Errors leave as :mod:`threadsync.core.errors` only: rejected credentials ->
 ``AuthenticationFailed``; 4xx replies, network errors and timeouts ->
 ``TransientProviderError``; 5xx -> ``ProviderProtocolError``.
 """
@@ -26,15 +26,15 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from core.errors import (
+from threadsync.core.errors import (
     AuthenticationFailed,
     ProviderError,
     ProviderProtocolError,
     TransientProviderError,
 )
-from core.provider import Checkpoint, OutgoingMail
-from core.smtp_data import send_data
-from plugins.imap_smtp.tls import certificate_error, certificate_failure
+from threadsync.core.outbox.smtp_data import send_data
+from threadsync.core.provider import Checkpoint, OutgoingMail
+from threadsync.plugins.imap_smtp.tls import certificate_error, certificate_failure
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class SmtpSession:
             try:
                 client = await self._envelope_sent(endpoint, mail)
                 # The checkpoint runs inside DATA, right before the line that ends
-                # it: after that nothing is retried (core.smtp_data).
+                # it: after that nothing is retried (threadsync.core.outbox.smtp_data).
                 with _translated(endpoint, "DATA"):
                     await send_data(client, mail.raw, checkpoint)
             except BaseException as exc:

@@ -3,7 +3,7 @@
 Verification is never disabled (R11): the context is Python's default client
 context (system trust store, host name checking) plus, optionally, one extra CA
 file for on-premises servers with a private CA. Plaintext is allowed only
-towards loopback, which :func:`core.config.check_security` enforces in
+towards loopback, which :func:`threadsync.core.config.check_security` enforces in
 ``prepare``.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ssl
 
-from core.errors import ConfigError, ProviderProtocolError
+from threadsync.core.errors import ConfigError, ProviderProtocolError
 
 
 def client_context(ca_file: str | None) -> ssl.SSLContext:

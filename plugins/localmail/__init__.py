@@ -1,6 +1,6 @@
 """A small but real local mail system, and the demo that runs threadsync on it.
 
-``threadsync mailserver`` starts :class:`~plugins.localmail.system.MailSystem`:
+``threadsync mailserver`` starts :class:`~threadsync.plugins.localmail.system.MailSystem`:
 SMTP on aiosmtpd (submission with AUTH, the CRM's relay, local delivery) and
 IMAP on pymap over the same Maildirs, so the ``imap_smtp`` provider works
 against it unchanged. Mail to anyone who is not a local user is kept in the
@@ -11,7 +11,7 @@ for trying threadsync out and for tests, not a mailbox kind.
 
 from __future__ import annotations
 
-from core.errors import ConfigError
+from threadsync.core.errors import ConfigError
 
 try:
     import pymap  # noqa: F401  (the IMAP server of the local mail system)
@@ -20,9 +20,14 @@ except ImportError:  # pragma: no cover - pymap is installed with threadsync
         "the local mail system needs pymap, which is missing: pip install pymap"
     ) from None
 
-from plugins.localmail.outside import OutsideMessage, list_outside
-from plugins.localmail.settings import MailserverSettings, UserSpec, from_config, parse_user
-from plugins.localmail.system import MailSystem, MailSystemThread
+from threadsync.plugins.localmail.outside import OutsideMessage, list_outside
+from threadsync.plugins.localmail.settings import (
+    MailserverSettings,
+    UserSpec,
+    from_config,
+    parse_user,
+)
+from threadsync.plugins.localmail.system import MailSystem, MailSystemThread
 
 __all__ = [
     "MailSystem",

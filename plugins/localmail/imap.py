@@ -19,7 +19,7 @@ from typing import Any
 from proxyprotocol.reader import ProxyProtocolReader
 from pymap.imap import IMAPServer
 
-from plugins.localmail.mailboxes import Mailboxes
+from threadsync.plugins.localmail.mailboxes import Mailboxes
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from pymap.parsing.specials.flag import Flag
 from pymap.user import UserMetadata
 from pysasl.hashing import BuiltinHash
 
-from core.errors import ConfigError
+from threadsync.core.errors import ConfigError
 
 INBOX = "INBOX"
 SENT = "Sent"

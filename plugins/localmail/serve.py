@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError
-from plugins.localmail.outside import OutsideMessage
-from plugins.localmail.settings import MailserverSettings
-from plugins.localmail.system import MailSystem
+from threadsync.core.errors import ConfigError
+from threadsync.plugins.localmail.outside import OutsideMessage
+from threadsync.plugins.localmail.settings import MailserverSettings
+from threadsync.plugins.localmail.system import MailSystem
 
 
 def keep_temp_files_beside(data_dir: Path) -> None:

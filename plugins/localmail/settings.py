@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from core.config import Settings, is_loopback
-from core.errors import ConfigError, InvalidInput
+from threadsync.core.config import Settings, is_loopback
+from threadsync.core.errors import ConfigError, InvalidInput
 
 DEFAULT_SMTP_PORT = 2525
 DEFAULT_IMAP_PORT = 1143
@@ -50,7 +50,7 @@ class MailserverSettings:
     """Where the local mail system keeps its files and where it listens.
 
     A port of 0 picks a free port (tests, the demo); the chosen ports are on
-    :class:`plugins.localmail.system.MailSystem` once it has started.
+    :class:`threadsync.plugins.localmail.system.MailSystem` once it has started.
     """
 
     data_dir: Path
@@ -62,7 +62,7 @@ class MailserverSettings:
 
     @property
     def outside_dir(self) -> Path:
-        """The outside world's Maildir (see :mod:`plugins.localmail.outside`)."""
+        """The outside world's Maildir (see :mod:`threadsync.plugins.localmail.outside`)."""
         return self.data_dir / "outside"
 
 

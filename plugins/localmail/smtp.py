@@ -27,8 +27,8 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pymap.exceptions import ResponseError
 
-from plugins.localmail.mailboxes import Mailboxes
-from plugins.localmail.outside import OutsideWorld, stamp
+from threadsync.plugins.localmail.mailboxes import Mailboxes
+from threadsync.plugins.localmail.outside import OutsideWorld, stamp
 
 log = logging.getLogger(__name__)
 

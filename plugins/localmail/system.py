@@ -20,14 +20,14 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from core.config import is_loopback
-from core.errors import ConfigError
-from plugins.localmail.imap import ImapListener
-from plugins.localmail.mailboxes import INBOX, Mailboxes, check_temp_dir, imap_config
-from plugins.localmail.outside import OutsideMessage, OutsideWorld, list_outside
-from plugins.localmail.settings import MailserverSettings, check_email
-from plugins.localmail.smtp import Handler, SmtpListener
-from plugins.localmail.tls import Certificate, ensure_certificate
+from threadsync.core.config import is_loopback
+from threadsync.core.errors import ConfigError
+from threadsync.plugins.localmail.imap import ImapListener
+from threadsync.plugins.localmail.mailboxes import INBOX, Mailboxes, check_temp_dir, imap_config
+from threadsync.plugins.localmail.outside import OutsideMessage, OutsideWorld, list_outside
+from threadsync.plugins.localmail.settings import MailserverSettings, check_email
+from threadsync.plugins.localmail.smtp import Handler, SmtpListener
+from threadsync.plugins.localmail.tls import Certificate, ensure_certificate
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ class MailSystem:
 
     async def start(self) -> None:
         """Make the data folder and certificate if needed, add the configured users,
-        and listen. A port that is taken is a :class:`~core.errors.ConfigError`."""
+        and listen. A port that is taken is a :class:`~threadsync.core.errors.ConfigError`."""
         root = self.data_dir / "mailboxes"
         try:
             check_temp_dir(root)

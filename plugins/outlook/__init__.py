@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from core.hookspecs import hookimpl
-from core.provider import Provider
-from plugins.outlook.notifications import NotificationHub, NotificationReply
-from plugins.outlook.provider import OutlookProvider
+from threadsync.core.hookspecs import hookimpl
+from threadsync.core.provider import Provider
+from threadsync.plugins.outlook.notifications import NotificationHub, NotificationReply
+from threadsync.plugins.outlook.provider import OutlookProvider
 
 __all__ = ["NotificationHub", "NotificationReply", "OutlookProvider", "register_providers"]
 

@@ -32,16 +32,16 @@ from typing import Any
 import msal
 import requests
 
-from core.errors import (
+from threadsync.core.errors import (
     AuthenticationFailed,
     ConfigError,
     ProviderError,
     ProviderProtocolError,
     TransientProviderError,
 )
-from core.provider import Account
-from plugins.outlook.config import OutlookConfig
-from plugins.outlook.loopback import RedirectListener
+from threadsync.core.provider import Account
+from threadsync.plugins.outlook.config import OutlookConfig
+from threadsync.plugins.outlook.loopback import RedirectListener
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class SignIn:
 
 
 def failure(result: Mapping[str, Any], mailbox: str) -> ProviderError:
-    """The :mod:`core.errors` exception for an MSAL error result (no secrets in it)."""
+    """The :mod:`threadsync.core.errors` exception for an MSAL error result (no secrets in it)."""
     error = str(result.get("error") or "unknown_error")
     codes = result.get("error_codes") or []
     detail = error

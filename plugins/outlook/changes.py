@@ -25,10 +25,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from core.errors import ProviderProtocolError, TransientProviderError
-from core.mime import parse_msgid_list
-from core.provider import ChangeBatch, HeaderSummary
-from plugins.outlook.graph import GraphClient, GraphRequestError, json_object
+from threadsync.core.errors import ProviderProtocolError, TransientProviderError
+from threadsync.core.mime import parse_msgid_list
+from threadsync.core.provider import ChangeBatch, HeaderSummary
+from threadsync.plugins.outlook.graph import GraphClient, GraphRequestError, json_object
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from core.config import is_loopback
-from core.errors import ConfigError
+from threadsync.core.config import is_loopback
+from threadsync.core.errors import ConfigError
 
 DEFAULT_AUTHORITY_HOST = "login.microsoftonline.com"
 DEFAULT_GRAPH_URL = "https://graph.microsoft.com/v1.0"

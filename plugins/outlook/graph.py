@@ -1,5 +1,5 @@
 """A small Microsoft Graph client on httpx: one mailbox, its throttling rules,
-and errors translated into :mod:`core.errors`.
+and errors translated into :mod:`threadsync.core.errors`.
 
 Every request carries ``Prefer: IdType="ImmutableId"`` (ids survive moves) and a
 fresh bearer token; at most ``max_concurrency`` (Graph allows 4 per app and
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from core.errors import (
+from threadsync.core.errors import (
     AuthenticationFailed,
     ProviderError,
     ProviderProtocolError,
@@ -85,7 +85,7 @@ class GraphError:
 
 
 def translate(error: GraphError, mailbox: str) -> ProviderError:
-    """The :mod:`core.errors` exception for a Graph error answer."""
+    """The :mod:`threadsync.core.errors` exception for a Graph error answer."""
     if error.status == 401:
         return AuthenticationFailed(f"Microsoft Graph refused the sign-in of {mailbox}: {error}")
     if error.status == 403 and error.code.lower() in _ACCESS_DENIED:

@@ -18,8 +18,8 @@ import html
 import ipaddress
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from core.config import is_loopback
-from core.errors import ConfigError, TransientProviderError
+from threadsync.core.config import is_loopback
+from threadsync.core.errors import ConfigError, TransientProviderError
 
 _HEAD_LIMIT = 16 * 1024
 _PAGE = (

@@ -31,10 +31,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from core.errors import ProviderError
-from core.provider import Account
-from plugins.outlook.config import OutlookConfig
-from plugins.outlook.graph import GraphClient, GraphRequestError, json_object
+from threadsync.core.errors import ProviderError
+from threadsync.core.provider import Account
+from threadsync.plugins.outlook.config import OutlookConfig
+from threadsync.plugins.outlook.graph import GraphClient, GraphRequestError, json_object
 
 log = logging.getLogger(__name__)
 

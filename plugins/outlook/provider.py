@@ -25,8 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from core.errors import AuthenticationFailed, ConfigError, ProviderError, ProviderProtocolError
-from core.provider import (
+from threadsync.core.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    ProviderError,
+    ProviderProtocolError,
+)
+from threadsync.core.provider import (
     Account,
     ChangeBatch,
     Checkpoint,
@@ -36,7 +41,7 @@ from core.provider import (
     Provider,
     ProviderOption,
 )
-from plugins.outlook.auth import (
+from threadsync.plugins.outlook.auth import (
     SignIn,
     TokenSource,
     begin_browser_sign_in,
@@ -44,11 +49,11 @@ from plugins.outlook.auth import (
     sign_in_with_browser,
     sign_in_with_device_code,
 )
-from plugins.outlook.changes import FolderDelta
-from plugins.outlook.config import OutlookConfig
-from plugins.outlook.graph import GraphClient, GraphRequestError, client_tls
-from plugins.outlook.notifications import REAUTHORIZE, NotificationHub, Subscriptions
-from plugins.outlook.sending import Sender
+from threadsync.plugins.outlook.changes import FolderDelta
+from threadsync.plugins.outlook.config import OutlookConfig
+from threadsync.plugins.outlook.graph import GraphClient, GraphRequestError, client_tls
+from threadsync.plugins.outlook.notifications import REAUTHORIZE, NotificationHub, Subscriptions
+from threadsync.plugins.outlook.sending import Sender
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,15 @@ from email.utils import getaddresses
 from typing import Any
 from urllib.parse import quote
 
-from core.errors import ProviderError, ProviderProtocolError, TransientProviderError
-from core.mime import parse_msgid_list
-from core.provider import Checkpoint, OutgoingMail
-from plugins.outlook.graph import GraphAmbiguous, GraphClient, GraphRequestError, json_object
+from threadsync.core.errors import ProviderError, ProviderProtocolError, TransientProviderError
+from threadsync.core.mime import parse_msgid_list
+from threadsync.core.provider import Checkpoint, OutgoingMail
+from threadsync.plugins.outlook.graph import (
+    GraphAmbiguous,
+    GraphClient,
+    GraphRequestError,
+    json_object,
+)
 
 log = logging.getLogger(__name__)
 

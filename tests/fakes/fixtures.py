@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from core.api import Threadsync
 from tests.fakes.microsoft import FakeMicrosoft
 from tests.fakes.server import ServerThread
 from tests.fakes.world import MAILBOX, OutlookWorld, outlook_settings_for
 from tests.kernelfixtures import SUB, EventRecorder
 from tests.servers.smtp import SmtpServer
 from tests.servers.tlscerts import TestCA
+from threadsync.core.api import Threadsync
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,6 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from core.api import Threadsync
-from core.models import Message
-from core.provider import Account
-from plugins.outlook import OutlookProvider
 from tests.fakes.microsoft import FakeMicrosoft
 from tests.kernelfixtures import (
     CONTACT,
@@ -33,6 +29,10 @@ from tests.kernelfixtures import (
     reply_to,
 )
 from tests.servers.smtp import SmtpServer
+from threadsync.core.api import Threadsync
+from threadsync.core.provider import Account
+from threadsync.core.store.models import Message
+from threadsync.plugins.outlook import OutlookProvider
 
 MAILBOX = "ann@contoso.test"
 

@@ -26,20 +26,20 @@ from typing import Any
 
 import pytest
 
-from core.errors import (
+from tests.servers import ImapServer, free_port
+from tests.servers.smtp import SmtpServer
+from tests.servers.tlscerts import TestCA
+from threadsync.core.errors import (
     AuthenticationFailed,
     ConfigError,
     ProviderProtocolError,
     TransientProviderError,
 )
-from core.provider import Folder, OutgoingMail
-from core.registry import get_plugin_manager, providers
-from plugins.imap_smtp import ImapSmtpProvider, wire
-from plugins.imap_smtp import imap_syntax as syntax
-from plugins.imap_smtp.imap import ImapEndpoint, ImapSession
-from tests.servers import ImapServer, free_port
-from tests.servers.smtp import SmtpServer
-from tests.servers.tlscerts import TestCA
+from threadsync.core.provider import Folder, OutgoingMail
+from threadsync.core.registry import get_plugin_manager, providers
+from threadsync.plugins.imap_smtp import ImapSmtpProvider, wire
+from threadsync.plugins.imap_smtp import imap_syntax as syntax
+from threadsync.plugins.imap_smtp.imap import ImapEndpoint, ImapSession
 
 INBOX = Folder("INBOX", "inbox")
 HEADER_ITEMS = "(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID REFERENCES)])"

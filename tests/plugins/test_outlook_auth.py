@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from core.errors import AuthenticationFailed, ConfigError, TransientProviderError
-from core.provider import Folder
-from plugins.outlook import OutlookProvider
-from plugins.outlook.config import OutlookConfig
-from plugins.outlook.loopback import RedirectListener
 from tests.fakes import FakeMicrosoft
 from tests.fakes.world import MAILBOX, opened, sign_in
+from threadsync.core.errors import AuthenticationFailed, ConfigError, TransientProviderError
+from threadsync.core.provider import Folder
+from threadsync.plugins.outlook import OutlookProvider
+from threadsync.plugins.outlook.config import OutlookConfig
+from threadsync.plugins.outlook.loopback import RedirectListener
 
 pytest_plugins = ["tests.fakes.fixtures"]
 INBOX = Folder("inbox", "inbox")

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.api import Threadsync
-from core.config import load
 from tests.fakes import FakeMicrosoft
 from tests.fakes.world import MAILBOX
+from threadsync.core.api import Threadsync
+from threadsync.core.config import load
 
 pytest_plugins = ["tests.fakes.fixtures"]
 ROOT = Path(__file__).resolve().parent.parent.parent

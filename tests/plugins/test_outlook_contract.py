@@ -1,4 +1,4 @@
-"""The provider contract (core.contract) for ``outlook``, against the fake
+"""The provider contract (threadsync.testing) for ``outlook``, against the fake
 Microsoft cloud, with a notification endpoint so that push is tested too."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from core.contract import ContractMailbox, ProviderContract
-from core.provider import Account, Provider
-from plugins.outlook import NotificationHub, OutlookProvider
 from tests.fakes import FakeMicrosoft, ServerThread
 from tests.fakes.server import Call, Reply
 from tests.fakes.world import MAILBOX, sign_in
 from tests.servers.tlscerts import TestCA
+from threadsync.core.provider import Account, Provider
+from threadsync.plugins.outlook import NotificationHub, OutlookProvider
+from threadsync.testing import ContractMailbox, ProviderContract
 
 pytest_plugins = ["tests.fakes.fixtures"]
 

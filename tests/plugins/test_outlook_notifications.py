@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from core.provider import Folder
-from plugins.outlook import NotificationHub, OutlookProvider
 from tests.fakes import FakeMicrosoft, ServerThread
 from tests.fakes.server import Call, Reply
 from tests.fakes.world import MAILBOX, opened, sign_in
 from tests.kernelfixtures import CONTACT, make_mail
 from tests.servers.tlscerts import TestCA
+from threadsync.core.provider import Folder
+from threadsync.plugins.outlook import NotificationHub, OutlookProvider
 
 pytest_plugins = ["tests.fakes.fixtures"]
 INBOX = Folder("inbox", "inbox")

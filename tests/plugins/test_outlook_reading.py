@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 
-from core.errors import ProviderProtocolError, TransientProviderError
-from core.provider import Folder
 from tests.fakes import FakeMicrosoft
 from tests.fakes.world import MAILBOX, opened, sign_in
 from tests.kernelfixtures import CONTACT, make_mail
+from threadsync.core.errors import ProviderProtocolError, TransientProviderError
+from threadsync.core.provider import Folder
 
 pytest_plugins = ["tests.fakes.fixtures"]
 INBOX = Folder("inbox", "inbox")

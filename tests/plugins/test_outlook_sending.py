@@ -10,12 +10,12 @@ from email.message import EmailMessage
 
 import pytest
 
-from core.errors import ProviderProtocolError, TransientProviderError
-from core.mime import AttachmentIn, build_message
-from core.provider import OutgoingMail
 from tests.fakes import FakeMicrosoft
 from tests.fakes.world import MAILBOX, opened, sign_in
 from tests.kernelfixtures import CONTACT
+from threadsync.core.errors import ProviderProtocolError, TransientProviderError
+from threadsync.core.mime import AttachmentIn, build_message
+from threadsync.core.provider import OutgoingMail
 
 pytest_plugins = ["tests.fakes.fixtures"]
 LIMIT = 3_145_728

@@ -13,7 +13,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugins.localmail.tls import ensure_certificate
+from threadsync.plugins.localmail.tls import ensure_certificate
 
 __all__ = ["TestCA", "make_test_ca"]
 
@@ -46,7 +46,7 @@ def make_test_ca(directory: Path) -> TestCA:
     """Create ``ca.pem``, ``server.pem`` and ``server.key`` in *directory*.
 
     The same material the local mail system makes for itself
-    (:func:`plugins.localmail.tls.ensure_certificate`): a private CA and a
+    (:func:`threadsync.plugins.localmail.tls.ensure_certificate`): a private CA and a
     server certificate for ``localhost``, ``127.0.0.1`` and ``::1``. The files
     are world-readable except the key (mode 0600, owned by the caller); servers
     that drop privileges read the key before doing so.

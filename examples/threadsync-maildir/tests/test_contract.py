@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from core.contract import ContractMailbox, ProviderContract
-from core.provider import Provider
-from core.registry import get_plugin_manager, providers
+from threadsync.core.provider import Provider
+from threadsync.core.registry import get_plugin_manager, providers
+from threadsync.testing import ContractMailbox, ProviderContract
 
 ADDRESS = "ann@example.test"
 

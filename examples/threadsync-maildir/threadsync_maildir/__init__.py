@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from core.hookspecs import hookimpl
-from core.provider import Provider
+from threadsync.core.hookspecs import hookimpl
+from threadsync.core.provider import Provider
 from threadsync_maildir.provider import MaildirProvider
 
 __all__ = ["MaildirProvider", "register_providers"]

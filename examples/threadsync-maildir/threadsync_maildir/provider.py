@@ -26,9 +26,9 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from core.errors import ConfigError, ProviderProtocolError, TransientProviderError
-from core.mime import summarize_headers
-from core.provider import (
+from threadsync.core.errors import ConfigError, ProviderProtocolError, TransientProviderError
+from threadsync.core.mime import summarize_headers
+from threadsync.core.provider import (
     Account,
     ChangeBatch,
     Checkpoint,

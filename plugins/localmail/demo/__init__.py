@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.api import Threadsync
-from core.config import Settings, from_mapping
-from core.errors import InvalidInput, ThreadsyncError
-from plugins.localmail.demo.story import (
+from threadsync.core.api import Threadsync
+from threadsync.core.config import Settings, from_mapping
+from threadsync.core.errors import InvalidInput, ThreadsyncError
+from threadsync.plugins.localmail.demo.story import (
     ANN,
     ANN_NEW,
     CARLA,
@@ -36,10 +36,10 @@ from plugins.localmail.demo.story import (
     Story,
     port_open,
 )
-from plugins.localmail.demo.transcript import Step, render_step
-from plugins.localmail.serve import keep_temp_files_beside
-from plugins.localmail.settings import MailserverSettings, UserSpec
-from plugins.localmail.system import MailSystemThread
+from threadsync.plugins.localmail.demo.transcript import Step, render_step
+from threadsync.plugins.localmail.serve import keep_temp_files_beside
+from threadsync.plugins.localmail.settings import MailserverSettings, UserSpec
+from threadsync.plugins.localmail.system import MailSystemThread
 
 __all__ = ["introduction", "render_step", "run_demo", "summary"]
 

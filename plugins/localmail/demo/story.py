@@ -2,7 +2,7 @@
 
 Ann is a CRM user of the sub-account ``demo-agency``; Carla is a contact out in
 the world. Each method below is one step: it does what a person would do (the
-CRM through :class:`core.api.Threadsync`, Carla and Ann's mail program over
+CRM through :class:`threadsync.core.api.Threadsync`, Carla and Ann's mail program over
 SMTP/IMAP), runs one daemon pass where mail has to be picked up, and records
 what it expected and what it observed.
 """
@@ -17,13 +17,13 @@ from typing import Any
 
 import aiosmtplib
 
-from core.api import Threadsync
-from core.compose import Draft
-from core.errors import LabsDisabled
-from core.mime import AttachmentIn
-from plugins.localmail.demo.people import Contact, MailClient, Server
-from plugins.localmail.demo.transcript import Step
-from plugins.localmail.system import MailSystemThread
+from threadsync.core.api import Threadsync
+from threadsync.core.errors import LabsDisabled
+from threadsync.core.mime import AttachmentIn
+from threadsync.core.outbox.compose import Draft
+from threadsync.plugins.localmail.demo.people import Contact, MailClient, Server
+from threadsync.plugins.localmail.demo.transcript import Step
+from threadsync.plugins.localmail.system import MailSystemThread
 
 SUB = "demo-agency"
 USER = "ann"

@@ -1,0 +1,124 @@
+"""Read-only views for the host: threads of a sub-account, one whole thread, an
+attachment's stored content and the event log, in the JSON shapes of
+PRODUCT.md. Every query names its sub-account (R10); nothing is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from threadsync.core.errors import NotFound
+from threadsync.core.host.events import message_json
+from threadsync.core.kernel import Kernel
+from threadsync.core.store.models import Attachment, Event, Message, SyncedThread
+
+
+def _thread_row(t: SyncedThread, count: int) -> dict[str, Any]:
+    return {
+        "thread_id": t.id,
+        "subaccount": t.subaccount_id,
+        "user": t.user_id,
+        "email": t.email,
+        "state": t.state,
+        "stop_reason": t.stop_reason,
+        "subject": t.subject,
+        "message_count": count,
+    }
+
+
+def threads(k: Kernel, subaccount: str, user: str | None = None) -> dict[str, Any]:
+    def work(session: Session) -> dict[str, Any]:
+        counts = (
+            select(Message.thread_id, func.count(Message.id).label("n"))
+            .group_by(Message.thread_id)
+            .subquery()
+        )
+        query = (
+            select(SyncedThread, func.coalesce(counts.c.n, 0))
+            .outerjoin(counts, counts.c.thread_id == SyncedThread.id)
+            .where(SyncedThread.subaccount_id == subaccount)
+        )
+        if user is not None:
+            query = query.where(SyncedThread.user_id == user)
+        rows = session.execute(query.order_by(SyncedThread.created_at, SyncedThread.id)).all()
+        return {"threads": [_thread_row(t, int(n)) for t, n in rows]}
+
+    return k.store.call(work)
+
+
+def thread(k: Kernel, thread_id: str, subaccount: str | None = None) -> dict[str, Any]:
+    """One thread with every message; ``subaccount`` restricts it to a tenant."""
+
+    def work(session: Session) -> dict[str, Any]:
+        t = session.get(SyncedThread, thread_id)
+        if t is None or (subaccount is not None and t.subaccount_id != subaccount):
+            raise NotFound(f"thread {thread_id!r} not found")
+        msgs = session.scalars(
+            select(Message)
+            .where(Message.thread_id == t.id)
+            .options(selectinload(Message.attachments))
+            .order_by(Message.id)
+        ).all()
+        return {
+            **_thread_row(t, len(msgs)),
+            "messages": [message_json(m) for m in msgs],
+        }
+
+    return k.store.call(work)
+
+
+def events(k: Kernel, subaccount: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
+    """The event log of a sub-account, oldest first, after event id ``after``."""
+
+    def work(session: Session) -> dict[str, Any]:
+        rows = session.scalars(
+            select(Event)
+            .where(Event.subaccount_id == subaccount, Event.id > after)
+            .order_by(Event.id)
+            .limit(limit)
+        ).all()
+        return {"events": [{"id": e.id, **e.payload} for e in rows]}
+
+    return k.store.call(work)
+
+
+@dataclass(frozen=True)
+class AttachmentContent:
+    filename: str | None
+    content_type: str
+    data: bytes
+
+
+def attachment(
+    k: Kernel, thread_id: str, message_id: str, index: int, subaccount: str | None
+) -> AttachmentContent:
+    """Attachment ``index`` (0-based, as listed) of a message in a thread. Content
+    is stored only for synced messages (R8); otherwise :class:`NotFound`."""
+
+    def work(session: Session) -> AttachmentContent:
+        thread = session.get(SyncedThread, thread_id)
+        if thread is None or (subaccount is not None and thread.subaccount_id != subaccount):
+            raise NotFound(f"thread {thread_id!r} not found")
+        msg = session.scalars(
+            select(Message).where(Message.thread_id == thread.id, Message.message_id == message_id)
+        ).first()
+        if msg is None:
+            raise NotFound(f"message {message_id!r} not found in thread {thread_id!r}")
+        rows = session.scalars(
+            select(Attachment).where(Attachment.message_pk == msg.id).order_by(Attachment.id)
+        ).all()
+        if not 0 <= index < len(rows):
+            raise NotFound(f"message {message_id!r} has no attachment {index}")
+        row = rows[index]
+        if row.content is None:
+            why = f" ({msg.reason})" if msg.reason else ""
+            raise NotFound(
+                f"attachment {index} of {message_id!r} has no stored content: only synced "
+                f"messages keep attachment content; this one is {msg.state}{why}"
+            )
+        return AttachmentContent(row.filename, row.content_type, row.content)
+
+    return k.store.call(work)

@@ -1,0 +1,418 @@
+"""Delivers the transactional outbox, at most once per CRM message (R9).
+
+An entry moves ``pending`` -> ``claimed`` (a lease, before any network call) ->
+``transmitting`` (committed by the provider's checkpoint, immediately before the
+step after which the message may have left: the line that ends SMTP DATA, Graph
+send) -> ``sent``.
+
+After a crash:
+
+* ``claimed`` with a dead or expired lease: nothing left; it is sent again.
+* ``transmitting``: it may have left. It is never sent again; the Sent folder is
+  checked for its Message-ID and the copy filed if missing. Over SMTP the
+  window between that commit and the message leaving is the write of the
+  three bytes that end DATA (:mod:`threadsync.core.outbox.smtp_data`); a crash in it loses the
+  message rather than doubling it, the one case R9's two demands conflict.
+
+A failure before the checkpoint returns the entry to ``pending`` with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, undefer
+
+from threadsync.core import rules
+from threadsync.core.accounts.connections import labs_on
+from threadsync.core.errors import LeaseLost, ProviderError, ProviderProtocolError
+from threadsync.core.host.events import MESSAGE_SYNCED, EventBuffer, message_json
+from threadsync.core.kernel import Kernel, worker_is_dead
+from threadsync.core.outbox.relay import send_via_relay
+from threadsync.core.provider import Checkpoint, OutgoingMail, Provider
+from threadsync.core.store.models import Connection, Message, OutboxEntry, utcnow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Claim:
+    entry_id: int
+    channel: str
+    connection_id: int | None
+    mail: OutgoingMail
+    was_transmitting: bool
+    sent_copy_stored: bool
+    already_sent: bool
+    #: The mailbox's connection as read with the claim (detached), so that
+    #: opening a provider for this delivery needs no further query.
+    connection: Connection | None = None
+    message_pk: int = 0
+    #: (sub-account, payload) of the ``message.synced`` event recorded when the
+    #: message has left, prepared with the claim (the message is at hand there).
+    synced_event: tuple[str, dict[str, Any]] | None = None
+
+
+def _lease_is_dead(owner: str | None, until: datetime | None, now: datetime) -> bool:
+    return owner is None or until is None or until <= now or worker_is_dead(owner)
+
+
+def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
+    """Take the lease on an entry inside ``session``'s transaction, or ``None``
+    when it is not ours to deliver now (someone else holds it, it waits for its
+    backoff, or its mailbox cannot be used now). ``compose`` claims the entry it
+    has just written in that same transaction."""
+    entry = session.get(OutboxEntry, entry_id, options=[undefer(OutboxEntry.raw)])
+    if entry is None:
+        return None
+    now = utcnow()
+    conn: Connection | None = None
+    if entry.channel == "mailbox":
+        conn = _mailbox_ready(session, entry.connection_id, provider_open, now)
+        if conn is None:
+            return None
+    if entry.status == "sent":
+        if entry.channel == "mailbox" and not entry.sent_copy_stored:
+            if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
+                return None
+        else:
+            return None
+    elif entry.status in ("claimed", "transmitting"):
+        if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
+            return None
+    elif entry.status == "pending":
+        if entry.next_attempt_at and entry.next_attempt_at > now:
+            return None
+    else:
+        return None
+    was_transmitting = entry.status == "transmitting"
+    already_sent = entry.status == "sent"
+    # Compare-and-set, so that two workers never both win the same entry.
+    won = session.execute(
+        update(OutboxEntry)
+        .where(
+            OutboxEntry.id == entry.id,
+            OutboxEntry.status == entry.status,
+            OutboxEntry.lease_owner.is_(None)
+            if entry.lease_owner is None
+            else OutboxEntry.lease_owner == entry.lease_owner,
+        )
+        .values(
+            status="claimed" if entry.status in ("pending", "claimed") else entry.status,
+            lease_owner=k.worker,
+            lease_until=now + timedelta(seconds=k.settings.sync.lease_seconds),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if won.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    msg = session.get(Message, entry.message_pk)
+    assert msg is not None
+    synced_event = None
+    if entry.channel == "mailbox" and msg.state == "synced" and not already_sent:
+        thread = msg.thread
+        synced_event = (
+            thread.subaccount_id,
+            {"user": thread.user_id, "thread_id": thread.id, "message": message_json(msg)},
+        )
+    return Claim(
+        entry_id=entry.id,
+        channel=entry.channel,
+        connection_id=entry.connection_id,
+        mail=OutgoingMail(
+            raw=entry.raw,
+            message_id=msg.message_id,
+            sender=entry.sender,
+            recipients=tuple(entry.recipients),
+        ),
+        was_transmitting=was_transmitting,
+        sent_copy_stored=entry.sent_copy_stored,
+        already_sent=already_sent,
+        connection=conn,
+        message_pk=msg.id,
+        synced_event=synced_event,
+    )
+
+
+def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
+    return k.store.call(lambda session: claim_in(session, k, entry_id, provider_open))
+
+
+def _update(k: Kernel, entry_id: int, **values: object) -> None:
+    def work(session: Session) -> None:
+        session.execute(
+            update(OutboxEntry)
+            .where(OutboxEntry.id == entry_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+    k.store.call(work)
+
+
+def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
+    when = rules.backoff(
+        failures,
+        k.settings.sync.backoff_base_seconds,
+        k.settings.sync.backoff_max_seconds,
+        utcnow(),
+    )
+
+    def work(session: Session) -> None:
+        entry = session.get(OutboxEntry, claim.entry_id)
+        if entry is None:
+            return
+        entry.status = "pending"
+        entry.lease_owner = None
+        entry.lease_until = None
+        entry.attempts = (entry.attempts or 0) + 1
+        entry.last_error = error
+        entry.next_attempt_at = when
+
+    k.store.call(work)
+
+
+async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = None) -> str:
+    """Try to deliver one entry; returns ``"sent"`` or ``"queued"``.
+
+    ``provider`` is an open provider of the entry's connection (the daemon's), or
+    ``None`` to open one for this delivery only.
+    """
+    claim = await _run(k, _claim, entry_id, provider is not None)
+    if claim is None:
+        return await _status(k, entry_id)
+    return await deliver_claim(k, claim, provider)
+
+
+async def deliver_claim(k: Kernel, claim: Claim, provider: Provider | None = None) -> str:
+    """Deliver an entry whose lease this worker holds (see :func:`deliver_entry`)."""
+    try:
+        if claim.channel == "default":
+            return await _deliver_default(k, claim)
+        return await _deliver_mailbox(k, claim, provider)
+    except LeaseLost as exc:
+        log.warning("%s; not sent here", exc, extra={"outbox_id": claim.entry_id})
+        return await _status(k, claim.entry_id)
+
+
+async def _run(k: Kernel, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a database step in a worker thread (the loop never waits on the DB)."""
+    return await asyncio.to_thread(fn, k, *args, **kwargs)
+
+
+async def _status(k: Kernel, entry_id: int) -> str:
+    def work(session: Session) -> str:
+        entry = session.get(OutboxEntry, entry_id)
+        return "sent" if entry is not None and entry.status == "sent" else "queued"
+
+    return await k.store.run(work)
+
+
+def _checkpoint(k: Kernel, claim: Claim) -> Checkpoint:
+    async def checkpoint() -> None:
+        await _run(k, _to_transmitting, claim)
+
+    return checkpoint
+
+
+def _to_transmitting(k: Kernel, claim: Claim) -> None:
+    """Commit "transmitting" only while this worker still holds the lease: if it
+    ran out (a server slower than ``lease_seconds`` before DATA) and another
+    worker took the entry, sending here as well would duplicate the message."""
+
+    def work(session: Session) -> int:
+        moved = session.execute(
+            update(OutboxEntry)
+            .where(
+                OutboxEntry.id == claim.entry_id,
+                OutboxEntry.status == "claimed",
+                OutboxEntry.lease_owner == k.worker,
+            )
+            .values(status="transmitting")
+            .execution_options(synchronize_session=False)
+        )
+        return int(moved.rowcount)  # type: ignore[attr-defined]
+
+    if k.store.call(work) != 1:
+        raise LeaseLost(f"outbox entry {claim.entry_id} was taken over by another worker")
+
+
+async def _deliver_default(k: Kernel, claim: Claim) -> str:
+    if claim.was_transmitting:
+        await _run(k, _mark_sent, claim, True)
+        return "sent"
+    channel = k.settings.default_channel
+    password = k.environ.get(channel.password_env) if channel.password_env else None
+    try:
+        await send_via_relay(channel, claim.mail, password, _checkpoint(k, claim))
+    except ProviderProtocolError as exc:
+        await _run(k, _fail, claim, str(exc))
+        return "queued"
+    except ProviderError as exc:
+        log.warning("default channel failed: %s", exc, extra={"outbox_id": claim.entry_id})
+        await _run(k, _release, claim, str(exc))
+        return "queued"
+    await _run(k, _mark_sent, claim, True)
+    return "sent"
+
+
+def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
+    """Record that the message left, with its ``message.synced`` event unless a
+    disconnect turned it into a skipped one meanwhile."""
+    events = EventBuffer()
+
+    def work(session: Session) -> None:
+        session.execute(
+            update(OutboxEntry)
+            .where(OutboxEntry.id == claim.entry_id)
+            .values(
+                status="sent",
+                sent_at=utcnow(),
+                sent_copy_stored=copy_stored,
+                lease_owner=None if copy_stored else k.worker,
+                last_error=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if claim.synced_event is not None:
+            state = session.scalar(select(Message.state).where(Message.id == claim.message_pk))
+            if state == "synced":
+                subaccount, payload = claim.synced_event
+                events.record(session, subaccount, MESSAGE_SYNCED, payload)
+
+    k.store.call(work)
+    events.announce(k.pm)
+
+
+def _fail(k: Kernel, claim: Claim, error: str) -> None:
+    _update(k, claim.entry_id, status="failed", last_error=error, lease_owner=None)
+
+
+def _mailbox_ready(
+    session: Session, conn_id: int | None, provider_open: bool, now: datetime
+) -> Connection | None:
+    """The connection when its mailbox may be used now. With a provider the daemon
+    just opened, a connection in ``error`` is usable (it is recovering); for a
+    one-off delivery it must be ``connected`` and past any backoff."""
+    conn = session.get(Connection, conn_id) if conn_id else None
+    if conn is None or not labs_on(session, conn.subaccount_id):
+        return None
+    if provider_open:
+        return conn if conn.state in ("connected", "error") else None
+    ready = conn.state == "connected" and (
+        conn.next_attempt_at is None or conn.next_attempt_at <= now
+    )
+    return conn if ready else None
+
+
+async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -> str:
+    try:
+        if provider is not None:
+            return await _transmit(k, claim, provider)
+        async with k.pool.borrow(claim.connection_id or 0, claim.connection) as pooled:
+            return await _transmit(k, claim, pooled)
+    except ProviderError as exc:
+        await _run(k, _connection_failed, claim, exc)
+        return await _status(k, claim.entry_id)
+
+
+async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
+    """Send (unless a crash may already have sent it), then file the Sent copy."""
+    if not (claim.was_transmitting or claim.already_sent):
+        try:
+            await provider.send(claim.mail, _checkpoint(k, claim))
+        except ProviderProtocolError as exc:
+            await _run(k, _fail, claim, str(exc))
+            return "queued"
+        if provider.files_sent_copy:
+            await _run(k, _mark_sent, claim, True)
+            return "sent"
+        # Filed in Sent first, then one commit records both; a crash in between
+        # leaves "transmitting", which never sends again and checks Sent.
+        try:
+            await provider.store_sent_copy(claim.mail)
+        except ProviderError:
+            await _run(k, _mark_sent, claim, False)
+            raise
+        await _run(k, _mark_sent, claim, True)
+        return "sent"
+    elif claim.was_transmitting:
+        # It may have left before the crash: never send again (R9).
+        await _run(k, _mark_sent, claim, provider.files_sent_copy)
+    if not provider.files_sent_copy and not claim.sent_copy_stored:
+        # Only a recovery can find a copy already filed; a fresh send skips the search.
+        recovering = claim.was_transmitting or claim.already_sent
+        if not recovering or not await provider.find_sent(claim.mail.message_id):
+            await provider.store_sent_copy(claim.mail)
+        await _run(k, _update, claim.entry_id, sent_copy_stored=True, lease_owner=None)
+    return "sent"
+
+
+def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
+    events = EventBuffer()
+
+    def work(session: Session) -> None:
+        entry = session.get(OutboxEntry, claim.entry_id)
+        if entry is not None and entry.lease_owner != k.worker:
+            entry = None  # another worker holds it now: its state is not ours to change
+        if entry is not None and entry.status in ("claimed", "transmitting"):
+            # An error raised by the provider means the server did not take it.
+            entry.status = "pending"
+            entry.attempts = (entry.attempts or 0) + 1
+            entry.last_error = str(exc)
+        if entry is not None:
+            entry.lease_owner = None
+            entry.lease_until = None
+        if claim.connection_id is not None:
+            k.record_failure(session, events, claim.connection_id, exc)
+
+    k.store.call(work)
+    events.announce(k.pm)
+
+
+def _due_clause(now: datetime) -> Any:
+    return or_(
+        (OutboxEntry.status == "pending")
+        & (or_(OutboxEntry.next_attempt_at.is_(None), OutboxEntry.next_attempt_at <= now)),
+        OutboxEntry.status.in_(("claimed", "transmitting")),
+        (OutboxEntry.status == "sent")
+        & (OutboxEntry.channel == "mailbox")
+        & (OutboxEntry.sent_copy_stored.is_(False)),
+    )
+
+
+def connections_with_due_mail(k: Kernel) -> list[int]:
+    """Connections that have outbox entries to work on now."""
+    now = utcnow()
+
+    def work(session: Session) -> list[int]:
+        query = (
+            select(OutboxEntry.connection_id)
+            .where(_due_clause(now), OutboxEntry.connection_id.is_not(None))
+            .distinct()
+        )
+        return [c for c in session.scalars(query).all() if c is not None]
+
+    return k.store.call(work)
+
+
+def due_entries(k: Kernel, connection_id: int | None) -> list[int]:
+    """Entries to try now: pending and due, stale leases, sent copies not filed."""
+    now = utcnow()
+
+    def work(session: Session) -> list[int]:
+        query = select(OutboxEntry.id).where(_due_clause(now))
+        if connection_id is None:
+            query = query.where(OutboxEntry.channel == "default")
+        else:
+            query = query.where(OutboxEntry.connection_id == connection_id)
+        return list(session.scalars(query.order_by(OutboxEntry.id)).all())
+
+    return k.store.call(work)

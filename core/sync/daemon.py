@@ -1,0 +1,245 @@
+"""The scheduler behind ``threadsync run``: one task per live connection, plus the
+default channel's outbox.
+
+A connection task opens its provider, delivers the connection's due outbox
+entries, reads its folders, then waits for a push (IMAP IDLE) or the poll
+interval, and repeats. A supervisor re-reads the connections every few seconds:
+it starts tasks for new connections, stops them for connections that were
+disconnected, replaced, left waiting for re-authorisation or paused by the Labs
+flag (R1), and respects the backoff of connections in ``error`` (R2).
+``run --once`` is the same work done once for every connection, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from threadsync.core.errors import ProviderError
+from threadsync.core.host.events import EventBuffer
+from threadsync.core.kernel import Kernel
+from threadsync.core.outbox import delivery
+from threadsync.core.provider import Provider
+from threadsync.core.store.models import LIVE_STATES, Connection, SubAccount, utcnow
+from threadsync.core.sync.ingest import PassReport, sync_connection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnceReport:
+    """What ``run --once`` did, for ``--json`` output and tests."""
+
+    connections: int = 0
+    stored: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    sent: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def eligible_connections(k: Kernel) -> list[int]:
+    """Connections to work on now: live, not waiting for re-authorisation, Labs on
+    (R1), and past their backoff (R2)."""
+    now = utcnow()
+
+    def work(session: Session) -> list[int]:
+        rows = session.execute(
+            select(Connection.id, Connection.next_attempt_at)
+            .join(SubAccount, SubAccount.id == Connection.subaccount_id)
+            .where(
+                Connection.state.in_(("connected", "error")),
+                SubAccount.two_way_email_sync.is_(True),
+            )
+            .order_by(Connection.id)
+        ).all()
+        return [cid for cid, when in rows if when is None or when <= now]
+
+    return k.store.call(work)
+
+
+async def _fail(k: Kernel, conn_id: int, exc: ProviderError) -> bool:
+    """Record a provider failure on the connection. ``False`` when the connection
+    was ended meanwhile: its credentials are gone, so the failure means nothing."""
+    events = EventBuffer()
+    state = await k.store.run(lambda s: k.record_failure(s, events, conn_id, exc))
+    events.announce(k.pm)
+    if state not in LIVE_STATES:
+        log.info("connection ended; failure ignored", extra={"connection_id": conn_id})
+        return False
+    log.warning("connection failed: %s", exc, extra={"connection_id": conn_id})
+    return True
+
+
+async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[PassReport, int]:
+    """Deliver the connection's due outbox entries, then read its folders."""
+    sent = 0
+    for entry_id in await asyncio.to_thread(delivery.due_entries, k, conn_id):
+        if await delivery.deliver_entry(k, entry_id, provider) == "sent":
+            sent += 1
+    report = await sync_connection(k, conn_id, provider)
+    if not report.ended:
+        await k.keep_refreshed_secrets(conn_id, provider)
+    return report, sent
+
+
+async def _open(k: Kernel, conn_id: int) -> Provider | None:
+    """The connection's provider, open; ``None`` when the connection was ended
+    since it was chosen (its credentials are gone)."""
+    conn = await k.store.run(lambda s: k.get_connection(s, conn_id))
+    if conn.state not in LIVE_STATES:
+        return None
+    return await k.open_provider(conn)
+
+
+async def deliver_default_channel(k: Kernel) -> int:
+    sent = 0
+    for entry_id in await asyncio.to_thread(delivery.due_entries, k, None):
+        if await delivery.deliver_entry(k, entry_id) == "sent":
+            sent += 1
+    return sent
+
+
+async def run_once(k: Kernel) -> OnceReport:
+    """One full pass over every eligible connection and the default channel."""
+    report = OnceReport()
+    report.sent += await deliver_default_channel(k)
+    for conn_id in await asyncio.to_thread(eligible_connections, k):
+        report.connections += 1
+        provider: Provider | None = None
+        try:
+            provider = await _open(k, conn_id)
+            if provider is None:
+                continue
+            passed, sent = await work_connection(k, conn_id, provider)
+            report.stored += passed.stored
+            report.skipped += passed.skipped
+            report.duplicates += passed.duplicates
+            report.sent += sent
+        except ProviderError as exc:
+            if await _fail(k, conn_id, exc):
+                report.errors.append(f"connection {conn_id}: {exc}")
+        finally:
+            if provider is not None:
+                await provider.close()
+    return report
+
+
+class Daemon:
+    """Runs until :meth:`stop` is called (SIGTERM, Ctrl-C).
+
+    ``extra`` are coroutine functions run beside the sync loop for as long as it
+    runs (the HTTP API, the webhook dispatcher); they are cancelled when it
+    stops. One that ends or fails stops the daemon, so that a process supervisor
+    restarts the whole of it.
+    """
+
+    def __init__(
+        self,
+        k: Kernel,
+        *,
+        supervise_seconds: float = 2.0,
+        extra: Sequence[Callable[[], Awaitable[None]]] = (),
+    ) -> None:
+        self.k = k
+        self.supervise_seconds = supervise_seconds
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.providers: dict[int, Provider] = {}
+        self.extra = tuple(extra)
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        extras = [asyncio.create_task(self._beside(fn)) for fn in self.extra]
+        try:
+            while not self._stop.is_set():
+                await self._supervise()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self.supervise_seconds)
+        finally:
+            await self._cancel(list(self.tasks))
+            for task in extras:
+                task.cancel()
+            await asyncio.gather(*extras, return_exceptions=True)
+
+    async def _beside(self, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+            log.error("a task beside the sync loop ended; stopping")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("a task beside the sync loop failed; stopping")
+        self.stop()
+
+    async def _supervise(self) -> None:
+        try:
+            await deliver_default_channel(self.k)
+            wanted = set(await asyncio.to_thread(eligible_connections, self.k))
+        except Exception:  # the supervisor must survive a database hiccup
+            log.exception("supervisor pass failed")
+            return
+        for conn_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[conn_id]
+        await self._cancel([c for c in self.tasks if c not in wanted])
+        for conn_id in wanted - set(self.tasks):
+            self.tasks[conn_id] = asyncio.create_task(
+                self._connection_loop(conn_id), name=f"connection-{conn_id}"
+            )
+        # CRM mail queued by another process (the CLI, the API) wakes its
+        # connection from IDLE instead of waiting for the next poll.
+        try:
+            waiting = await asyncio.to_thread(delivery.connections_with_due_mail, self.k)
+        except Exception:
+            log.exception("supervisor could not read the outbox")
+            return
+        for conn_id in waiting:
+            provider = self.providers.get(conn_id)
+            if provider is not None:
+                provider.wake()
+
+    async def _cancel(self, conn_ids: list[int]) -> None:
+        tasks = [self.tasks.pop(c) for c in conn_ids if c in self.tasks]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _connection_loop(self, conn_id: int) -> None:
+        """Work one connection until it fails (the supervisor restarts it after
+        its backoff), is ended by another process (disconnect, update-email: the
+        task just stops) or is cancelled."""
+        k = self.k
+        provider: Provider | None = None
+        try:
+            provider = await _open(k, conn_id)
+            if provider is None:
+                return
+            self.providers[conn_id] = provider
+            while True:
+                report, _ = await work_connection(k, conn_id, provider)
+                if report.ended:
+                    log.info("connection ended; task stops", extra={"connection_id": conn_id})
+                    return
+                await provider.wait_for_changes(
+                    min(k.settings.sync.poll_interval_seconds, k.settings.sync.idle_seconds)
+                )
+        except ProviderError as exc:
+            await _fail(k, conn_id, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one connection's bug must not stop the others
+            log.exception("connection task crashed", extra={"connection_id": conn_id})
+        finally:
+            self.providers.pop(conn_id, None)
+            if provider is not None:
+                await asyncio.shield(provider.close())
