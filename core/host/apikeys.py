@@ -16,6 +16,7 @@ CRM message is sent twice).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -227,3 +228,19 @@ def abandon(store: Store, subaccount: str, key: str) -> None:
             session.delete(row)
 
     store.call(work)
+
+
+class ApiKeys:
+    """The API keys and idempotency records of one instance, as the HTTP API and
+    the command line reach them (``Threadsync.api_keys``): the functions of this
+    module with its store bound."""
+
+    def __init__(self, store: Store) -> None:
+        self.create = functools.partial(create, store)
+        self.list_keys = functools.partial(list_keys, store)
+        self.revoke = functools.partial(revoke, store)
+        self.authenticate = functools.partial(authenticate, store)
+        self.principal_of = functools.partial(principal_of, store)
+        self.begin = functools.partial(begin, store)
+        self.finish = functools.partial(finish, store)
+        self.abandon = functools.partial(abandon, store)

@@ -32,6 +32,7 @@ keeps state.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import secrets
@@ -598,3 +599,23 @@ def _delete_some(
     ids = select(model.id).where(*where).order_by(model.id).limit(batch).scalar_subquery()
     statement = delete(model).where(model.id.in_(ids)).execution_options(synchronize_session=False)
     return k.store.call(lambda s: int(s.execute(statement).rowcount))  # type: ignore[attr-defined]
+
+
+class Webhooks:
+    """The webhook endpoints, deliveries and queue of one instance, as the HTTP API
+    and its dispatcher reach them (``Threadsync.webhooks``): the functions of this
+    module with the kernel bound."""
+
+    def __init__(self, k: Kernel) -> None:
+        self.create_endpoint = functools.partial(create_endpoint, k)
+        self.list_endpoints = functools.partial(list_endpoints, k)
+        self.get_endpoint = functools.partial(get_endpoint, k)
+        self.delete_endpoint = functools.partial(delete_endpoint, k)
+        self.list_deliveries = functools.partial(list_deliveries, k)
+        self.retry_delivery = functools.partial(retry_delivery, k)
+        self.backlog = functools.partial(backlog, k)
+        self.enqueue = functools.partial(enqueue, k)
+        self.claim = functools.partial(claim, k)
+        self.record = functools.partial(record, k)
+        self.release_dead_leases = functools.partial(release_dead_leases, k)
+        self.purge = functools.partial(purge, k)
