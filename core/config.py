@@ -148,6 +148,10 @@ def load(path: Path | str | None = None) -> Settings:
     return from_mapping(raw, base=p.resolve().parent, path=p)
 
 
+#: The public name of :func:`load` (``from threadsync import load_settings``).
+load_settings = load
+
+
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     value = raw.get(name, {})
     if not isinstance(value, dict):

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -29,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from threadsync.core.errors import InvalidInput, NotFound
 from threadsync.core.store.database import Store
-from threadsync.core.store.models import ApiKey, IdempotencyRecord, utcnow
+from threadsync.core.store.models import ApiKey, IdempotencyRecord, iso, utcnow
 
 PREFIX = "tsk_"
 
@@ -54,9 +53,6 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
-
 
 def key_json(row: ApiKey) -> dict[str, Any]:
     """A key as listed: never the key itself, nor its hash."""
@@ -65,8 +61,8 @@ def key_json(row: ApiKey) -> dict[str, Any]:
         "subaccount": row.subaccount_id,
         "admin": row.subaccount_id is None,
         "label": row.label,
-        "created_at": _iso(row.created_at),
-        "revoked_at": _iso(row.revoked_at),
+        "created_at": iso(row.created_at),
+        "revoked_at": iso(row.revoked_at),
     }
 
 

@@ -60,6 +60,7 @@ from threadsync.core.store.models import (
     WebhookEndpoint,
     WebhookEventMark,
     WebhookState,
+    iso,
     utcnow,
 )
 
@@ -92,9 +93,6 @@ class WebhookSettings:
     allow_private_targets: bool = False
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
-
 
 # ---- endpoints ------------------------------------------------------------------------
 
@@ -114,7 +112,7 @@ def endpoint_json(ep: WebhookEndpoint) -> dict[str, Any]:
         "description": ep.description,
         "events": list(ep.event_types or []),
         "active": ep.active,
-        "created_at": _iso(ep.created_at),
+        "created_at": iso(ep.created_at),
     }
 
 
@@ -205,11 +203,11 @@ def delivery_json(d: WebhookDelivery) -> dict[str, Any]:
         "event": d.event_type,
         "status": d.status,
         "attempts": d.attempts,
-        "next_attempt_at": _iso(d.next_attempt_at) if d.status == "pending" else None,
+        "next_attempt_at": iso(d.next_attempt_at) if d.status == "pending" else None,
         "last_status_code": d.last_status_code,
         "last_error": d.last_error,
-        "created_at": _iso(d.created_at),
-        "finished_at": _iso(d.finished_at),
+        "created_at": iso(d.created_at),
+        "finished_at": iso(d.finished_at),
     }
 
 
@@ -401,7 +399,7 @@ class Outgoing:
 
 def event_body(event: Event) -> bytes:
     """The JSON posted for an event: the event log entry with its id and time."""
-    data = {"id": event.id, **event.payload, "created_at": _iso(event.created_at)}
+    data = {"id": event.id, **event.payload, "created_at": iso(event.created_at)}
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
