@@ -34,6 +34,7 @@ from threadsync.core.errors import (
     TransientProviderError,
 )
 from threadsync.core.mime import summarize_headers
+from threadsync.core.outbox import smtp
 from threadsync.core.provider import (
     Account,
     ChangeBatch,
@@ -43,11 +44,10 @@ from threadsync.core.provider import (
     Provider,
     ProviderOption,
 )
-from threadsync.plugins.imap_smtp import smtp
+from threadsync.core.tls import client_context
 from threadsync.plugins.imap_smtp.imap import ImapEndpoint, ImapSession
 from threadsync.plugins.imap_smtp.imap_syntax import FetchedMessage, ListedMailbox, quote, uid_set
 from threadsync.plugins.imap_smtp.options import OPTIONS, MailboxSettings, normalise, secrets_of
-from threadsync.plugins.imap_smtp.tls import client_context
 
 log = logging.getLogger(__name__)
 
