@@ -35,8 +35,9 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.outbox.pool import ProviderPool
 from threadsync.core.provider import Account, Provider
 from threadsync.core.registry import RegisteredProvider, get_plugin_manager, providers
+from threadsync.core.rules import LIVE_STATES, ConnectionState
 from threadsync.core.store.database import Store
-from threadsync.core.store.models import LIVE_STATES, Connection, utcnow
+from threadsync.core.store.models import Connection, utcnow
 from threadsync.core.store.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class Kernel:
         """
         previous = conn.state
         conn.last_error = error
-        if state == "connected":
+        if state == ConnectionState.CONNECTED:
             conn.failures = 0
             conn.next_attempt_at = None
         if previous != state:
@@ -198,7 +199,12 @@ class Kernel:
         message = str(exc) or exc.__class__.__name__
         if isinstance(exc, AuthenticationFailed):
             self.set_state(
-                session, events, conn, "needs_reauth", error=message, error_code=exc.code
+                session,
+                events,
+                conn,
+                ConnectionState.NEEDS_REAUTH,
+                error=message,
+                error_code=exc.code,
             )
             return conn.state
         conn.failures = (conn.failures or 0) + 1
@@ -209,7 +215,9 @@ class Kernel:
         if isinstance(exc, TransientProviderError) and exc.retry_after:
             when = max(when, rules.backoff(1, exc.retry_after, exc.retry_after, utcnow()))
         conn.next_attempt_at = when
-        self.set_state(session, events, conn, "error", error=message, error_code=exc.code)
+        self.set_state(
+            session, events, conn, ConnectionState.ERROR, error=message, error_code=exc.code
+        )
         return conn.state
 
     def record_success(self, session: Session, events: EventBuffer, conn_id: int) -> bool:
@@ -222,8 +230,10 @@ class Kernel:
         conn.last_sync_at = now
         # A failure recorded in this same pass (e.g. SMTP down while IMAP works)
         # keeps the connection in ``error`` until its backoff has passed.
-        if conn.state == "error" and (conn.next_attempt_at is None or conn.next_attempt_at <= now):
-            self.set_state(session, events, conn, "connected")
+        if conn.state == ConnectionState.ERROR and (
+            conn.next_attempt_at is None or conn.next_attempt_at <= now
+        ):
+            self.set_state(session, events, conn, ConnectionState.CONNECTED)
         return True
 
     async def keep_refreshed_secrets(self, conn_id: int, provider: Provider) -> None:

@@ -1,9 +1,13 @@
-"""The product's rules as pure decisions, with no I/O: routing of CRM mail (the
+"""The product's rules as pure decisions, with no I/O: the names of every stored
+state (connections, threads, messages, outbox entries), routing of CRM mail (the
 table "Where CRM email goes"), the attachment limit (R8), connection state
 changes with backoff (R2) and the Message-ID scheme that carries a thread's token.
 
 Everything that decides a rule lives here or in the kernel modules that call it;
-providers and the CLI only carry out what these functions return.
+providers and the CLI only carry out what these functions return. The state
+names are :class:`~enum.StrEnum` members, so what is stored and shown is exactly
+the plain string (``"connected"``), and a string read back from the database
+compares equal to its name.
 """
 
 from __future__ import annotations
@@ -13,16 +17,83 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from enum import StrEnum
+from typing import Final, Literal
 
 Channel = Literal["mailbox", "default"]
+
+
+class ConnectionState(StrEnum):
+    """Where a connection stands (R2), as stored in ``connections.state``."""
+
+    CONNECTED = "connected"
+    #: Credentials rejected: nothing is lost, re-authorising catches up.
+    NEEDS_REAUTH = "needs_reauth"
+    #: Transient failures, retried with backoff.
+    ERROR = "error"
+    DISCONNECTED = "disconnected"
+    REPLACED = "replaced"
+
+
+#: States in which the connection still belongs to its user (one per user).
+LIVE_STATES: Final = (
+    ConnectionState.CONNECTED,
+    ConnectionState.NEEDS_REAUTH,
+    ConnectionState.ERROR,
+)
+#: Live states whose mailbox is worked on (read, used to send): all but the one
+#: waiting for the user to re-authorise.
+WORKING_STATES: Final = (ConnectionState.CONNECTED, ConnectionState.ERROR)
+
+
+class ThreadState(StrEnum):
+    """A synced thread's ``state``."""
+
+    ACTIVE = "active"
+    #: For good; ``stop_reason`` is the connection's end (disconnected, replaced).
+    STOPPED = "stopped"
+    #: Its first message went by the default channel; ``stop_reason`` says why.
+    UNSYNCED = "unsynced"
+
+
+class MessageState(StrEnum):
+    """A stored message's ``state``; a skipped one carries its reason."""
+
+    SYNCED = "synced"
+    SKIPPED = "skipped"
+
+
+class OutboxStatus(StrEnum):
+    """An outbox entry's ``status`` (the delivery's steps, R9)."""
+
+    PENDING = "pending"
+    #: Leased by a worker, before any network call.
+    CLAIMED = "claimed"
+    #: Past the provider's checkpoint: it may have left, never sent again.
+    TRANSMITTING = "transmitting"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+#: Statuses of an entry whose lease a worker holds (or held, if it died).
+LEASED: Final = (OutboxStatus.CLAIMED, OutboxStatus.TRANSMITTING)
+
+
+class SendStatus(StrEnum):
+    """What ``send`` and ``reply`` report about a CRM message's delivery."""
+
+    SENT = "sent"
+    #: Stored in the outbox; the daemon delivers it.
+    QUEUED = "queued"
+
 
 # Reasons a message did not sync; shown to users and stored with messages.
 ATTACHMENT_TOO_LARGE = "attachment_too_large"
 LABS_DISABLED = "labs_disabled"
 NO_CONNECTION = "no_connection"
-DISCONNECTED = "disconnected"
-REPLACED = "replaced"
+#: A connection's end is the reason of what it stopped.
+DISCONNECTED: Final = ConnectionState.DISCONNECTED
+REPLACED: Final = ConnectionState.REPLACED
 THREAD_STOPPED = "thread_stopped"
 THREAD_NOT_SYNCED = "thread_not_synced"
 UNPARSEABLE = "unparseable"
@@ -57,7 +128,7 @@ def route_first_message(
         return Route("default", False, connection_state)
     if over_limit(attachment_sizes, limit):
         return Route("default", False, ATTACHMENT_TOO_LARGE)
-    return Route("mailbox", True, None, queued=connection_state != "connected")
+    return Route("mailbox", True, None, queued=connection_state != ConnectionState.CONNECTED)
 
 
 def route_reply(
@@ -69,9 +140,9 @@ def route_reply(
     limit: int,
 ) -> Route:
     """Routing of a CRM reply in an existing thread (R4, R6, R7, R8)."""
-    if thread_state == "stopped":
+    if thread_state == ThreadState.STOPPED:
         return Route("default", False, THREAD_STOPPED)
-    if thread_state != "active":
+    if thread_state != ThreadState.ACTIVE:
         return Route("default", False, THREAD_NOT_SYNCED)
     if not labs_on:
         return Route("default", False, LABS_DISABLED)
@@ -79,7 +150,7 @@ def route_reply(
         return Route("default", False, THREAD_STOPPED)
     if over_limit(attachment_sizes, limit):
         return Route("default", False, ATTACHMENT_TOO_LARGE)
-    return Route("mailbox", True, None, queued=connection_state != "connected")
+    return Route("mailbox", True, None, queued=connection_state != ConnectionState.CONNECTED)
 
 
 def backoff(failures: int, base: float, cap: float, now: datetime) -> datetime:

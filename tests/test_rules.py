@@ -78,3 +78,27 @@ def test_reply_subject_and_reference_trimming() -> None:
     chain = [f"<{i}@x>" for i in range(30)]
     refs = rules.references_for_reply(chain, limit=5)
     assert refs == ["<0@x>", "<26@x>", "<27@x>", "<28@x>", "<29@x>"]
+
+
+def test_state_names_are_the_strings_stored_and_shown() -> None:
+    assert [s.value for s in rules.ConnectionState] == [
+        "connected", "needs_reauth", "error", "disconnected", "replaced",
+    ]  # fmt: skip
+    assert [s.value for s in rules.ThreadState] == ["active", "stopped", "unsynced"]
+    assert [s.value for s in rules.MessageState] == ["synced", "skipped"]
+    assert [s.value for s in rules.OutboxStatus] == [
+        "pending", "claimed", "transmitting", "sent", "failed",
+    ]  # fmt: skip
+    # A string read back from the database is equal to its name, also as a key.
+    assert "error" in rules.WORKING_STATES and "needs_reauth" not in rules.WORKING_STATES
+    assert {rules.ConnectionState.ERROR: 1}["error"] == 1
+    assert f"{rules.OutboxStatus.SENT}" == "sent"
+
+
+def test_the_one_live_connection_index_covers_exactly_the_live_states() -> None:
+    from threadsync.core.store.models import Connection
+
+    index = next(i for i in Connection.__table__.indexes if i.name == "uq_connection_live")
+    expected = "state IN (" + ", ".join(f"'{s}'" for s in rules.LIVE_STATES) + ")"
+    for dialect in ("sqlite", "postgresql"):
+        assert str(index.dialect_options[dialect]["where"]) == expected

@@ -27,8 +27,14 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.mime import check_address
 from threadsync.core.provider import Account, Provider
-from threadsync.core.store.models import (
+from threadsync.core.rules import (
     LIVE_STATES,
+    ConnectionState,
+    MessageState,
+    OutboxStatus,
+    ThreadState,
+)
+from threadsync.core.store.models import (
     Connection,
     Cursor,
     Message,
@@ -152,7 +158,7 @@ def _connect_precheck(
         live = live_connection(session, subaccount, user)
         if live is None:
             return None
-        if live.state == "connected":
+        if live.state == ConnectionState.CONNECTED:
             raise AlreadyConnected(
                 f"user {user!r} already has {live.email} connected; "
                 f"use update-email to change the address"
@@ -267,7 +273,7 @@ async def connect_with(
                     session.add(
                         Cursor(connection_id=conn.id, role=role, folder=folder, data=cursor)
                     )
-            k.set_state(session, events, conn, "connected")
+            k.set_state(session, events, conn, ConnectionState.CONNECTED)
             conn.next_attempt_at = None
         else:
             conn = _new_connection(session, k, events, subaccount, user, provider, account, placed)
@@ -293,7 +299,7 @@ def _new_connection(
         user_id=user,
         provider=provider,
         email=account.email,
-        state="connected",
+        state=ConnectionState.CONNECTED,
         settings=account.settings,
         secrets=k.vault.seal(account.secrets),
         failures=0,
@@ -319,16 +325,17 @@ def _end(session: Session, k: Kernel, events: EventBuffer, conn: Connection, sta
         session.delete(cursor)
     threads = session.scalars(
         select(SyncedThread).where(
-            SyncedThread.connection_id == conn.id, SyncedThread.state == "active"
+            SyncedThread.connection_id == conn.id, SyncedThread.state == ThreadState.ACTIVE
         )
     ).all()
     for thread in threads:
-        thread.state = "stopped"
+        thread.state = ThreadState.STOPPED
         thread.stop_reason = state
         events.thread_stopped(session, thread)
     queued = session.scalars(
         select(OutboxEntry).where(
-            OutboxEntry.connection_id == conn.id, OutboxEntry.status.in_(("pending", "claimed"))
+            OutboxEntry.connection_id == conn.id,
+            OutboxEntry.status.in_((OutboxStatus.PENDING, OutboxStatus.CLAIMED)),
         )
     ).all()
     for entry in queued:
@@ -337,7 +344,7 @@ def _end(session: Session, k: Kernel, events: EventBuffer, conn: Connection, sta
         entry.sender = k.settings.default_channel.from_address
         msg = session.get(Message, entry.message_pk)
         if msg is not None:
-            msg.state = "skipped"
+            msg.state = MessageState.SKIPPED
             msg.reason = state
             events.message(session, msg.thread, msg)
 

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from threadsync.core.kernel import Kernel
+from threadsync.core.rules import WORKING_STATES, ConnectionState, OutboxStatus
 from threadsync.core.store.models import (
     Connection,
     Event,
@@ -95,7 +96,10 @@ class Numbers:
 
 
 #: Kinds of provider errors as the connection state they caused.
-_ERROR_KIND = {"needs_reauth": "authentication_failed", "error": "provider_error"}
+_ERROR_KIND: dict[str, str] = {
+    ConnectionState.NEEDS_REAUTH: "authentication_failed",
+    ConnectionState.ERROR: "provider_error",
+}
 
 
 def numbers(k: Kernel) -> Numbers:
@@ -116,7 +120,7 @@ def numbers(k: Kernel) -> Numbers:
             select(Connection.last_sync_at)
             .join(SubAccount, SubAccount.id == Connection.subaccount_id)
             .where(
-                Connection.state.in_(("connected", "error")),
+                Connection.state.in_(WORKING_STATES),
                 SubAccount.two_way_email_sync.is_(True),
             )
         ):
@@ -126,7 +130,7 @@ def numbers(k: Kernel) -> Numbers:
             out.sync_lag_count += 1
         for status, channel, n in session.execute(
             select(OutboxEntry.status, OutboxEntry.channel, func.count())
-            .where(OutboxEntry.status != "sent")
+            .where(OutboxEntry.status != OutboxStatus.SENT)
             .group_by(OutboxEntry.status, OutboxEntry.channel)
         ):
             out.outbox[(status, channel)] = int(n)

@@ -24,6 +24,7 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.mime import AttachmentIn, build_message, check_address, check_header_value
 from threadsync.core.outbox import delivery
+from threadsync.core.rules import MessageState, OutboxStatus, SendStatus, ThreadState
 from threadsync.core.store.models import (
     Attachment,
     Connection,
@@ -69,7 +70,7 @@ def _result(thread: SyncedThread, msg: Message, route: rules.Route) -> dict[str,
         "channel": route.channel,
         "synced": route.synced,
         "reason": route.reason,
-        "status": "queued",
+        "status": SendStatus.QUEUED,
     }
 
 
@@ -113,7 +114,7 @@ def _store_outgoing(
         message_id=message_id,
         direction="outbound",
         origin="crm",
-        state="synced" if route.synced else "skipped",
+        state=MessageState.SYNCED if route.synced else MessageState.SKIPPED,
         reason=route.reason,
         sender=sender,
         to=list(draft.to),
@@ -132,7 +133,7 @@ def _store_outgoing(
         message_pk=msg.id,
         connection_id=conn.id if mailbox and conn is not None else None,
         channel=route.channel,
-        status="pending",
+        status=OutboxStatus.PENDING,
         sender=sender,
         recipients=[*draft.to, *draft.cc],
         raw=raw,
@@ -200,17 +201,15 @@ def _earlier(session: Session, k: Kernel, key: str | None) -> Outcome | None:
         "thread_id": msg.thread_id,
         "message_id": msg.message_id,
         "channel": channel,
-        "synced": msg.state == "synced",
+        "synced": msg.state == MessageState.SYNCED,
         "reason": msg.reason,
-        "status": "sent" if status == "sent" else "queued",
+        "status": SendStatus.SENT if status == OutboxStatus.SENT else SendStatus.QUEUED,
     }
-    claim = None if status == "sent" else delivery.claim_in(session, k, entry_id, False)
+    claim = None if status == OutboxStatus.SENT else delivery.claim_in(session, k, entry_id, False)
     return result, claim
 
 
-async def _store_once(
-    k: Kernel, key: str | None, work: Callable[[Session], Outcome]
-) -> Outcome:
+async def _store_once(k: Kernel, key: str | None, work: Callable[[Session], Outcome]) -> Outcome:
     """Run ``work``; when a concurrent request with the same idempotency key won
     the insert, run it again, and it finds that request's message."""
     try:
@@ -254,7 +253,7 @@ async def send(
             user_id=user,
             connection_id=conn.id if synced and conn else None,
             email=conn.email if conn else None,
-            state="active" if synced else "unsynced",
+            state=ThreadState.ACTIVE if synced else ThreadState.UNSYNCED,
             stop_reason=None if synced else route.reason,
             subject=draft.subject,
         )

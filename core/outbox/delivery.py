@@ -36,6 +36,14 @@ from threadsync.core.host.events import MESSAGE_SYNCED, EventBuffer, message_jso
 from threadsync.core.kernel import Kernel, worker_is_dead
 from threadsync.core.outbox.relay import send_via_relay
 from threadsync.core.provider import Checkpoint, OutgoingMail, Provider
+from threadsync.core.rules import (
+    LEASED,
+    WORKING_STATES,
+    ConnectionState,
+    MessageState,
+    OutboxStatus,
+    SendStatus,
+)
 from threadsync.core.store.models import Connection, Message, OutboxEntry, utcnow
 
 log = logging.getLogger(__name__)
@@ -78,22 +86,22 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         conn = _mailbox_ready(session, entry.connection_id, provider_open, now)
         if conn is None:
             return None
-    if entry.status == "sent":
+    if entry.status == OutboxStatus.SENT:
         if entry.channel == "mailbox" and not entry.sent_copy_stored:
             if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
                 return None
         else:
             return None
-    elif entry.status in ("claimed", "transmitting"):
+    elif entry.status in LEASED:
         if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
             return None
-    elif entry.status == "pending":
+    elif entry.status == OutboxStatus.PENDING:
         if entry.next_attempt_at and entry.next_attempt_at > now:
             return None
     else:
         return None
-    was_transmitting = entry.status == "transmitting"
-    already_sent = entry.status == "sent"
+    was_transmitting = entry.status == OutboxStatus.TRANSMITTING
+    already_sent = entry.status == OutboxStatus.SENT
     # Compare-and-set, so that two workers never both win the same entry.
     won = session.execute(
         update(OutboxEntry)
@@ -105,7 +113,11 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
             else OutboxEntry.lease_owner == entry.lease_owner,
         )
         .values(
-            status="claimed" if entry.status in ("pending", "claimed") else entry.status,
+            status=(
+                OutboxStatus.CLAIMED
+                if entry.status in (OutboxStatus.PENDING, OutboxStatus.CLAIMED)
+                else entry.status
+            ),
             lease_owner=k.worker,
             lease_until=now + timedelta(seconds=k.settings.sync.lease_seconds),
         )
@@ -116,7 +128,7 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
     msg = session.get(Message, entry.message_pk)
     assert msg is not None
     synced_event = None
-    if entry.channel == "mailbox" and msg.state == "synced" and not already_sent:
+    if entry.channel == "mailbox" and msg.state == MessageState.SYNCED and not already_sent:
         thread = msg.thread
         synced_event = (
             thread.subaccount_id,
@@ -169,7 +181,7 @@ def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
         entry = session.get(OutboxEntry, claim.entry_id)
         if entry is None:
             return
-        entry.status = "pending"
+        entry.status = OutboxStatus.PENDING
         entry.lease_owner = None
         entry.lease_until = None
         entry.attempts = (entry.attempts or 0) + 1
@@ -179,8 +191,8 @@ def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
     k.store.call(work)
 
 
-async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = None) -> str:
-    """Try to deliver one entry; returns ``"sent"`` or ``"queued"``.
+async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = None) -> SendStatus:
+    """Try to deliver one entry; returns ``sent`` or ``queued``.
 
     ``provider`` is an open provider of the entry's connection (the daemon's), or
     ``None`` to open one for this delivery only.
@@ -191,7 +203,7 @@ async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = No
     return await deliver_claim(k, claim, provider)
 
 
-async def deliver_claim(k: Kernel, claim: Claim, provider: Provider | None = None) -> str:
+async def deliver_claim(k: Kernel, claim: Claim, provider: Provider | None = None) -> SendStatus:
     """Deliver an entry whose lease this worker holds (see :func:`deliver_entry`)."""
     try:
         if claim.channel == "default":
@@ -207,10 +219,11 @@ async def _run(k: Kernel, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await asyncio.to_thread(fn, k, *args, **kwargs)
 
 
-async def _status(k: Kernel, entry_id: int) -> str:
-    def work(session: Session) -> str:
+async def _status(k: Kernel, entry_id: int) -> SendStatus:
+    def work(session: Session) -> SendStatus:
         entry = session.get(OutboxEntry, entry_id)
-        return "sent" if entry is not None and entry.status == "sent" else "queued"
+        sent = entry is not None and entry.status == OutboxStatus.SENT
+        return SendStatus.SENT if sent else SendStatus.QUEUED
 
     return await k.store.run(work)
 
@@ -232,10 +245,10 @@ def _to_transmitting(k: Kernel, claim: Claim) -> None:
             update(OutboxEntry)
             .where(
                 OutboxEntry.id == claim.entry_id,
-                OutboxEntry.status == "claimed",
+                OutboxEntry.status == OutboxStatus.CLAIMED,
                 OutboxEntry.lease_owner == k.worker,
             )
-            .values(status="transmitting")
+            .values(status=OutboxStatus.TRANSMITTING)
             .execution_options(synchronize_session=False)
         )
         return int(moved.rowcount)  # type: ignore[attr-defined]
@@ -244,23 +257,23 @@ def _to_transmitting(k: Kernel, claim: Claim) -> None:
         raise LeaseLost(f"outbox entry {claim.entry_id} was taken over by another worker")
 
 
-async def _deliver_default(k: Kernel, claim: Claim) -> str:
+async def _deliver_default(k: Kernel, claim: Claim) -> SendStatus:
     if claim.was_transmitting:
         await _run(k, _mark_sent, claim, True)
-        return "sent"
+        return SendStatus.SENT
     channel = k.settings.default_channel
     password = k.environ.get(channel.password_env) if channel.password_env else None
     try:
         await send_via_relay(channel, claim.mail, password, _checkpoint(k, claim))
     except ProviderProtocolError as exc:
         await _run(k, _fail, claim, str(exc))
-        return "queued"
+        return SendStatus.QUEUED
     except ProviderError as exc:
         log.warning("default channel failed: %s", exc, extra={"outbox_id": claim.entry_id})
         await _run(k, _release, claim, str(exc))
-        return "queued"
+        return SendStatus.QUEUED
     await _run(k, _mark_sent, claim, True)
-    return "sent"
+    return SendStatus.SENT
 
 
 def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
@@ -273,7 +286,7 @@ def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
             update(OutboxEntry)
             .where(OutboxEntry.id == claim.entry_id)
             .values(
-                status="sent",
+                status=OutboxStatus.SENT,
                 sent_at=utcnow(),
                 sent_copy_stored=copy_stored,
                 lease_owner=None if copy_stored else k.worker,
@@ -283,7 +296,7 @@ def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
         )
         if claim.synced_event is not None:
             state = session.scalar(select(Message.state).where(Message.id == claim.message_pk))
-            if state == "synced":
+            if state == MessageState.SYNCED:
                 subaccount, payload = claim.synced_event
                 events.record(session, subaccount, MESSAGE_SYNCED, payload)
 
@@ -292,7 +305,7 @@ def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
 
 
 def _fail(k: Kernel, claim: Claim, error: str) -> None:
-    _update(k, claim.entry_id, status="failed", last_error=error, lease_owner=None)
+    _update(k, claim.entry_id, status=OutboxStatus.FAILED, last_error=error, lease_owner=None)
 
 
 def _mailbox_ready(
@@ -305,14 +318,14 @@ def _mailbox_ready(
     if conn is None or not labs_on(session, conn.subaccount_id):
         return None
     if provider_open:
-        return conn if conn.state in ("connected", "error") else None
-    ready = conn.state == "connected" and (
+        return conn if conn.state in WORKING_STATES else None
+    ready = conn.state == ConnectionState.CONNECTED and (
         conn.next_attempt_at is None or conn.next_attempt_at <= now
     )
     return conn if ready else None
 
 
-async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -> str:
+async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -> SendStatus:
     try:
         if provider is not None:
             return await _transmit(k, claim, provider)
@@ -323,17 +336,17 @@ async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -
         return await _status(k, claim.entry_id)
 
 
-async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
+async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> SendStatus:
     """Send (unless a crash may already have sent it), then file the Sent copy."""
     if not (claim.was_transmitting or claim.already_sent):
         try:
             await provider.send(claim.mail, _checkpoint(k, claim))
         except ProviderProtocolError as exc:
             await _run(k, _fail, claim, str(exc))
-            return "queued"
+            return SendStatus.QUEUED
         if provider.files_sent_copy:
             await _run(k, _mark_sent, claim, True)
-            return "sent"
+            return SendStatus.SENT
         # Filed in Sent first, then one commit records both; a crash in between
         # leaves "transmitting", which never sends again and checks Sent.
         try:
@@ -342,7 +355,7 @@ async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
             await _run(k, _mark_sent, claim, False)
             raise
         await _run(k, _mark_sent, claim, True)
-        return "sent"
+        return SendStatus.SENT
     elif claim.was_transmitting:
         # It may have left before the crash: never send again (R9).
         await _run(k, _mark_sent, claim, provider.files_sent_copy)
@@ -352,7 +365,7 @@ async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
         if not recovering or not await provider.find_sent(claim.mail.message_id):
             await provider.store_sent_copy(claim.mail)
         await _run(k, _update, claim.entry_id, sent_copy_stored=True, lease_owner=None)
-    return "sent"
+    return SendStatus.SENT
 
 
 def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
@@ -362,9 +375,9 @@ def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
         entry = session.get(OutboxEntry, claim.entry_id)
         if entry is not None and entry.lease_owner != k.worker:
             entry = None  # another worker holds it now: its state is not ours to change
-        if entry is not None and entry.status in ("claimed", "transmitting"):
+        if entry is not None and entry.status in LEASED:
             # An error raised by the provider means the server did not take it.
-            entry.status = "pending"
+            entry.status = OutboxStatus.PENDING
             entry.attempts = (entry.attempts or 0) + 1
             entry.last_error = str(exc)
         if entry is not None:
@@ -379,10 +392,10 @@ def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
 
 def _due_clause(now: datetime) -> Any:
     return or_(
-        (OutboxEntry.status == "pending")
+        (OutboxEntry.status == OutboxStatus.PENDING)
         & (or_(OutboxEntry.next_attempt_at.is_(None), OutboxEntry.next_attempt_at <= now)),
-        OutboxEntry.status.in_(("claimed", "transmitting")),
-        (OutboxEntry.status == "sent")
+        OutboxEntry.status.in_(LEASED),
+        (OutboxEntry.status == OutboxStatus.SENT)
         & (OutboxEntry.channel == "mailbox")
         & (OutboxEntry.sent_copy_stored.is_(False)),
     )

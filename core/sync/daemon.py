@@ -26,7 +26,8 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import delivery
 from threadsync.core.provider import Provider
-from threadsync.core.store.models import LIVE_STATES, Connection, SubAccount, utcnow
+from threadsync.core.rules import LIVE_STATES, WORKING_STATES, SendStatus
+from threadsync.core.store.models import Connection, SubAccount, utcnow
 from threadsync.core.sync.ingest import PassReport, sync_connection
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def eligible_connections(k: Kernel) -> list[int]:
             select(Connection.id, Connection.next_attempt_at)
             .join(SubAccount, SubAccount.id == Connection.subaccount_id)
             .where(
-                Connection.state.in_(("connected", "error")),
+                Connection.state.in_(WORKING_STATES),
                 SubAccount.two_way_email_sync.is_(True),
             )
             .order_by(Connection.id)
@@ -81,7 +82,7 @@ async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[
     """Deliver the connection's due outbox entries, then read its folders."""
     sent = 0
     for entry_id in await asyncio.to_thread(delivery.due_entries, k, conn_id):
-        if await delivery.deliver_entry(k, entry_id, provider) == "sent":
+        if await delivery.deliver_entry(k, entry_id, provider) == SendStatus.SENT:
             sent += 1
     report = await sync_connection(k, conn_id, provider)
     if not report.ended:
@@ -101,7 +102,7 @@ async def _open(k: Kernel, conn_id: int) -> Provider | None:
 async def deliver_default_channel(k: Kernel) -> int:
     sent = 0
     for entry_id in await asyncio.to_thread(delivery.due_entries, k, None):
-        if await delivery.deliver_entry(k, entry_id) == "sent":
+        if await delivery.deliver_entry(k, entry_id) == SendStatus.SENT:
             sent += 1
     return sent
 

@@ -32,6 +32,7 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.mime import ParsedMessage, parse_message
 from threadsync.core.provider import ChangeBatch, Folder, HeaderSummary, Provider
+from threadsync.core.rules import WORKING_STATES, MessageState, ThreadState
 from threadsync.core.store.models import Attachment, Connection, Cursor, Message, SyncedThread
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ _MESSAGES_IN_ACTIVE_THREADS = (
         .where(
             SyncedThread.id == Message.thread_id,
             SyncedThread.connection_id == bindparam("conn_id"),
-            SyncedThread.state == "active",
+            SyncedThread.state == ThreadState.ACTIVE,
         )
         .exists(),
     )
@@ -151,7 +152,7 @@ def _stored(
     by_token: dict[str, str] = {}
     for chunk in _chunks(sorted(tokens), _LOOKUP_CHUNK):
         for token, thread_id, owner, state in session.execute(_THREADS_BY_TOKEN, {"tokens": chunk}):
-            if owner == conn_id and state == "active":
+            if owner == conn_id and state == ThreadState.ACTIVE:
                 by_token[token] = thread_id
     by_mid: dict[str, str] = {}
     for chunk in _chunks(sorted(mids), _LOOKUP_CHUNK):
@@ -228,7 +229,7 @@ def _store(
             t.id: t
             for t in session.scalars(
                 select(SyncedThread).where(
-                    SyncedThread.id.in_(thread_ids), SyncedThread.state == "active"
+                    SyncedThread.id.in_(thread_ids), SyncedThread.state == ThreadState.ACTIVE
                 )
             )
         }
@@ -256,7 +257,7 @@ def _store(
             msg = _message_row(thread, item, folder, own_address, limit)
             session.add(msg)
             existing[(thread.id, item.message_id)] = msg
-            counts["stored" if msg.state == "synced" else "skipped"] += 1
+            counts["stored" if msg.state == MessageState.SYNCED else "skipped"] += 1
             events.message(session, thread, msg)
         row = session.scalar(
             select(Cursor).where(Cursor.connection_id == conn_id, Cursor.role == folder.role)
@@ -316,10 +317,10 @@ def _message_row(
         provider_refs={folder.role: h.ref},
     )
     if p is None:
-        msg.state, msg.reason = "skipped", rules.UNPARSEABLE
+        msg.state, msg.reason = MessageState.SKIPPED, rules.UNPARSEABLE
         return msg
     too_large = rules.over_limit((a.size for a in p.attachments), limit)
-    msg.state = "skipped" if too_large else "synced"
+    msg.state = MessageState.SKIPPED if too_large else MessageState.SYNCED
     msg.reason = rules.ATTACHMENT_TOO_LARGE if too_large else None
     if not too_large:
         msg.text, msg.html = p.text, p.html
@@ -438,7 +439,7 @@ async def sync_connection(k: Kernel, conn_id: int, provider: Provider) -> PassRe
 
 def connection_is_live(session: Session, conn_id: int) -> Connection | None:
     conn = session.get(Connection, conn_id)
-    return conn if conn is not None and conn.state in ("connected", "error") else None
+    return conn if conn is not None and conn.state in WORKING_STATES else None
 
 
 __all__ = ["PassReport", "ProviderError", "sync_connection", "sync_folder"]
