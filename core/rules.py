@@ -159,6 +159,64 @@ def backoff(failures: int, base: float, cap: float, now: datetime) -> datetime:
     return now + timedelta(seconds=delay)
 
 
+# ---- connection state changes (R2) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectionChange:
+    """What a live connection's row becomes: its state, its count of consecutive
+    transient failures and when it may be tried again (``None``: at once)."""
+
+    state: ConnectionState
+    failures: int
+    next_attempt_at: datetime | None
+
+
+def connected() -> ConnectionChange:
+    """A connection that works (signed in again, or recovered): no failures, no wait."""
+    return ConnectionChange(ConnectionState.CONNECTED, 0, None)
+
+
+def after_failure(
+    *,
+    failures: int,
+    next_attempt_at: datetime | None,
+    credentials_rejected: bool,
+    retry_after: float | None,
+    base: float,
+    cap: float,
+    now: datetime,
+) -> ConnectionChange:
+    """What a provider failure means for a live connection (R2).
+
+    Rejected credentials -> ``needs_reauth``, everything else kept: nothing is
+    lost, and re-authorising catches up from the stored cursors. Anything else
+    -> ``error`` with one more failure and exponential backoff, never sooner
+    than the server's ``retry_after`` seconds.
+    """
+    if credentials_rejected:
+        return ConnectionChange(ConnectionState.NEEDS_REAUTH, failures, next_attempt_at)
+    failures += 1
+    when = backoff(failures, base, cap, now)
+    if retry_after:
+        when = max(when, backoff(1, retry_after, retry_after, now))
+    return ConnectionChange(ConnectionState.ERROR, failures, when)
+
+
+def after_success(
+    *, state: str, next_attempt_at: datetime | None, now: datetime
+) -> ConnectionChange | None:
+    """What a completed pass means for a live connection (R2); ``None``: no change.
+
+    A connection in ``error`` recovers, unless a failure recorded during this
+    same pass (SMTP down while IMAP works) set a backoff that has not passed.
+    """
+    due = next_attempt_at is None or next_attempt_at <= now
+    if state == ConnectionState.ERROR and due:
+        return connected()
+    return None
+
+
 # ---- Message-IDs carrying the thread token ---------------------------------------------
 
 _TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"

@@ -273,8 +273,7 @@ async def connect_with(
                     session.add(
                         Cursor(connection_id=conn.id, role=role, folder=folder, data=cursor)
                     )
-            k.set_state(session, events, conn, ConnectionState.CONNECTED)
-            conn.next_attempt_at = None
+            k.apply(session, events, conn, rules.connected())
         else:
             conn = _new_connection(session, k, events, subaccount, user, provider, account, placed)
         return connection_json(conn, paused=False)
