@@ -1,5 +1,6 @@
 """The product's rules as pure decisions, with no I/O: the names of every stored
-state (connections, threads, messages, outbox entries), routing of CRM mail (the
+state (connections, threads, messages, outbox entries), which connections are
+worked on (the Labs gate R1, as a query condition), routing of CRM mail (the
 table "Where CRM email goes"), the attachment limit (R8), connection state
 changes with backoff (R2) and the Message-ID scheme that carries a thread's token.
 
@@ -19,6 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Final, Literal
+
+from sqlalchemy import ColumnElement, and_, select
+
+from threadsync.core.store.models import Connection, SubAccount
 
 Channel = Literal["mailbox", "default"]
 
@@ -44,6 +49,27 @@ LIVE_STATES: Final = (
 #: Live states whose mailbox is worked on (read, used to send): all but the one
 #: waiting for the user to re-authorise.
 WORKING_STATES: Final = (ConnectionState.CONNECTED, ConnectionState.ERROR)
+
+
+def worked_connections() -> ColumnElement[bool]:
+    """Which connections are worked on (read, used to send), as a condition on
+    :class:`Connection`: live and not waiting for re-authorisation, of a
+    sub-account whose Labs flag is on (R1: turning it off pauses them all;
+    turning it on resumes them). Their backoff is :func:`due`'s to decide."""
+    labs_on = (
+        select(SubAccount.id)
+        .where(
+            SubAccount.id == Connection.subaccount_id,
+            SubAccount.two_way_email_sync.is_(True),
+        )
+        .exists()
+    )
+    return and_(Connection.state.in_(WORKING_STATES), labs_on)
+
+
+def due(next_attempt_at: datetime | None, now: datetime) -> bool:
+    """Whether something waiting for ``next_attempt_at`` may be tried ``now`` (R2)."""
+    return next_attempt_at is None or next_attempt_at <= now
 
 
 class ThreadState(StrEnum):
@@ -211,8 +237,7 @@ def after_success(
     A connection in ``error`` recovers, unless a failure recorded during this
     same pass (SMTP down while IMAP works) set a backoff that has not passed.
     """
-    due = next_attempt_at is None or next_attempt_at <= now
-    if state == ConnectionState.ERROR and due:
+    if state == ConnectionState.ERROR and due(next_attempt_at, now):
         return connected()
     return None
 

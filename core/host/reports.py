@@ -12,8 +12,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from threadsync.core import rules
 from threadsync.core.kernel import Kernel
-from threadsync.core.rules import WORKING_STATES, ConnectionState, OutboxStatus
+from threadsync.core.rules import ConnectionState, OutboxStatus
 from threadsync.core.store.models import (
     Connection,
     Event,
@@ -117,12 +118,7 @@ def numbers(k: Kernel) -> Numbers:
             out.connections[state] = int(n)
         now = utcnow()
         for (last,) in session.execute(
-            select(Connection.last_sync_at)
-            .join(SubAccount, SubAccount.id == Connection.subaccount_id)
-            .where(
-                Connection.state.in_(WORKING_STATES),
-                SubAccount.two_way_email_sync.is_(True),
-            )
+            select(Connection.last_sync_at).where(rules.worked_connections())
         ):
             lag = (now - last).total_seconds() if last is not None else 0.0
             out.sync_lag_max = max(out.sync_lag_max, lag)

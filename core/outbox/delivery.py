@@ -30,7 +30,6 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, undefer
 
 from threadsync.core import rules
-from threadsync.core.accounts.connections import labs_on
 from threadsync.core.errors import LeaseLost, ProviderError, ProviderProtocolError
 from threadsync.core.host.events import MESSAGE_SYNCED, EventBuffer, message_json
 from threadsync.core.kernel import Kernel, worker_is_dead
@@ -38,7 +37,6 @@ from threadsync.core.outbox.relay import send_via_relay
 from threadsync.core.provider import Checkpoint, OutgoingMail, Provider
 from threadsync.core.rules import (
     LEASED,
-    WORKING_STATES,
     ConnectionState,
     MessageState,
     OutboxStatus,
@@ -311,17 +309,20 @@ def _fail(k: Kernel, claim: Claim, error: str) -> None:
 def _mailbox_ready(
     session: Session, conn_id: int | None, provider_open: bool, now: datetime
 ) -> Connection | None:
-    """The connection when its mailbox may be used now. With a provider the daemon
+    """The connection when its mailbox may be used now: one that is worked on
+    (:func:`~threadsync.core.rules.worked_connections`). With a provider the daemon
     just opened, a connection in ``error`` is usable (it is recovering); for a
     one-off delivery it must be ``connected`` and past any backoff."""
-    conn = session.get(Connection, conn_id) if conn_id else None
-    if conn is None or not labs_on(session, conn.subaccount_id):
+    if not conn_id:
+        return None
+    conn = session.scalar(
+        select(Connection).where(Connection.id == conn_id, rules.worked_connections())
+    )
+    if conn is None:
         return None
     if provider_open:
-        return conn if conn.state in WORKING_STATES else None
-    ready = conn.state == ConnectionState.CONNECTED and (
-        conn.next_attempt_at is None or conn.next_attempt_at <= now
-    )
+        return conn
+    ready = conn.state == ConnectionState.CONNECTED and rules.due(conn.next_attempt_at, now)
     return conn if ready else None
 
 

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from threadsync.core import rules
 from threadsync.core.errors import ProviderError
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import delivery
 from threadsync.core.provider import Provider
-from threadsync.core.rules import LIVE_STATES, WORKING_STATES, SendStatus
-from threadsync.core.store.models import Connection, SubAccount, utcnow
+from threadsync.core.rules import LIVE_STATES, SendStatus
+from threadsync.core.store.models import Connection, utcnow
 from threadsync.core.sync.ingest import PassReport, sync_connection
 
 log = logging.getLogger(__name__)
@@ -46,21 +47,17 @@ class OnceReport:
 
 
 def eligible_connections(k: Kernel) -> list[int]:
-    """Connections to work on now: live, not waiting for re-authorisation, Labs on
-    (R1), and past their backoff (R2)."""
+    """Connections to work on now: worked on (live, not waiting for
+    re-authorisation, Labs on: R1) and past their backoff (R2)."""
     now = utcnow()
 
     def work(session: Session) -> list[int]:
         rows = session.execute(
             select(Connection.id, Connection.next_attempt_at)
-            .join(SubAccount, SubAccount.id == Connection.subaccount_id)
-            .where(
-                Connection.state.in_(WORKING_STATES),
-                SubAccount.two_way_email_sync.is_(True),
-            )
+            .where(rules.worked_connections())
             .order_by(Connection.id)
         ).all()
-        return [cid for cid, when in rows if when is None or when <= now]
+        return [cid for cid, when in rows if rules.due(when, now)]
 
     return k.store.call(work)
 
