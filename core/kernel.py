@@ -2,6 +2,11 @@
 sessions, plus the applying of connection state changes (R2) that every other
 kernel module uses when a provider succeeds or fails.
 
+Kernel work reaches the database through one door, :meth:`Kernel.unit_of_work`:
+a function run in a worker thread inside one transaction, whose events are
+announced to the host once that transaction has committed, and never when it
+rolled back.
+
 Nothing outside ``core`` changes a connection's state; providers only raise
 :mod:`threadsync.core.errors` exceptions, :mod:`threadsync.core.rules` decides what
 they mean and :meth:`Kernel.record_failure` writes it. A connection can be ended
@@ -12,12 +17,13 @@ its own transaction.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 from sqlalchemy import update
@@ -42,6 +48,7 @@ from threadsync.core.store.models import Connection, utcnow
 from threadsync.core.store.vault import Vault
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _with_env_secrets(section: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -101,9 +108,29 @@ class Kernel:
                 after_use=self.keep_refreshed_secrets,
             )
 
+    async def unit_of_work(self, fn: Callable[[Session, EventBuffer], T]) -> T:
+        """Run ``fn(session, events)`` in one transaction, in a worker thread (the
+        event loop never waits on the database), and return what it returns.
+
+        The events ``fn`` records in ``events`` are announced to the host hooks,
+        in order, after the transaction has committed. When ``fn`` or the commit
+        raises, the transaction is rolled back, nothing is announced and the
+        error propagates; a retry runs ``fn`` again with a fresh buffer.
+        """
+
+        def run() -> tuple[T, EventBuffer]:
+            events = EventBuffer()
+            with self.store.session_scope() as session:
+                result = fn(session, events)
+            return result, events
+
+        result, events = await asyncio.to_thread(run)
+        events.announce(self.pm)
+        return result
+
     async def load_connection(self, conn_id: int) -> Connection:
         """A connection's row, read in its own transaction (``NotFound`` if gone)."""
-        return await self.store.run(lambda s: self.get_connection(s, conn_id))
+        return await self.unit_of_work(lambda s, _: self.get_connection(s, conn_id))
 
     @classmethod
     def build(
@@ -242,13 +269,13 @@ class Kernel:
             return
         sealed = self.vault.seal(account.secrets)
 
-        def work(session: Session) -> None:
+        def work(session: Session, _events: EventBuffer) -> None:
             # Never write credentials back into a connection ended meanwhile (R6).
             conn = self.lock_live_connection(session, conn_id)
             if conn is not None and conn.secrets is not None:
                 conn.secrets = sealed
 
-        await self.store.run(work)
+        await self.unit_of_work(work)
         account.secrets_changed = False
 
     def lock_live_connection(self, session: Session, conn_id: int) -> Connection | None:

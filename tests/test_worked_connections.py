@@ -5,6 +5,7 @@ on and off, and the daemon's choice of connections made from them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_worked_connections_are_live_not_waiting_for_the_user_and_labs_on(
         lambda s: set(s.scalars(select(Connection.id).where(rules.worked_connections())))
     )
     assert worked == {ids[("on", "connected")], ids[("on", "error")]}
-    assert eligible_connections(kernel) == sorted(worked)
+    assert asyncio.run(eligible_connections(kernel)) == sorted(worked)
 
 
 def test_the_daemon_waits_for_the_backoff_and_labs_off_pauses_everything(
@@ -80,7 +81,7 @@ def test_the_daemon_waits_for_the_backoff_and_labs_off_pauses_everything(
         conn.next_attempt_at = utcnow() + timedelta(minutes=5)
 
     kernel.store.call(back_off)
-    assert eligible_connections(kernel) == [ids[("on", "connected")]]
+    assert asyncio.run(eligible_connections(kernel)) == [ids[("on", "connected")]]
 
     def labs_off(session: Session) -> None:
         sub = session.get(SubAccount, "on")
@@ -88,7 +89,7 @@ def test_the_daemon_waits_for_the_backoff_and_labs_off_pauses_everything(
         sub.two_way_email_sync = False
 
     kernel.store.call(labs_off)
-    assert eligible_connections(kernel) == []
+    assert asyncio.run(eligible_connections(kernel)) == []
 
 
 def test_a_mailbox_is_used_only_while_worked_on(kernel: Kernel) -> None:

@@ -259,9 +259,8 @@ async def connect_with(
     existing = await k.store.run(precheck)
     account = await authorize()
     placed = await _verified(k, cls, account)
-    events = EventBuffer()
 
-    def record(session: Session) -> dict[str, Any]:
+    def record(session: Session, events: EventBuffer) -> dict[str, Any]:
         precheck(session)  # the world may have changed while we logged in
         if existing is not None:
             conn = k.get_connection(session, existing.id)
@@ -278,9 +277,7 @@ async def connect_with(
             conn = _new_connection(session, k, events, subaccount, user, provider, account, placed)
         return connection_json(conn, paused=False)
 
-    result = await k.store.run(record)
-    events.announce(k.pm)
-    return result
+    return await k.unit_of_work(record)
 
 
 def _new_connection(
@@ -368,18 +365,15 @@ async def _forget(k: Kernel, subaccount: str, user: str) -> None:
 
 async def disconnect(k: Kernel, subaccount: str, user: str) -> dict[str, Any]:
     await _forget(k, subaccount, user)
-    events = EventBuffer()
 
-    def work(session: Session) -> dict[str, Any]:
+    def work(session: Session, events: EventBuffer) -> dict[str, Any]:
         conn = live_connection(session, subaccount, user)
         if conn is None:
             raise NotFound(f"user {user!r} of sub-account {subaccount!r} has no connected mailbox")
         _end(session, k, events, conn, rules.DISCONNECTED)
         return connection_json(conn, paused=not labs_on(session, subaccount))
 
-    result = await k.store.run(work)
-    events.announce(k.pm)
-    return result
+    return await k.unit_of_work(work)
 
 
 async def update_email(
@@ -413,18 +407,15 @@ async def update_email_with(
     account = await authorize()
     placed = await _verified(k, cls, account)
     await _forget(k, subaccount, user)
-    events = EventBuffer()
 
-    def record(session: Session) -> dict[str, Any]:
+    def record(session: Session, events: EventBuffer) -> dict[str, Any]:
         old = precheck(session)
         _end(session, k, events, old, rules.REPLACED)
         session.flush()
         conn = _new_connection(session, k, events, subaccount, user, provider, account, placed)
         return connection_json(conn, paused=False)
 
-    result = await k.store.run(record)
-    events.announce(k.pm)
-    return result
+    return await k.unit_of_work(record)
 
 
 # ---- status ------------------------------------------------------------------------------

@@ -209,15 +209,18 @@ def _earlier(session: Session, k: Kernel, key: str | None) -> Outcome | None:
     return result, claim
 
 
-async def _store_once(k: Kernel, key: str | None, work: Callable[[Session], Outcome]) -> Outcome:
-    """Run ``work``; when a concurrent request with the same idempotency key won
-    the insert, run it again, and it finds that request's message."""
+async def _store_once(
+    k: Kernel, key: str | None, work: Callable[[Session, EventBuffer], Outcome]
+) -> Outcome:
+    """Run ``work`` as a unit of work (its events announced once it committed);
+    when a concurrent request with the same idempotency key won the insert, run
+    it again, and it finds that request's message."""
     try:
-        return await k.store.run(work)
+        return await k.unit_of_work(work)
     except IntegrityError:
         if key is None:
             raise
-        return await k.store.run(work)
+        return await k.unit_of_work(work)
 
 
 async def send(
@@ -229,11 +232,9 @@ async def send(
     (delivering it if it still waits) instead of sending another."""
     draft = _validate(draft, need_recipients=True)
     key = request_key(idempotency_key, "send", subaccount, user)
-    events = EventBuffer()
     limit = k.settings.sync.max_attachment_bytes
 
-    def work(session: Session) -> Outcome:
-        events.pending.clear()
+    def work(session: Session, events: EventBuffer) -> Outcome:
         earlier = _earlier(session, k, key)
         if earlier is not None:
             return earlier
@@ -266,7 +267,6 @@ async def send(
         return _result(thread, msg, route), delivery.claim_in(session, k, entry_id, False)
 
     result, claim = await _store_once(k, key, work)
-    events.announce(k.pm)
     if claim is not None:
         result["status"] = await delivery.deliver_claim(k, claim)
     return result
@@ -278,11 +278,9 @@ async def reply(
     """Reply from the CRM in an existing thread (R4), threaded for mail clients.
     ``idempotency_key`` as for :func:`send`."""
     draft = _validate(draft, need_recipients=False)
-    events = EventBuffer()
     limit = k.settings.sync.max_attachment_bytes
 
-    def work(session: Session) -> Outcome:
-        events.pending.clear()
+    def work(session: Session, events: EventBuffer) -> Outcome:
         thread = session.get(SyncedThread, thread_id)
         if thread is None:
             raise NotFound(f"thread {thread_id!r} not found")
@@ -345,7 +343,6 @@ async def reply(
         return _result(thread, msg, route), delivery.claim_in(session, k, entry_id, False)
 
     result, claim = await _store_once(k, idempotency_key, work)
-    events.announce(k.pm)
     # The entry is claimed with its message, in the same transaction; one not
     # claimable now (its mailbox in backoff, say) waits for the daemon.
     if claim is not None:

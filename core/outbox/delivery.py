@@ -15,16 +15,16 @@ After a crash:
   message rather than doubling it, the one case R9's two demands conflict.
 
 A failure before the checkpoint returns the entry to ``pending`` with backoff.
+Each step is its own :meth:`Kernel.unit_of_work`: a worker thread, one
+transaction, its events announced after the commit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, undefer
@@ -45,7 +45,6 @@ from threadsync.core.rules import (
 from threadsync.core.store.models import Connection, Message, OutboxEntry, utcnow
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -151,12 +150,12 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
     )
 
 
-def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
-    return k.store.call(lambda session: claim_in(session, k, entry_id, provider_open))
+async def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
+    return await k.unit_of_work(lambda session, _: claim_in(session, k, entry_id, provider_open))
 
 
-def _update(k: Kernel, entry_id: int, **values: object) -> None:
-    def work(session: Session) -> None:
+async def _update(k: Kernel, entry_id: int, **values: object) -> None:
+    def work(session: Session, _events: EventBuffer) -> None:
         session.execute(
             update(OutboxEntry)
             .where(OutboxEntry.id == entry_id)
@@ -164,10 +163,10 @@ def _update(k: Kernel, entry_id: int, **values: object) -> None:
             .execution_options(synchronize_session=False)
         )
 
-    k.store.call(work)
+    await k.unit_of_work(work)
 
 
-def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
+async def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
     when = rules.backoff(
         failures,
         k.settings.sync.backoff_base_seconds,
@@ -175,7 +174,7 @@ def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
         utcnow(),
     )
 
-    def work(session: Session) -> None:
+    def work(session: Session, _events: EventBuffer) -> None:
         entry = session.get(OutboxEntry, claim.entry_id)
         if entry is None:
             return
@@ -186,7 +185,7 @@ def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
         entry.last_error = error
         entry.next_attempt_at = when
 
-    k.store.call(work)
+    await k.unit_of_work(work)
 
 
 async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = None) -> SendStatus:
@@ -195,7 +194,7 @@ async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = No
     ``provider`` is an open provider of the entry's connection (the daemon's), or
     ``None`` to open one for this delivery only.
     """
-    claim = await _run(k, _claim, entry_id, provider is not None)
+    claim = await _claim(k, entry_id, provider is not None)
     if claim is None:
         return await _status(k, entry_id)
     return await deliver_claim(k, claim, provider)
@@ -212,33 +211,28 @@ async def deliver_claim(k: Kernel, claim: Claim, provider: Provider | None = Non
         return await _status(k, claim.entry_id)
 
 
-async def _run(k: Kernel, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a database step in a worker thread (the loop never waits on the DB)."""
-    return await asyncio.to_thread(fn, k, *args, **kwargs)
-
-
 async def _status(k: Kernel, entry_id: int) -> SendStatus:
-    def work(session: Session) -> SendStatus:
+    def work(session: Session, _events: EventBuffer) -> SendStatus:
         entry = session.get(OutboxEntry, entry_id)
         sent = entry is not None and entry.status == OutboxStatus.SENT
         return SendStatus.SENT if sent else SendStatus.QUEUED
 
-    return await k.store.run(work)
+    return await k.unit_of_work(work)
 
 
 def _checkpoint(k: Kernel, claim: Claim) -> Checkpoint:
     async def checkpoint() -> None:
-        await _run(k, _to_transmitting, claim)
+        await _to_transmitting(k, claim)
 
     return checkpoint
 
 
-def _to_transmitting(k: Kernel, claim: Claim) -> None:
+async def _to_transmitting(k: Kernel, claim: Claim) -> None:
     """Commit "transmitting" only while this worker still holds the lease: if it
     ran out (a server slower than ``lease_seconds`` before DATA) and another
     worker took the entry, sending here as well would duplicate the message."""
 
-    def work(session: Session) -> int:
+    def work(session: Session, _events: EventBuffer) -> int:
         moved = session.execute(
             update(OutboxEntry)
             .where(
@@ -251,35 +245,34 @@ def _to_transmitting(k: Kernel, claim: Claim) -> None:
         )
         return int(moved.rowcount)  # type: ignore[attr-defined]
 
-    if k.store.call(work) != 1:
+    if await k.unit_of_work(work) != 1:
         raise LeaseLost(f"outbox entry {claim.entry_id} was taken over by another worker")
 
 
 async def _deliver_default(k: Kernel, claim: Claim) -> SendStatus:
     if claim.was_transmitting:
-        await _run(k, _mark_sent, claim, True)
+        await _mark_sent(k, claim, True)
         return SendStatus.SENT
     channel = k.settings.default_channel
     password = k.environ.get(channel.password_env) if channel.password_env else None
     try:
         await send_via_relay(channel, claim.mail, password, _checkpoint(k, claim))
     except ProviderProtocolError as exc:
-        await _run(k, _fail, claim, str(exc))
+        await _fail(k, claim, str(exc))
         return SendStatus.QUEUED
     except ProviderError as exc:
         log.warning("default channel failed: %s", exc, extra={"outbox_id": claim.entry_id})
-        await _run(k, _release, claim, str(exc))
+        await _release(k, claim, str(exc))
         return SendStatus.QUEUED
-    await _run(k, _mark_sent, claim, True)
+    await _mark_sent(k, claim, True)
     return SendStatus.SENT
 
 
-def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
+async def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
     """Record that the message left, with its ``message.synced`` event unless a
     disconnect turned it into a skipped one meanwhile."""
-    events = EventBuffer()
 
-    def work(session: Session) -> None:
+    def work(session: Session, events: EventBuffer) -> None:
         session.execute(
             update(OutboxEntry)
             .where(OutboxEntry.id == claim.entry_id)
@@ -298,12 +291,11 @@ def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
                 subaccount, payload = claim.synced_event
                 events.record(session, subaccount, MESSAGE_SYNCED, payload)
 
-    k.store.call(work)
-    events.announce(k.pm)
+    await k.unit_of_work(work)
 
 
-def _fail(k: Kernel, claim: Claim, error: str) -> None:
-    _update(k, claim.entry_id, status=OutboxStatus.FAILED, last_error=error, lease_owner=None)
+async def _fail(k: Kernel, claim: Claim, error: str) -> None:
+    await _update(k, claim.entry_id, status=OutboxStatus.FAILED, last_error=error, lease_owner=None)
 
 
 def _mailbox_ready(
@@ -333,7 +325,7 @@ async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -
         async with k.pool.borrow(claim.connection_id or 0, claim.connection) as pooled:
             return await _transmit(k, claim, pooled)
     except ProviderError as exc:
-        await _run(k, _connection_failed, claim, exc)
+        await _connection_failed(k, claim, exc)
         return await _status(k, claim.entry_id)
 
 
@@ -343,36 +335,34 @@ async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> SendStatus:
         try:
             await provider.send(claim.mail, _checkpoint(k, claim))
         except ProviderProtocolError as exc:
-            await _run(k, _fail, claim, str(exc))
+            await _fail(k, claim, str(exc))
             return SendStatus.QUEUED
         if provider.files_sent_copy:
-            await _run(k, _mark_sent, claim, True)
+            await _mark_sent(k, claim, True)
             return SendStatus.SENT
         # Filed in Sent first, then one commit records both; a crash in between
         # leaves "transmitting", which never sends again and checks Sent.
         try:
             await provider.store_sent_copy(claim.mail)
         except ProviderError:
-            await _run(k, _mark_sent, claim, False)
+            await _mark_sent(k, claim, False)
             raise
-        await _run(k, _mark_sent, claim, True)
+        await _mark_sent(k, claim, True)
         return SendStatus.SENT
     elif claim.was_transmitting:
         # It may have left before the crash: never send again (R9).
-        await _run(k, _mark_sent, claim, provider.files_sent_copy)
+        await _mark_sent(k, claim, provider.files_sent_copy)
     if not provider.files_sent_copy and not claim.sent_copy_stored:
         # Only a recovery can find a copy already filed; a fresh send skips the search.
         recovering = claim.was_transmitting or claim.already_sent
         if not recovering or not await provider.find_sent(claim.mail.message_id):
             await provider.store_sent_copy(claim.mail)
-        await _run(k, _update, claim.entry_id, sent_copy_stored=True, lease_owner=None)
+        await _update(k, claim.entry_id, sent_copy_stored=True, lease_owner=None)
     return SendStatus.SENT
 
 
-def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
-    events = EventBuffer()
-
-    def work(session: Session) -> None:
+async def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
+    def work(session: Session, events: EventBuffer) -> None:
         entry = session.get(OutboxEntry, claim.entry_id)
         if entry is not None and entry.lease_owner != k.worker:
             entry = None  # another worker holds it now: its state is not ours to change
@@ -387,8 +377,7 @@ def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
         if claim.connection_id is not None:
             k.record_failure(session, events, claim.connection_id, exc)
 
-    k.store.call(work)
-    events.announce(k.pm)
+    await k.unit_of_work(work)
 
 
 def _due_clause(now: datetime) -> Any:
@@ -402,11 +391,11 @@ def _due_clause(now: datetime) -> Any:
     )
 
 
-def connections_with_due_mail(k: Kernel) -> list[int]:
+async def connections_with_due_mail(k: Kernel) -> list[int]:
     """Connections that have outbox entries to work on now."""
     now = utcnow()
 
-    def work(session: Session) -> list[int]:
+    def work(session: Session, _events: EventBuffer) -> list[int]:
         query = (
             select(OutboxEntry.connection_id)
             .where(_due_clause(now), OutboxEntry.connection_id.is_not(None))
@@ -414,14 +403,14 @@ def connections_with_due_mail(k: Kernel) -> list[int]:
         )
         return [c for c in session.scalars(query).all() if c is not None]
 
-    return k.store.call(work)
+    return await k.unit_of_work(work)
 
 
-def due_entries(k: Kernel, connection_id: int | None) -> list[int]:
+async def due_entries(k: Kernel, connection_id: int | None) -> list[int]:
     """Entries to try now: pending and due, stale leases, sent copies not filed."""
     now = utcnow()
 
-    def work(session: Session) -> list[int]:
+    def work(session: Session, _events: EventBuffer) -> list[int]:
         query = select(OutboxEntry.id).where(_due_clause(now))
         if connection_id is None:
             query = query.where(OutboxEntry.channel == "default")
@@ -429,4 +418,4 @@ def due_entries(k: Kernel, connection_id: int | None) -> list[int]:
             query = query.where(OutboxEntry.connection_id == connection_id)
         return list(session.scalars(query.order_by(OutboxEntry.id)).all())
 
-    return k.store.call(work)
+    return await k.unit_of_work(work)
