@@ -2,10 +2,11 @@
 sessions, plus the applying of connection state changes (R2) that every other
 kernel module uses when a provider succeeds or fails.
 
-Kernel work reaches the database through one door, :meth:`Kernel.unit_of_work`:
-a function run in a worker thread inside one transaction, whose events are
-announced to the host once that transaction has committed, and never when it
-rolled back.
+Kernel work done on the event loop reaches the database through one door,
+:meth:`Kernel.unit_of_work`: a function run in a worker thread inside one
+transaction, whose events are announced to the host once that transaction has
+committed, and never when it rolled back. (Synchronous readers, such as the
+API's views and reports, use :meth:`Store.call <threadsync.core.store.database.Store.call>`.)
 
 Nothing outside ``core`` changes a connection's state; providers only raise
 :mod:`threadsync.core.errors` exceptions, :mod:`threadsync.core.rules` decides what

@@ -199,10 +199,12 @@ async def precheck(
     k: Kernel, subaccount: str, user: str, provider: str, email: str, *, update: bool
 ) -> None:
     """Raise what connect (or update-email) would refuse before any sign-in."""
-    if update:
-        await k.store.run(_update_precheck(subaccount, user))
-    else:
-        await k.store.run(_connect_precheck(subaccount, user, provider, email))
+    check: Callable[[Session], object] = (
+        _update_precheck(subaccount, user)
+        if update
+        else _connect_precheck(subaccount, user, provider, email)
+    )
+    await k.unit_of_work(lambda session, _: check(session))
 
 
 async def connect(
@@ -256,7 +258,7 @@ async def connect_with(
     """Connect (or re-authorise) with the account that ``authorize()`` signs in."""
     cls = k.provider_class(provider)
     precheck = _connect_precheck(subaccount, user, provider, email)
-    existing = await k.store.run(precheck)
+    existing = await k.unit_of_work(lambda session, _: precheck(session))
     account = await authorize()
     placed = await _verified(k, cls, account)
 
@@ -347,7 +349,7 @@ def _end(session: Session, k: Kernel, events: EventBuffer, conn: Connection, sta
 
 async def _forget(k: Kernel, subaccount: str, user: str) -> None:
     """Let the live connection's provider release its server-side state (R6)."""
-    conn = await k.store.run(lambda s: live_connection(s, subaccount, user))
+    conn = await k.unit_of_work(lambda s, _: live_connection(s, subaccount, user))
     if conn is None or conn.secrets is None:
         return
     cls = k.provider_class(conn.provider)
@@ -403,7 +405,7 @@ async def update_email_with(
     """Update-email with the account that ``authorize()`` signs in."""
     cls = k.provider_class(provider)
     precheck = _update_precheck(subaccount, user)
-    await k.store.run(precheck)
+    await k.unit_of_work(lambda session, _: precheck(session))
     account = await authorize()
     placed = await _verified(k, cls, account)
     await _forget(k, subaccount, user)
