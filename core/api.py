@@ -18,7 +18,7 @@ passed in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +115,14 @@ class Threadsync:
         email: str,
         options: Mapping[str, Any],
         notify: Callable[[str], None] = _log_notice,
+        credentials: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Connect a mailbox. ``notify`` shows what an interactive sign-in needs
-        (a consent URL or a device code)."""
+        (a consent URL or a device code). ``credentials`` gives secrets directly,
+        by name without ``_env`` (``{"password": ...}``), instead of naming
+        environment variables in ``options`` (``password_env``)."""
         return await accounts.connect(
-            self.kernel, subaccount, user, provider, email, options, notify
+            self.kernel, subaccount, user, provider, email, options, notify, credentials
         )
 
     async def update_email(
@@ -131,10 +134,11 @@ class Threadsync:
         email: str,
         options: Mapping[str, Any],
         notify: Callable[[str], None] = _log_notice,
+        credentials: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Replace the user's connected address (R7)."""
+        """Replace the user's connected address (R7); ``credentials`` as in :meth:`connect`."""
         return await accounts.update_email(
-            self.kernel, subaccount, user, provider, email, options, notify
+            self.kernel, subaccount, user, provider, email, options, notify, credentials
         )
 
     async def begin_sign_in(
@@ -147,17 +151,16 @@ class Threadsync:
         options: Mapping[str, Any],
         redirect_uri: str,
         update: bool = False,
-        carry: Sequence[str] = (),
+        credentials: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
         """Start a connect (or update-email with ``update``) that the user finishes
         in a browser coming back to ``redirect_uri``: the pending sign-in with its
         ``consent_url``, or ``None`` when this provider and these options sign in
-        without a redirect (use :meth:`connect`). ``carry``: names of this
-        kernel's environment variables that the second half needs again (a
-        secret given with the request), kept encrypted with the sign-in."""
+        without a redirect (use :meth:`connect`). ``credentials`` as in
+        :meth:`connect`, kept encrypted with the sign-in for its second half."""
         return await consent.begin(
             self.kernel, subaccount, user, provider, email, options, redirect_uri,
-            update=update, carry=carry,
+            update=update, credentials=credentials,
         )  # fmt: skip
 
     async def finish_sign_in(self, params: Mapping[str, str]) -> dict[str, Any]:

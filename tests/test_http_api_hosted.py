@@ -89,11 +89,11 @@ class ConsentPlugin:
                 cls,
                 email: str,
                 options: Mapping[str, Any],
-                environ: Mapping[str, str],
+                credentials: Mapping[str, str],
                 settings: Mapping[str, Any],
                 redirect_uri: str,
             ) -> ConsentRequest | None:
-                cls.prepare(email, options, environ)  # bad options fail before consent
+                cls.prepare(email, options, credentials)  # bad options fail before consent
                 plugin.redirects.append(redirect_uri)
                 state = secrets.token_urlsafe(16)
                 url = f"https://login.example.test/authorize?{urlencode({'state': state})}"
@@ -104,7 +104,7 @@ class ConsentPlugin:
                 cls,
                 email: str,
                 options: Mapping[str, Any],
-                environ: Mapping[str, str],
+                credentials: Mapping[str, str],
                 settings: Mapping[str, Any],
                 flow: Mapping[str, Any],
                 params: Mapping[str, str],
@@ -114,7 +114,7 @@ class ConsentPlugin:
                     raise AuthenticationFailed(f"the sign-in for {email} was declined")
                 if flow.get("verifier") != "v-" + params.get("state", ""):
                     raise AuthenticationFailed("the flow does not belong to this redirect")
-                return cls.prepare(email, options, environ)
+                return cls.prepare(email, options, credentials)
 
         register(Consenting)
 

@@ -26,7 +26,7 @@ from threadsync.core.errors import (
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.mime import check_address
-from threadsync.core.provider import Account, Provider
+from threadsync.core.provider import Account, Provider, resolve_credentials
 from threadsync.core.rules import (
     LIVE_STATES,
     ConnectionState,
@@ -207,6 +207,17 @@ async def precheck(
     await k.unit_of_work(lambda session, _: check(session))
 
 
+def resolve_secrets(
+    k: Kernel,
+    cls: type[Provider],
+    options: Mapping[str, Any],
+    credentials: Mapping[str, str],
+) -> dict[str, str]:
+    """``cls``'s secrets for a connect: ``credentials`` given directly, else the
+    variables of this process's environment that the options name."""
+    return resolve_credentials(cls.options, options, k.environ, credentials)
+
+
 async def connect(
     k: Kernel,
     subaccount: str,
@@ -215,11 +226,15 @@ async def connect(
     email: str,
     options: Mapping[str, Any],
     notify: Callable[[str], None] = log.info,
+    credentials: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Connect a user's mailbox, or re-authorise one in ``needs_reauth``/``error``.
 
-    ``notify`` shows the user what an interactive sign-in needs (a consent URL)."""
-    return await _authorized(connect_with, k, subaccount, user, provider, email, options, notify)
+    ``notify`` shows the user what an interactive sign-in needs (a consent URL);
+    ``credentials`` are secrets given directly instead of through ``*_env`` options."""
+    return await _authorized(
+        connect_with, k, subaccount, user, provider, email, options, notify, credentials or {}
+    )
 
 
 Finish = Callable[
@@ -236,14 +251,16 @@ async def _authorized(
     email: str,
     options: Mapping[str, Any],
     notify: Callable[[str], None],
+    credentials: Mapping[str, str],
 ) -> dict[str, Any]:
     """``finish`` (connect or update-email) with the account the provider's
     :meth:`~threadsync.core.provider.Provider.authorize` signs in."""
     email, cls = checked_request(k, subaccount, user, provider, email)
     settings = k.provider_settings.get(cls.name, {})
+    secrets = resolve_secrets(k, cls, options, credentials)
     return await finish(
         k, subaccount, user, provider, email,
-        lambda: cls.authorize(email, options, k.environ, notify, settings),
+        lambda: cls.authorize(email, options, secrets, notify, settings),
     )  # fmt: skip
 
 
@@ -386,12 +403,14 @@ async def update_email(
     email: str,
     options: Mapping[str, Any],
     notify: Callable[[str], None] = log.info,
+    credentials: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Replace the connected address without a gap: the new connection is verified
     first, then in one transaction the old one becomes ``replaced``."""
     return await _authorized(
-        update_email_with, k, subaccount, user, provider, email, options, notify
-    )
+        update_email_with, k, subaccount, user, provider, email, options, notify,
+        credentials or {},
+    )  # fmt: skip
 
 
 async def update_email_with(

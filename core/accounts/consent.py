@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -91,18 +91,19 @@ async def begin(
     redirect_uri: str,
     *,
     update: bool = False,
-    carry: Sequence[str] = (),
+    credentials: Mapping[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """Start a redirect sign-in; ``None`` when the provider signs in without one
     (then :func:`threadsync.core.accounts.connections.connect` with a ``notify`` is the way).
 
-    ``carry`` names variables of ``k.environ`` that belong to this request (a
-    password given with it): they are kept encrypted with the flow and given to
-    the provider again when the redirect arrives."""
+    ``credentials`` are secrets given with this request (a password): they are
+    kept encrypted with the flow and given to the provider again when the
+    redirect arrives."""
     email, cls = accounts.checked_request(k, subaccount, user, provider, email)
     await accounts.precheck(k, subaccount, user, provider, email, update=update)
+    given = accounts.resolve_secrets(k, cls, options, credentials or {})
     request = await cls.begin_consent(
-        email, options, k.environ, k.provider_settings.get(cls.name, {}), redirect_uri
+        email, options, given, k.provider_settings.get(cls.name, {}), redirect_uri
     )
     if request is None:
         return None
@@ -121,7 +122,7 @@ async def begin(
         flow=k.vault.seal(
             {
                 "flow": json.dumps(dict(request.flow)),
-                "environ": json.dumps({n: k.environ[n] for n in carry if n in k.environ}),
+                "secrets": json.dumps(given),
             }
         ),
         status="pending",
@@ -202,7 +203,7 @@ async def finish(k: Kernel, params: Mapping[str, str]) -> dict[str, Any]:
             raise Refused(f"the sign-in for {row.email} expired; connect again")
         raise Refused(f"the sign-in for {row.email} was already used ({row.status})")
     flow = json.loads(sealed["flow"])
-    environ = {**k.environ, **json.loads(sealed.get("environ") or "{}")}
+    given = json.loads(sealed.get("secrets") or "{}")
     cls = k.provider_class(row.provider)
     settings = k.provider_settings.get(cls.name, {})
     with_account = accounts.update_email_with if row.purpose == UPDATE_EMAIL else (
@@ -212,7 +213,7 @@ async def finish(k: Kernel, params: Mapping[str, str]) -> dict[str, Any]:
         connection = await with_account(
             k, row.subaccount_id, row.user_id, row.provider, row.email,
             lambda: cls.finish_consent(
-                row.email, row.options, environ, settings, flow, params
+                row.email, row.options, given, settings, flow, params
             ),
         )  # fmt: skip
     except ThreadsyncError as exc:

@@ -99,9 +99,11 @@ class ImapSmtpProvider(Provider):
         self._seen: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def prepare(cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]) -> Account:
+    def prepare(
+        cls, email: str, options: Mapping[str, Any], credentials: Mapping[str, str]
+    ) -> Account:
         """Check the options without touching the network (see :mod:`.options`)."""
-        return normalise(super().prepare(email, options, environ))
+        return normalise(super().prepare(email, options, credentials))
 
     # ---- session ------------------------------------------------------------------------
 

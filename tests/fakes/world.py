@@ -115,9 +115,9 @@ class OutlookWorld:
 async def sign_in(ms: FakeMicrosoft, email: str = MAILBOX, **over: Any
                   ) -> tuple[Account, dict[str, Any]]:
     """Authorize ``email`` through the browser flow; the account and its settings."""
-    settings = ms.outlook_settings(**over)
+    settings = ms.provider_settings(**over)
     try:
-        account = await OutlookProvider.authorize(email, {}, ms.environ(), ms.browser(),
+        account = await OutlookProvider.authorize(email, {}, {}, ms.browser(),
                                                   settings)
     finally:
         await ms.settle()

@@ -69,8 +69,10 @@ class MaildirProvider(Provider):
         self.pickup = Path(account.settings["pickup_dir"])
 
     @classmethod
-    def prepare(cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]) -> Account:
-        account = super().prepare(email, options, environ)
+    def prepare(
+        cls, email: str, options: Mapping[str, Any], credentials: Mapping[str, str]
+    ) -> Account:
+        account = super().prepare(email, options, credentials)
         for key in ("maildir", "pickup_dir"):
             path = str(account.settings[key]).strip()
             if not path:
