@@ -18,17 +18,19 @@ passed in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from threadsync.core.accounts import connections as accounts
 from threadsync.core.accounts import consent
 from threadsync.core.config import Settings, load
-from threadsync.core.host import reports, views
+from threadsync.core.host import apikeys, reports, views, webhooks
+from threadsync.core.host.routes import PluginRoute
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import compose
 from threadsync.core.outbox.compose import Draft
+from threadsync.core.provider import ProviderOption
 from threadsync.core.store.database import Store
 from threadsync.core.store.vault import Vault
 from threadsync.core.sync import daemon
@@ -43,6 +45,14 @@ class Threadsync:
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
+        #: API keys and idempotency records (the HTTP API's).
+        self.api_keys = apikeys.ApiKeys(kernel.store)
+        #: Webhook endpoints, deliveries and the queue.
+        self.webhooks = webhooks.Webhooks(kernel)
+
+    @property
+    def settings(self) -> Settings:
+        return self.kernel.settings
 
     @classmethod
     def from_settings(
@@ -93,8 +103,17 @@ class Threadsync:
 
     async def aclose(self) -> None:
         """Log out of every mailbox session kept open, then release the database."""
-        await self.kernel.pool.aclose()
+        await self.close_sessions()
         self.close()
+
+    async def close_sessions(self) -> None:
+        """Log out of the mailbox sessions kept open between sends on this event loop."""
+        await self.kernel.pool.aclose()
+
+    def provider_options(self, provider: str) -> tuple[ProviderOption, ...]:
+        """The connect options of a registered provider (``NotFound``-like
+        ``ConfigError`` for an unknown name)."""
+        return tuple(self.kernel.provider_class(provider).options)
 
     # ---- Labs ------------------------------------------------------------------------
 
@@ -224,8 +243,28 @@ class Threadsync:
     async def run_once(self) -> daemon.OnceReport:
         return await daemon.run_once(self.kernel)
 
-    def daemon(self) -> daemon.Daemon:
-        return daemon.Daemon(self.kernel)
+    def daemon(self, extra: Iterable[Callable[[], Awaitable[None]]] = ()) -> daemon.Daemon:
+        """The daemon; ``extra`` coroutines run beside the sync loop until it stops."""
+        return daemon.Daemon(self.kernel, extra=list(extra))
+
+    # ---- plugins -----------------------------------------------------------------------
+
+    def register_plugin(self, plugin: object, name: str | None = None) -> None:
+        """Add an in-process plugin (event handlers, say) to this instance."""
+        self.kernel.pm.register(plugin, name=name)
+
+    def plugin_routes(self) -> list[PluginRoute]:
+        """HTTP endpoints plugins contribute (``register_routes``)."""
+        found = self.kernel.pm.hook.register_routes(threadsync=self)
+        return [route for routes in found if routes for route in routes]
+
+    def daemon_services(
+        self, options: Mapping[str, Any]
+    ) -> list[Callable[[], Awaitable[None]]]:
+        """Coroutines plugins run beside ``threadsync run`` (``daemon_services``),
+        given the values of the run command's options."""
+        found = self.kernel.pm.hook.daemon_services(threadsync=self, options=options)
+        return [service for services in found if services for service in services]
 
 
 __all__ = ["Draft", "Threadsync"]

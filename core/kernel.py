@@ -31,7 +31,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from threadsync.core import rules
-from threadsync.core.config import Settings
+from threadsync.core.config import Settings, check_sections
 from threadsync.core.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -42,7 +42,12 @@ from threadsync.core.errors import (
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.outbox.pool import ProviderPool
 from threadsync.core.provider import Account, Provider
-from threadsync.core.registry import RegisteredProvider, get_plugin_manager, providers
+from threadsync.core.registry import (
+    RegisteredProvider,
+    config_sections,
+    get_plugin_manager,
+    providers,
+)
 from threadsync.core.rules import LIVE_STATES
 from threadsync.core.store.database import Store
 from threadsync.core.store.models import Connection, utcnow
@@ -143,16 +148,18 @@ class Kernel:
         environ: Mapping[str, str] | None = None,
     ) -> Kernel:
         pm = get_plugin_manager(plugins, load_entry_points=load_entry_points)
+        check_sections(settings, config_sections(pm))
+        registry = providers(pm)
         env = dict(os.environ) if environ is None else dict(environ)
         return cls(
             settings=settings,
             store=Store(settings.database_url),
             vault=Vault.from_file(settings.secret_key_file),
             pm=pm,
-            registry=providers(pm),
+            registry=registry,
             environ=env,
             provider_settings={
-                k: _with_env_secrets(dict(v), env) for k, v in settings.providers.items()
+                name: _with_env_secrets(dict(settings.section(name)), env) for name in registry
             },
         )
 

@@ -1,7 +1,7 @@
 """Which new messages of a batch belong to a synced thread
 (``threadsync.core.sync.ingest._classify``).
 
-Membership is decided from our tables only (PRODUCT.md, "Thread membership"): a
+Membership is decided from our tables only (the membership rule): a
 thread token inside a referenced Message-ID of ours, or a referenced Message-ID
 already stored in the thread; only the connection's active threads count; a
 message whose own Message-ID is stored already is left out; a later message of

@@ -41,14 +41,12 @@ from threadsync.core.store.models import (
     OutboxEntry,
     SubAccount,
     SyncedThread,
+    iso,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
 
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
 
 
 def get_subaccount(session: Session, subaccount: str, *, create: bool = False) -> SubAccount:
@@ -451,9 +449,9 @@ def connection_json(conn: Connection, *, paused: bool) -> dict[str, Any]:
         "email": conn.email,
         "state": conn.state,
         "paused": paused and conn.state in LIVE_STATES,
-        "since": _iso(conn.since),
+        "since": iso(conn.since),
         "last_error": conn.last_error,
-        "last_sync_at": _iso(conn.last_sync_at),
+        "last_sync_at": iso(conn.last_sync_at),
     }
 
 

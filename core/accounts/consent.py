@@ -38,7 +38,7 @@ from threadsync.core.accounts import connections as accounts
 from threadsync.core.errors import NotFound, Refused, ThreadsyncError
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
-from threadsync.core.store.models import PendingSignIn, utcnow
+from threadsync.core.store.models import PendingSignIn, iso, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,6 @@ MAX_STATE = 512
 def state_hash(state: str) -> str:
     return hashlib.sha256(state.encode("utf-8", "surrogatepass")).hexdigest()
 
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
 
 
 def sign_in_json(row: PendingSignIn, now: datetime | None = None) -> dict[str, Any]:
@@ -75,7 +72,7 @@ def sign_in_json(row: PendingSignIn, now: datetime | None = None) -> dict[str, A
             f"{row.email} and accept: {row.consent_url}"
         ),
         "consent_url": row.consent_url if status == "pending" else None,
-        "expires_at": _iso(row.expires_at),
+        "expires_at": iso(row.expires_at),
         "connection": row.connection,
         "error": row.error,
     }

@@ -41,7 +41,7 @@ def attachment_json(a: Attachment) -> dict[str, Any]:
 
 
 def message_json(m: Message) -> dict[str, Any]:
-    """A message as in ``threadsync thread`` (PRODUCT.md)."""
+    """A message as in ``threadsync thread`` (the documented JSON shape)."""
     return {
         "message_id": m.message_id,
         "direction": m.direction,

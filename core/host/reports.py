@@ -22,12 +22,9 @@ from threadsync.core.store.models import (
     OutboxEntry,
     SubAccount,
     SyncedThread,
+    iso,
     utcnow,
 )
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
 
 
 def overview(k: Kernel, recent: int = 50) -> dict[str, Any]:
@@ -54,9 +51,9 @@ def overview(k: Kernel, recent: int = 50) -> dict[str, Any]:
                     "email": c.email,
                     "state": c.state,
                     "paused": not labs.get(c.subaccount_id, False),
-                    "since": _iso(c.since),
+                    "since": iso(c.since),
                     "last_error": c.last_error,
-                    "last_sync_at": _iso(c.last_sync_at),
+                    "last_sync_at": iso(c.last_sync_at),
                 }
                 for c in conns
             ],
@@ -71,7 +68,7 @@ def overview(k: Kernel, recent: int = 50) -> dict[str, Any]:
                     "subject": m.subject,
                     "state": m.state,
                     "reason": m.reason,
-                    "at": _iso(m.created_at),
+                    "at": iso(m.created_at),
                 }
                 for m, user in msgs
             ],

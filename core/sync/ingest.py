@@ -1,8 +1,9 @@
 """Reads new mail of a connection and stores what belongs to synced threads.
 
 For each watched folder: ask the provider for headers since the stored cursor,
-decide membership from our own tables (PRODUCT.md "Thread membership"), fetch
-only the members' bodies (R5), apply the attachment limit (R8), and store the
+decide membership from our own tables (a reply names a Message-ID already in the
+thread), fetch only the members' bodies (R5), apply the attachment limit (R8), and
+store the
 accepted messages together with the new cursor in one transaction, so that a crash
 at any point replays a batch instead of losing or doubling it (R9). The unique
 constraint on (thread, Message-ID) is the last line of defence when two workers
@@ -34,8 +35,8 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.mime import ParsedMessage, parse_message
 from threadsync.core.provider import ChangeBatch, Folder, HeaderSummary, Provider
-from threadsync.core.rules import WORKING_STATES, MessageState, ThreadState
-from threadsync.core.store.models import Attachment, Connection, Cursor, Message, SyncedThread
+from threadsync.core.rules import MessageState, ThreadState
+from threadsync.core.store.models import Attachment, Cursor, Message, SyncedThread
 
 log = logging.getLogger(__name__)
 
@@ -436,11 +437,6 @@ async def sync_connection(k: Kernel, conn_id: int, provider: Provider) -> PassRe
             return report
     report.ended = not await k.unit_of_work(lambda s, events: k.record_success(s, events, conn_id))
     return report
-
-
-def connection_is_live(session: Session, conn_id: int) -> Connection | None:
-    conn = session.get(Connection, conn_id)
-    return conn if conn is not None and conn.state in WORKING_STATES else None
 
 
 __all__ = ["PassReport", "ProviderError", "sync_connection", "sync_folder"]

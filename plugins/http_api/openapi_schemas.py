@@ -1,5 +1,5 @@
 """The component schemas of the OpenAPI document (:mod:`threadsync.plugins.http_api.openapi`):
-the JSON shapes of PRODUCT.md as the routes answer them, and the request bodies
+the JSON shapes of the command line as the routes answer them, and the request bodies
 with the limits :mod:`threadsync.plugins.http_api.bodies` enforces."""
 
 from __future__ import annotations

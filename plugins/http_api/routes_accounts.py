@@ -19,7 +19,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from threadsync.core.errors import NotFound, ThreadsyncError
-from threadsync.core.host import apikeys
 from threadsync.core.host.apikeys import Principal
 from threadsync.core.provider import ProviderOption
 from threadsync.plugins.http_api import bodies
@@ -76,7 +75,7 @@ def _connect_request(
     ):
         raise bodies.invalid("credentials", "must be an object of strings")
     specs: dict[str, ProviderOption] = {
-        o.name: o for o in ctx.ts.kernel.provider_class(provider).options
+        o.name: o for o in ctx.ts.provider_options(provider)
     }
     secret_names = {n.removesuffix("_env"): n for n, o in specs.items() if o.secret_env}
     for name, value in options.items():
@@ -172,7 +171,7 @@ async def sign_in_get(ctx: ApiContext, request: Request, who: Principal) -> Resp
 
 async def keys_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
     subaccount = bodies.query_text(request, "subaccount")
-    return ok(await ctx.call(apikeys.list_keys, ctx.ts.kernel.store, subaccount))
+    return ok(await ctx.call(ctx.ts.api_keys.list_keys, subaccount))
 
 
 async def keys_post(ctx: ApiContext, request: Request, who: Principal) -> Response:
@@ -183,12 +182,12 @@ async def keys_post(ctx: ApiContext, request: Request, who: Principal) -> Respon
     if admin == (subaccount is not None):
         raise bodies.invalid("subaccount", "give a subaccount, or admin: true (not both)")
     label = bodies.text(body, "label", max_len=255, default="")
-    made = await ctx.call(apikeys.create, ctx.ts.kernel.store, subaccount, label)
+    made = await ctx.call(ctx.ts.api_keys.create, subaccount, label)
     return ok(made, 201, {"Cache-Control": "no-store"})
 
 
 async def key_delete(ctx: ApiContext, request: Request, who: Principal) -> Response:
-    result = await ctx.call(apikeys.revoke, ctx.ts.kernel.store, str(request.path_params["key_id"]))
+    result = await ctx.call(ctx.ts.api_keys.revoke, str(request.path_params["key_id"]))
     ctx.auth.forget()
     return ok(result)
 

@@ -18,7 +18,6 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from threadsync.core.host import webhooks
 from threadsync.core.host.apikeys import Principal
 from threadsync.core.rules import LIVE_STATES
 from threadsync.plugins.http_api import bodies
@@ -182,7 +181,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         if principal is None or not principal.admin:
             return login_page()
         data = await ctx.call(ctx.ts.overview)
-        backlog = await ctx.call(webhooks.backlog, ctx.ts.kernel)
+        backlog = await ctx.call(ctx.ts.webhooks.backlog)
         page = _page("threadsync status", render(data, backlog))
         page.headers["Refresh"] = "30"
         return page

@@ -53,7 +53,12 @@ from threadsync.plugins.outlook.auth import (
 from threadsync.plugins.outlook.changes import FolderDelta
 from threadsync.plugins.outlook.config import OutlookConfig
 from threadsync.plugins.outlook.graph import GraphClient, GraphRequestError, client_tls
-from threadsync.plugins.outlook.notifications import REAUTHORIZE, NotificationHub, Subscriptions
+from threadsync.plugins.outlook.notifications import (
+    HUB,
+    REAUTHORIZE,
+    NotificationHub,
+    Subscriptions,
+)
 from threadsync.plugins.outlook.sending import Sender
 
 log = logging.getLogger(__name__)
@@ -206,9 +211,8 @@ class OutlookProvider(Provider):
             raise
         self._tokens, self._graph = tokens, graph
         self._loop = asyncio.get_running_loop()
-        hub = self.settings.get("notification_hub")
-        if isinstance(hub, NotificationHub) and config.notification_url:
-            self._subs = Subscriptions(graph, self.account, config, hub, self)
+        if HUB.served and config.notification_url:
+            self._subs = Subscriptions(graph, self.account, config, HUB, self)
 
     async def verify(self) -> None:
         """Read the Inbox folder once: proves the mail permissions were granted."""

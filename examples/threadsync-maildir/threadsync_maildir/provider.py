@@ -26,16 +26,18 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from threadsync.core.errors import ConfigError, ProviderProtocolError, TransientProviderError
-from threadsync.core.mime import summarize_headers
-from threadsync.core.provider import (
+from threadsync import (
     Account,
     ChangeBatch,
     Checkpoint,
+    ConfigError,
     Folder,
     OutgoingMail,
     Provider,
     ProviderOption,
+    ProviderProtocolError,
+    TransientProviderError,
+    summarize_headers,
 )
 from threadsync_maildir.folder import MaildirFolder, read_headers, unique_name
 
