@@ -80,7 +80,7 @@ class FolderDelta:
 
     def first_link(self, since: str) -> str:
         return self.graph.url(
-            f"me/mailFolders/{quote(self.folder, safe='')}/messages/delta"
+            f"{self.graph.root}/mailFolders/{quote(self.folder, safe='')}/messages/delta"
             f"?$select={DELTA_SELECT}&$filter=receivedDateTime ge {since}"
         )
 
@@ -157,7 +157,8 @@ class FolderDelta:
             else:
                 missing.append((position, item))
         if missing:
-            paths = [f"me/messages/{quote(i['id'], safe='')}?{HEADER_QUERY}" for _, i in missing]
+            paths = [f"{self.graph.root}/messages/{quote(i['id'], safe='')}?{HEADER_QUERY}"
+                     for _, i in missing]
             for (position, item), (status, body) in zip(
                 missing, await self.graph.batch_get(paths), strict=True
             ):

@@ -220,7 +220,7 @@ class Subscriptions:
         body: dict[str, Any] = {
             "changeType": "created",
             "notificationUrl": self.config.notification_url,
-            "resource": f"me/mailFolders('{folder}')/messages",
+            "resource": f"{self.graph.root}/mailFolders('{folder}')/messages",
             "expirationDateTime": self._expiry(),
             "clientState": client_state,
             "latestSupportedTlsVersion": "v1_2",

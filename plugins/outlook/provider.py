@@ -46,12 +46,18 @@ from threadsync.plugins.outlook.auth import (
     TokenSource,
     begin_browser_sign_in,
     finish_browser_sign_in,
+    scopes_for,
     sign_in_with_browser,
     sign_in_with_device_code,
 )
 from threadsync.plugins.outlook.changes import FolderDelta
 from threadsync.plugins.outlook.config import OutlookConfig
-from threadsync.plugins.outlook.graph import GraphClient, GraphRequestError, client_tls
+from threadsync.plugins.outlook.graph import (
+    GraphClient,
+    GraphRequestError,
+    client_tls,
+    shared_slots,
+)
 from threadsync.plugins.outlook.notifications import REAUTHORIZE, NotificationHub, Subscriptions
 from threadsync.plugins.outlook.sending import Sender
 
@@ -67,6 +73,13 @@ OPTIONS: tuple[ProviderOption, ...] = (
     ProviderOption(
         "device_code",
         "sign in with a device code shown here, for machines without a browser",
+        type=bool,
+        default=False,
+    ),
+    ProviderOption(
+        "shared",
+        "the address is a shared or delegated mailbox the signed-in account has full "
+        "access (and send-as) rights to; it is read and sent through /users/{address}",
         type=bool,
         default=False,
     ),
@@ -112,7 +125,10 @@ class OutlookProvider(Provider):
     ) -> Account:
         """Check the options (no network); the tokens come from :meth:`authorize`."""
         kind = "public" if _flag(options.get("device_code")) else "confidential"
-        return Account(email=email, settings={"client_kind": kind})
+        settings: dict[str, Any] = {"client_kind": kind}
+        if _flag(options.get("shared")):
+            settings["shared"] = True
+        return Account(email=email, settings=settings)
 
     @classmethod
     async def authorize(
@@ -126,12 +142,14 @@ class OutlookProvider(Provider):
         """Sign the user in (browser redirect on loopback, or device code) and check
         that the account owns ``email``; returns the account with its token cache."""
         config = OutlookConfig.from_section(settings)
+        shared = _flag(options.get("shared"))
+        scopes = scopes_for(shared)
         if _flag(options.get("device_code")):
-            signed = await sign_in_with_device_code(config, email, notify)
-            return await _account(config, email, signed, None, settings)
+            signed = await sign_in_with_device_code(config, email, notify, scopes)
+            return await _account(config, email, signed, None, settings, shared)
         secret = _client_secret(config, environ, settings)
-        signed = await sign_in_with_browser(config, email, secret, notify)
-        return await _account(config, email, signed, secret, settings)
+        signed = await sign_in_with_browser(config, email, secret, notify, scopes)
+        return await _account(config, email, signed, secret, settings, shared)
 
     @classmethod
     async def begin_consent(
@@ -148,7 +166,8 @@ class OutlookProvider(Provider):
             return None
         config = OutlookConfig.from_section(settings)
         secret = _client_secret(config, environ, settings)
-        flow = await begin_browser_sign_in(config, email, secret, redirect_uri)
+        flow = await begin_browser_sign_in(config, email, secret, redirect_uri,
+                                           scopes_for(_flag(options.get("shared"))))
         return ConsentRequest(
             url=str(flow["auth_uri"]),
             state=str(flow["state"]),
@@ -168,8 +187,10 @@ class OutlookProvider(Provider):
     ) -> Account:
         config = OutlookConfig.from_section(settings)
         secret = _client_secret(config, environ, settings)
-        signed = await finish_browser_sign_in(config, email, secret, flow, params)
-        return await _account(config, email, signed, secret, settings)
+        signed = await finish_browser_sign_in(config, email, secret, flow, params,
+                                              scopes_for(_flag(options.get("shared"))))
+        return await _account(config, email, signed, secret, settings,
+                              _flag(options.get("shared")))
 
     # ---- session ------------------------------------------------------------------------
 
@@ -179,6 +200,11 @@ class OutlookProvider(Provider):
         if self._config is None:
             self._config = OutlookConfig.from_section(self.settings)
         return self._config
+
+    @property
+    def root(self) -> str:
+        """``me``, or ``users/{address}`` for a shared or delegated mailbox."""
+        return _root(self.account.email, bool(self.account.settings.get("shared")))
 
     async def open(self) -> None:
         if self._graph is not None:
@@ -196,6 +222,9 @@ class OutlookProvider(Provider):
             max_concurrency=config.max_concurrency,
             max_retries=config.max_retries,
             max_retry_wait=config.max_retry_wait_seconds,
+            slots=shared_slots(config.concurrency_key(self.account.email),
+                               config.max_concurrency),
+            root=self.root,
         )
         try:
             await tokens()  # a silent refresh now, so rejected sign-ins fail here
@@ -211,7 +240,7 @@ class OutlookProvider(Provider):
 
     async def verify(self) -> None:
         """Read the Inbox folder once: proves the mail permissions were granted."""
-        await self._client().get_json(f"me/mailFolders/{INBOX}", {"$select": "id"})
+        await self._client().get_json(f"{self.root}/mailFolders/{INBOX}", {"$select": "id"})
 
     async def close(self) -> None:
         subs, self._subs = self._subs, None
@@ -244,7 +273,7 @@ class OutlookProvider(Provider):
         """The MIME of message ``ref`` (an immutable id; the folder does not matter)."""
         try:
             response = await self._client().request(
-                "GET", f"me/messages/{quote(ref, safe='')}/$value"
+                "GET", f"{self.root}/messages/{quote(ref, safe='')}/$value"
             )
         except GraphRequestError as exc:
             if exc.status == 404:
@@ -343,19 +372,52 @@ async def _account(
     signed: SignIn,
     secret: str | None,
     settings: Mapping[str, Any],
+    shared: bool = False,
 ) -> Account:
-    """The connection's account once ``signed`` is known to own ``email``."""
-    await _check_address(config, email, signed)
-    account = Account(
-        email=email,
-        settings={"client_kind": signed.client_kind, "home_account_id": signed.home_account_id},
-        secrets={"token_cache": signed.cache},
-    )
+    """The connection's account once ``signed`` is known to own ``email`` (or, for
+    a shared mailbox, to have access to it)."""
+    if shared:
+        await _check_delegate(config, email, signed)
+    else:
+        await _check_address(config, email, signed)
+    values: dict[str, Any] = {"client_kind": signed.client_kind,
+                              "home_account_id": signed.home_account_id}
+    if shared:
+        values["shared"] = True
+    account = Account(email=email, settings=values, secrets={"token_cache": signed.cache})
     if secret is not None and not settings.get("client_secret"):
         # Needed to refresh tokens, unless the kernel hands the provider the
         # app's secret with its settings (then rotating it needs no reconnect).
         account.secrets["client_secret"] = secret
     return account
+
+
+def _root(email: str, shared: bool) -> str:
+    return f"users/{quote(email, safe='@')}" if shared else "me"
+
+
+async def _check_delegate(config: OutlookConfig, email: str, signed: SignIn) -> None:
+    """Refuse a sign-in that cannot open the shared mailbox ``email``."""
+
+    async def token(_force: bool) -> str:
+        return signed.access_token
+
+    tls = await asyncio.to_thread(client_tls, config.ca_file)
+    graph = GraphClient(config.graph_url, token, mailbox=email, tls=tls,
+                        timeout=config.timeout_seconds, max_retries=config.max_retries,
+                        max_retry_wait=config.max_retry_wait_seconds, root=_root(email, True))
+    try:
+        await graph.get_json(f"{graph.root}/mailFolders/{INBOX}", {"$select": "id"})
+    except (GraphRequestError, AuthenticationFailed) as exc:
+        if isinstance(exc, GraphRequestError) and exc.status not in (403, 404):
+            raise
+        who = signed.claims.get("preferred_username", "the account that signed in")
+        raise AuthenticationFailed(
+            f"{who} has no access to the mailbox {email}: ask its owner or an administrator "
+            "for full access (and send-as) rights, then connect again"
+        ) from None
+    finally:
+        await graph.aclose()
 
 
 async def _check_address(config: OutlookConfig, email: str, signed: SignIn) -> None:

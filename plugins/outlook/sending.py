@@ -161,7 +161,7 @@ class Sender:
 
     async def _create_draft(self, raw: bytes, message_id: str) -> str:
         response = await self.graph.request(
-            "POST", "me/messages", content=base64.b64encode(raw),
+            "POST", f"{self.graph.root}/messages", content=base64.b64encode(raw),
             headers={"Content-Type": "text/plain"},
         )
         draft = json_object(response)
@@ -174,7 +174,7 @@ class Sender:
             # Exchange chose its own Message-ID; ours must survive (thread membership).
             patched = json_object(
                 await self.graph.request(
-                    "PATCH", _message(draft_id), json={"internetMessageId": message_id}
+                    "PATCH", _message(self.graph, draft_id), json={"internetMessageId": message_id}
                 )
             )
             if not _same_id(patched.get("internetMessageId"), message_id):
@@ -195,7 +195,7 @@ class Sender:
             }
             if part.content_id:
                 body["contentId"] = part.content_id
-            await self.graph.request("POST", _message(draft_id) + "/attachments", json=body)
+            await self.graph.request("POST", _message(self.graph, draft_id) + "/attachments", json=body)
             return
         item: dict[str, Any] = {
             "attachmentType": "file",
@@ -209,7 +209,7 @@ class Sender:
         session = json_object(
             await self.graph.request(
                 "POST",
-                _message(draft_id) + "/attachments/createUploadSession",
+                _message(self.graph, draft_id) + "/attachments/createUploadSession",
                 json={"AttachmentItem": item},
             )
         )
@@ -226,7 +226,7 @@ class Sender:
         for _ in range(3):
             try:
                 await self.graph.request(
-                    "POST", _message(draft_id) + "/send", content=b"", idempotent=False
+                    "POST", _message(self.graph, draft_id) + "/send", content=b"", idempotent=False
                 )
                 return
             except GraphAmbiguous:
@@ -249,7 +249,7 @@ class Sender:
     async def draft_state(self, draft_id: str) -> str:
         """``draft``, ``sent``, ``gone`` or ``unknown``."""
         try:
-            data = await self.graph.get_json(_message(draft_id), {"$select": "isDraft"})
+            data = await self.graph.get_json(_message(self.graph, draft_id), {"$select": "isDraft"})
         except GraphRequestError as exc:
             return "gone" if exc.status == 404 else "unknown"
         except ProviderError:
@@ -260,7 +260,7 @@ class Sender:
         """Delete a draft that will not be sent (best effort: a leftover draft is
         visible to the user but never sent)."""
         try:
-            await self.graph.request("DELETE", _message(draft_id))
+            await self.graph.request("DELETE", _message(self.graph, draft_id))
         except ProviderError as exc:
             log.warning("could not delete an unsent draft: %s", exc,
                         extra={"mailbox": self.graph.mailbox})
@@ -273,14 +273,14 @@ class Sender:
             raise ProviderProtocolError("a Message-ID must be printable ASCII")
         literal = wanted.replace("'", "''")
         data = await self.graph.get_json(
-            "me/mailFolders/sentitems/messages",
+            f"{self.graph.root}/mailFolders/sentitems/messages",
             {"$filter": f"internetMessageId eq '{literal}'", "$select": "id", "$top": "1"},
         )
         return bool(data.get("value"))
 
 
-def _message(message_id: str) -> str:
-    return f"me/messages/{quote(message_id, safe='')}"
+def _message(graph: GraphClient, message_id: str) -> str:
+    return f"{graph.root}/messages/{quote(message_id, safe='')}"
 
 
 def _same_id(got: Any, wanted: str) -> bool:
