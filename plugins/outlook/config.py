@@ -52,6 +52,7 @@ class OutlookConfig:
     max_retries: int = 4
     max_retry_wait_seconds: float = 120.0
     page_size: int = 100
+    send_settle_seconds: float = 30.0
     notification_url: str | None = None
     lifecycle_url: str | None = None
     subscription_minutes: int = 4200
@@ -119,6 +120,7 @@ class OutlookConfig:
             max_retries=_number(s, "max_retries", 4, int),
             max_retry_wait_seconds=_number(s, "max_retry_wait_seconds", 120.0, float),
             page_size=_number(s, "page_size", 100, int),
+            send_settle_seconds=_number(s, "send_settle_seconds", 30.0, float),
             notification_url=notification_url,
             lifecycle_url=lifecycle_url,
             subscription_minutes=minutes,
@@ -130,6 +132,8 @@ class OutlookConfig:
             raise ConfigError('[outlook] concurrency_scope must be "app" or "mailbox"')
         if not 1 <= config.page_size <= 1000:
             raise ConfigError("[outlook] page_size must be 1-1000")
+        if not 0 <= config.send_settle_seconds <= 300:
+            raise ConfigError("[outlook] send_settle_seconds must be 0-300")
         if config.max_retries < 0 or config.timeout_seconds <= 0:
             raise ConfigError("[outlook] max_retries and timeout_seconds must be positive")
         return config

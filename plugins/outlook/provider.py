@@ -286,10 +286,10 @@ class OutlookProvider(Provider):
     # ---- writing ------------------------------------------------------------------------
 
     async def send(self, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
-        await Sender(self._client()).send(mail, checkpoint)
+        await Sender(self._client(), self.config.send_settle_seconds).send(mail, checkpoint)
 
     async def find_sent(self, message_id: str) -> bool:
-        return await Sender(self._client()).find_sent(message_id)
+        return await Sender(self._client(), self.config.send_settle_seconds).find_sent(message_id)
 
     async def forget(self) -> None:
         """Delete this connection's Graph subscriptions (at disconnect, R6), also

@@ -80,6 +80,7 @@ class FakeMicrosoft:
             "timeout_seconds": 10,
             "max_retry_wait_seconds": 3,
             "sign_in_timeout_seconds": 20,
+            "send_settle_seconds": 1.5,
         }
         settings.update(over)
         return settings
