@@ -195,7 +195,7 @@ class FakeGraph:
     def resolve(self, call: Call, grant: Grant) -> str | Reply:
         """The mailbox a request is for; ``/users/{x}/...`` becomes ``/me/...``."""
         own = grant.user.email.lower()
-        call.ctx["grant"] = grant
+        call.ctx.update(grant=grant, root="/me")
         match = re.match(r"/users/([^/]+)(/.*)?\Z", call.path, re.IGNORECASE)
         if match is None:
             return own
@@ -210,6 +210,7 @@ class FakeGraph:
                                or not _shared_scope(call, grant.scopes)):
             return Reply.graph_error(403, "ErrorAccessDenied",
                                      "Access is denied. Check credentials and try again.")
+        call.ctx["root"] = "/users/" + match.group(1)
         call.path = "/me" + (match.group(2) or "")
         return mailbox
 
@@ -430,8 +431,9 @@ class FakeGraph:
             }
             if len(messages) > skip + top:
                 query = {**call.query, "$top": str(top), "$skip": str(skip + top)}
-                data["@odata.nextLink"] = (f"{self.base}/v1.0/me/mailFolders('{folder}')"
-                                           f"/messages?{urlencode(query)}")
+                data["@odata.nextLink"] = (f"{self.base}/v1.0{call.ctx.get('root', '/me')}"
+                                           f"/mailFolders('{folder}')/messages?"
+                                           f"{urlencode(query)}")
             return Reply.json(200, data)
 
     # ---- delta ----------------------------------------------------------------------------
@@ -439,9 +441,9 @@ class FakeGraph:
     def _token(self, state: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(state).encode()).decode().rstrip("=")
 
-    def _link(self, folder: str, kind: str, state: dict[str, Any]) -> str:
-        return (f"{self.base}/v1.0/me/mailFolders('{folder}')/messages/delta"
-                f"?${kind}={self._token(state)}")
+    def _link(self, call: Call, folder: str, kind: str, state: dict[str, Any]) -> str:
+        return (f"{self.base}/v1.0{call.ctx.get('root', '/me')}/mailFolders('{folder}')"
+                f"/messages/delta?${kind}={self._token(state)}")
 
     async def delta(self, call: Call, folder: str) -> Reply:
         folder = folder.lower()
@@ -507,9 +509,9 @@ class FakeGraph:
             if rest:
                 following = ({**state, "offset": state["offset"] + len(page)}
                              if state["after"] is None else {**state, "pos": page[-1][0]})
-                data["@odata.nextLink"] = self._link(folder, "skiptoken", following)
+                data["@odata.nextLink"] = self._link(call, folder, "skiptoken", following)
             else:
-                data["@odata.deltaLink"] = self._link(folder, "deltatoken", state)
+                data["@odata.deltaLink"] = self._link(call, folder, "deltatoken", state)
             return Reply.json(200, data)
 
     def _partial(self, call: Call, msg: FakeMessage, select: set[str] | None) -> dict[str, Any]:

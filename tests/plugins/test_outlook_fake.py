@@ -168,3 +168,91 @@ async def test_subscriptions_are_validated_and_bounded(graph: httpx.AsyncClient)
     assert too_long.status_code == 400 and "4230" in too_long.text
     body["expirationDateTime"] = "2020-01-01T00:00:00Z"
     assert (await graph.post("/subscriptions", json=body)).status_code == 400
+
+
+async def test_unknown_select_properties_are_refused(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    raw, _ = make_mail(sender=CONTACT, to=MAILBOX, subject="s", body="b")
+    msg = ms.deliver(MAILBOX, raw)
+    known = await graph.get(f"/me/messages/{msg.id}", params={"$select": "subject,isRead"})
+    unknown = await graph.get(f"/me/messages/{msg.id}", params={"$select": "subject,threadId"})
+    in_delta = await graph.get("/me/mailFolders/inbox/messages/delta",
+                               params={"$select": "inReplyTo"})
+    assert known.status_code == 200 and set(known.json()) == {"@odata.etag", "id", "subject",
+                                                              "isRead"}
+    assert unknown.status_code == 400 and "threadId" in unknown.json()["error"]["message"]
+    assert in_delta.status_code == 400
+
+
+async def test_lists_honour_top_and_page_with_next_links(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    for n in range(5):
+        raw, _ = make_mail(sender=CONTACT, to=MAILBOX, subject=f"s{n}", body="b")
+        ms.deliver(MAILBOX, raw)
+    pages = []
+    url: str | None = "/me/mailFolders/inbox/messages?$top=2&$select=subject"
+    while url:
+        page = (await graph.get(url)).json()
+        pages.append([m["subject"] for m in page["value"]])
+        url = page.get("@odata.nextLink")
+    assert pages == [["s0", "s1"], ["s2", "s3"], ["s4"]]
+    default = (await graph.get("/me/mailFolders/inbox/messages")).json()
+    assert len(default["value"]) == 5 and "@odata.nextLink" not in default
+
+
+async def test_create_and_create_reply_answer_with_the_whole_message(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    created = (await graph.post("/me/messages", json=message())).json()
+    assert created["toRecipients"] == [{"emailAddress": {"name": CONTACT, "address": CONTACT}}]
+    assert {"from", "body", "conversationId", "ccRecipients", "bccRecipients",
+            "internetMessageId", "parentFolderId", "isDraft"} <= set(created)
+    raw, _ = make_mail(sender=CONTACT, to=MAILBOX, subject="Offer", body="b")
+    original = ms.deliver(MAILBOX, raw)
+    reply = (await graph.post(f"/me/messages/{original.id}/createReply", json={})).json()
+    assert reply["toRecipients"][0]["emailAddress"]["address"] == CONTACT
+    assert reply["subject"] == "RE: Offer" and reply["isDraft"] is True
+
+
+async def test_filtered_delta_is_capped_and_ordered_newest_first_on_request(
+    graph: httpx.AsyncClient, ms: FakeMicrosoft
+) -> None:
+    ms.graph.filtered_delta_cap = 2
+    for n in range(4):
+        raw, _ = make_mail(sender=CONTACT, to=MAILBOX, subject=f"s{n}", body="b")
+        ms.deliver(MAILBOX, raw)
+    since = {"$select": "subject", "$filter": "receivedDateTime ge 2000-01-01T00:00:00Z"}
+    plain = (await graph.get("/me/mailFolders/inbox/messages/delta", params=since)).json()
+    newest = (await graph.get("/me/mailFolders/inbox/messages/delta", params={
+        **since, "$orderby": "receivedDateTime desc"})).json()
+    everything = (await graph.get("/me/mailFolders/inbox/messages/delta",
+                                  params={"$select": "subject"})).json()
+    wrong = await graph.get("/me/mailFolders/inbox/messages/delta",
+                            params={"$orderby": "subject"})
+    assert [m["subject"] for m in plain["value"]] == ["s0", "s1"]
+    assert [m["subject"] for m in newest["value"]] == ["s3", "s2"]
+    assert len(everything["value"]) == 4  # the cap applies to filtered deltas only
+    assert wrong.status_code == 400
+
+
+async def test_batch_items_keep_their_content_type(graph: httpx.AsyncClient) -> None:
+    item = {"id": "1", "method": "GET", "url": "/me?$select=mail"}
+    answer = (await graph.post("/$batch", json={"requests": [item]})).json()["responses"][0]
+    assert answer["headers"]["content-type"].startswith("application/json")
+
+
+async def test_identity_errors_carry_trace_correlation_and_error_uri(
+    ms: FakeMicrosoft,
+) -> None:
+    url = f"{ms.server.base}/{ms.identity.tenant_id}/oauth2/v2.0/token"
+    async with httpx.AsyncClient(verify=ms.ca.client_context()) as client:
+        answer = await client.post(url, data={"grant_type": "refresh_token",
+                                              "client_id": "no-such-app",
+                                              "refresh_token": "x"})
+    error = answer.json()
+    assert answer.status_code >= 400 and error["error"]
+    assert error["trace_id"] in error["error_description"]
+    assert error["correlation_id"] in error["error_description"]
+    assert error["error_uri"].startswith("https://") and error["error_codes"]

@@ -250,7 +250,7 @@ async def test_partial_and_replayed_delta_entries_are_neither_new_nor_read(
 
 
 async def test_the_fake_sends_partial_updates(ms: FakeMicrosoft) -> None:
-    account, settings = await sign_in(ms)
+    _, settings = await sign_in(ms)
     token = ms.identity.token_of(MAILBOX)
     mid = contact_mail(ms, 1)
     async with httpx.AsyncClient(verify=ms.ca.client_context(), headers={
