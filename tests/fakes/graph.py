@@ -317,11 +317,15 @@ class FakeGraph:
 
         async def run(item: dict[str, Any]) -> Reply:
             url = urlsplit(str(item.get("url", "")))
+            path = url.path if url.path.startswith("/") else "/" + url.path
+            if url.netloc and f"{url.scheme}://{url.netloc}" == self.base:
+                # Microsoft's SDK sends the absolute URL of the item.
+                path = path.removeprefix("/v1.0")
             headers = {str(k).lower(): str(v) for k, v in (item.get("headers") or {}).items()}
             body = item.get("body")
             sub = Call(
                 method=str(item.get("method", "GET")).upper(),
-                path=normalise(unquote(url.path if url.path.startswith("/") else "/" + url.path)),
+                path=normalise(unquote(path)),
                 query=dict(parse_qsl(url.query, keep_blank_values=True)),
                 headers=headers,
                 body=json.dumps(body).encode() if body is not None else b"",

@@ -67,6 +67,8 @@ class FakeMessage:
     changed: set[str] = field(default_factory=set)
     #: When a sent message lands in Sent Items (it was sent, the copy lags).
     lands_at: datetime | None = None
+    #: How often it moved between folders (its REST id changes when it does).
+    moves: int = 0
 
     def header(self, name: str) -> str | None:
         value = self.mime.get(name)
@@ -94,7 +96,7 @@ class FakeMessage:
         return found
 
     def rest_id(self) -> str:
-        return f"R{FOLDERS.index(self.folder)}{self.version}_{self.id}"
+        return f"R{FOLDERS.index(self.folder)}{self.moves}_{self.id}"
 
     def json(self, select: set[str] | None, owner: str, immutable: bool,
              props: list[str] | None = None) -> dict[str, Any]:
@@ -210,6 +212,7 @@ class FakeMailbox:
         old.tombstones.append(Tombstone(msg.id, old.seq))
         msg.folder = folder
         msg.version += 1
+        msg.moves += 1
         self._touch(msg)
         msg.created_seq = msg.seq  # new in the folder it moved to
         msg.changed = {"parentFolderId", "lastModifiedDateTime", "changeKey"}
