@@ -445,6 +445,7 @@ async def test_r9_lost_send_answer_then_restart_sends_once_and_keeps_it(
         if len(world.ms.sent()) == 2:
             break
         await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # the answer is lost; the copy has not landed yet
     replying.cancel()  # the process dies while it watches the draft
     with pytest.raises(asyncio.CancelledError):
         await replying
