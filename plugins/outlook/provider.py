@@ -5,7 +5,10 @@ Sign-in is OAuth 2.0 with MSAL (:mod:`.auth`): the authorization-code flow with
 PKCE, its redirect received on a loopback listener (command line) or at the HTTP
 API's ``/oauth/callback`` (:meth:`begin_consent` / :meth:`finish_consent`), or
 the device-code flow for headless machines (``--device-code``). The signed-in
-account must own the address being connected. Reading uses per-folder delta
+account must own the address being connected, unless it is connected as a
+shared or delegated mailbox (``shared``): then the signed-in account needs full
+access to it, the ``.Shared`` permissions are asked for, and every request goes
+to ``/users/{address}`` instead of ``/me``. Reading uses per-folder delta
 queries, headers only (:mod:`.changes`); bodies are downloaded as MIME only when
 the kernel asks for a member (R5). Sending creates a draft from the kernel's
 MIME and sends it (:mod:`.sending`); Graph files the copy in Sent Items itself.
@@ -405,7 +408,8 @@ async def _check_delegate(config: OutlookConfig, email: str, signed: SignIn) -> 
     tls = await asyncio.to_thread(client_tls, config.ca_file)
     graph = GraphClient(config.graph_url, token, mailbox=email, tls=tls,
                         timeout=config.timeout_seconds, max_retries=config.max_retries,
-                        max_retry_wait=config.max_retry_wait_seconds, root=_root(email, True))
+                        max_retry_wait=config.max_retry_wait_seconds, root=_root(email, True),
+                        slots=shared_slots(config.concurrency_key(email), config.max_concurrency))
     try:
         await graph.get_json(f"{graph.root}/mailFolders/{INBOX}", {"$select": "id"})
     except (GraphRequestError, AuthenticationFailed) as exc:
@@ -429,7 +433,8 @@ async def _check_address(config: OutlookConfig, email: str, signed: SignIn) -> N
     tls = await asyncio.to_thread(client_tls, config.ca_file)
     graph = GraphClient(config.graph_url, token, mailbox=email, tls=tls,
                         timeout=config.timeout_seconds, max_retries=config.max_retries,
-                        max_retry_wait=config.max_retry_wait_seconds)
+                        max_retry_wait=config.max_retry_wait_seconds,
+                        slots=shared_slots(config.concurrency_key(email), config.max_concurrency))
     try:
         me = await graph.get_json("me", {"$select": "mail,userPrincipalName,proxyAddresses"})
     finally:
