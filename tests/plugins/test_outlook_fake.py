@@ -375,7 +375,7 @@ async def test_the_sdk_writes_what_the_provider_writes(sdk: Any, ms: FakeMicroso
     from msgraph.generated.models.file_attachment import FileAttachment
     from msgraph.generated.models.message import Message
     from msgraph.generated.models.recipient import Recipient
-    from msgraph.generated.users.item.mail_folders.item.messages.messages_request_builder import (  # noqa: E501
+    from msgraph.generated.users.item.mail_folders.item.messages.messages_request_builder import (
         MessagesRequestBuilder,
     )
 
