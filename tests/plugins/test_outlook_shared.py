@@ -60,7 +60,7 @@ async def test_without_delegate_rights_the_connection_is_refused(ms: FakeMicroso
 async def test_the_fake_serves_users_by_id_only_with_delegation(ms: FakeMicrosoft) -> None:
     ms.add_user(SALES)
     ms.graph.delegate(SALES, MAILBOX)
-    account, settings = await connect_shared(ms)
+    _, settings = await connect_shared(ms)
 
 
     token = ms.identity.token_of(MAILBOX)
