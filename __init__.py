@@ -51,6 +51,7 @@ _EXPORTS = {
     "AuthenticationFailed": "threadsync.core.errors",
     "TransientProviderError": "threadsync.core.errors",
     "ProviderProtocolError": "threadsync.core.errors",
+    "UnexpectedFailure": "threadsync.core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

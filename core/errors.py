@@ -22,7 +22,8 @@ turns these into exit codes and messages for people.
     └── ProviderError               a mailbox provider failed
         ├── AuthenticationFailed    credentials rejected -> connection needs_reauth
         ├── TransientProviderError  network, timeout, server busy -> retried with backoff
-        └── ProviderProtocolError   the server answered something we cannot use
+        ├── ProviderProtocolError   the server answered something we cannot use
+        └── UnexpectedFailure       a connection's work failed in a way nobody foresaw
 
 Messages never contain secrets (R11): callers pass addresses and host names,
 never passwords or tokens.
@@ -130,6 +131,16 @@ class ProviderProtocolError(ProviderError):
     code = "provider_protocol_error"
 
 
+class UnexpectedFailure(ProviderError):
+    """A connection's work failed in a way no provider translated: its provider
+    plugin cannot be loaded, its stored credentials cannot be read, or a bug.
+    Recorded like any other provider failure (``error`` with backoff), so that it
+    shows wherever connections are shown; the message says what a person can do.
+    """
+
+    code = "unexpected_failure"
+
+
 __all__ = [
     "AlreadyConnected",
     "AuthenticationFailed",
@@ -146,4 +157,5 @@ __all__ = [
     "StoreError",
     "ThreadsyncError",
     "TransientProviderError",
+    "UnexpectedFailure",
 ]

@@ -30,6 +30,7 @@ from threadsync.core.errors import (
     ProviderError,
     ProviderProtocolError,
     TransientProviderError,
+    UnexpectedFailure,
 )
 from threadsync.core.host import webhooks
 from threadsync.plugins.http_api.context import ApiContext
@@ -44,6 +45,7 @@ PROVIDER_ERROR_KINDS = tuple(
         AuthenticationFailed,
         TransientProviderError,
         ProviderProtocolError,
+        UnexpectedFailure,
         ProviderError,
     )
 )
