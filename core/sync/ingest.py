@@ -318,6 +318,7 @@ def _message_row(
     if p is None:
         msg.state, msg.reason = "skipped", rules.UNPARSEABLE
         return msg
+    msg.defects = list(p.defects)
     too_large = rules.over_limit((a.size for a in p.attachments), limit)
     msg.state = "skipped" if too_large else "synced"
     msg.reason = rules.ATTACHMENT_TOO_LARGE if too_large else None
