@@ -56,10 +56,11 @@ def deep_reply(world: World, parent: str, levels: int = 50) -> tuple[bytes, str]
 def many_parts(world: World, parent: str, parts: int = 10_000) -> tuple[bytes, str]:
     mid = email.utils.make_msgid(domain="wide.example.org")
     chunks = [b"--w\r\nContent-Type: text/plain\r\n\r\nHello.\r\n"]
-    chunks += [
-        f'--w\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="p{i}.bin"\r\n\r\nx\r\n'.encode()
-        for i in range(parts - 1)
-    ]
+    part = (
+        "--w\r\nContent-Type: application/octet-stream\r\n"
+        'Content-Disposition: attachment; filename="p{}.bin"\r\n\r\nx\r\n'
+    )
+    chunks += [part.format(i).encode() for i in range(parts - 1)]
     body = b"".join(chunks) + b"--w--\r\n"
     return head(world, parent, mid, 'multipart/mixed; boundary="w"') + body, mid
 
