@@ -251,7 +251,7 @@ async def connect_with(
     cls = k.provider_class(provider)
     precheck = _connect_precheck(subaccount, user, provider, email)
     existing = await k.store.run(precheck)
-    account = await authorize()
+    account = k.hold_to_policy(await authorize())
     placed = await _verified(k, cls, account)
     events = EventBuffer()
 
@@ -404,7 +404,7 @@ async def update_email_with(
     cls = k.provider_class(provider)
     precheck = _update_precheck(subaccount, user)
     await k.store.run(precheck)
-    account = await authorize()
+    account = k.hold_to_policy(await authorize())
     placed = await _verified(k, cls, account)
     await _forget(k, subaccount, user)
     events = EventBuffer()

@@ -129,6 +129,10 @@ async def _connect(ctx: ApiContext, request: Request, who: Principal, update: bo
     body, _ = await bodies.json_object(request, ctx.http.max_body_bytes)
     provider, email, options, credentials = _connect_request(ctx, body, who)
     ts, options = _with_credentials(ctx.ts, options, credentials)
+    if not who.admin:
+        # Hosts named with a sub-account's key are held to the network policy
+        # (threadsync.core.network); an admin key speaks for the operator.
+        ts = Threadsync(dataclasses.replace(ts.kernel, tenant=True))
     # A sign-in the browser finishes at /oauth/callback (Outlook's consent): kept
     # in the database, so it survives a restart and any process ends it.
     pending = await ts.begin_sign_in(
