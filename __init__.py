@@ -40,6 +40,7 @@ _EXPORTS = {
     "ConfigError": "threadsync.core.errors",
     "InvalidInput": "threadsync.core.errors",
     "HeaderInjection": "threadsync.core.errors",
+    "MessageTooLarge": "threadsync.core.errors",
     "NotFound": "threadsync.core.errors",
     "Refused": "threadsync.core.errors",
     "LabsDisabled": "threadsync.core.errors",

@@ -11,7 +11,8 @@ turns these into exit codes and messages for people.
     ThreadsyncError
     ├── ConfigError                 config.toml or a provider option is wrong
     ├── InvalidInput                a caller's argument is unusable
-    │   └── HeaderInjection         CR, LF or NUL in a header value from the CRM
+    │   ├── HeaderInjection         CR, LF or NUL in a header value from the CRM
+    │   └── MessageTooLarge         a CRM message over [sync] max_message_bytes
     ├── NotFound                    no such sub-account, user, connection or thread
     ├── Refused                     a rule (R1-R11) forbids the request
     │   ├── LabsDisabled            R1: the sub-account's Labs flag is off
@@ -55,6 +56,12 @@ class HeaderInjection(InvalidInput):
     """A CRM-supplied header value carries CR, LF or NUL."""
 
     code = "header_injection"
+
+
+class MessageTooLarge(InvalidInput):
+    """A CRM message is larger than ``[sync] max_message_bytes`` once encoded."""
+
+    code = "message_too_large"
 
 
 class NotFound(ThreadsyncError):
@@ -150,6 +157,7 @@ __all__ = [
     "LabsDisabled",
     "LeaseLost",
     "MessageParseError",
+    "MessageTooLarge",
     "NotFound",
     "ProviderError",
     "ProviderProtocolError",

@@ -78,3 +78,12 @@ def test_reply_subject_and_reference_trimming() -> None:
     chain = [f"<{i}@x>" for i in range(30)]
     refs = rules.references_for_reply(chain, limit=5)
     assert refs == ["<0@x>", "<26@x>", "<27@x>", "<28@x>", "<29@x>"]
+
+
+def test_message_size_limit() -> None:
+    assert not rules.message_too_large(1000, 1000)  # exactly the limit passes
+    assert rules.message_too_large(1001, 1000)
+    assert not rules.message_too_large(None, 1000)  # unknown: measured once fetched
+    # Attachments count base64-encoded, with line breaks.
+    assert rules.encoded_size(10, 0, [3_000_000]) > 4_000_000
+    assert rules.encoded_size(10, 5, []) == 15

@@ -35,6 +35,7 @@ from threadsync.plugins.http_api import (
 )
 from threadsync.plugins.http_api.context import ApiContext
 from threadsync.plugins.http_api.hosted import install_outlook
+from threadsync.plugins.http_api.limits import Budget, RequestLimits
 from threadsync.plugins.http_api.problems import HANDLERS, problem, unexpected
 from threadsync.plugins.http_api.settings import HttpSettings
 
@@ -139,7 +140,14 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(Guard, ctx=ctx)],
+        middleware=[
+            Middleware(Guard, ctx=ctx),
+            Middleware(
+                RequestLimits,
+                budget=Budget(http.max_concurrent_requests, http.max_inflight_body_bytes),
+                max_body_bytes=http.max_body_bytes,
+            ),
+        ],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )

@@ -28,6 +28,10 @@ class HttpSettings:
     rate_per_second: float = 50.0
     burst: int = 100
     max_body_bytes: int = 25 * 1024 * 1024
+    #: Requests in progress at once, and request body bytes being received or
+    #: worked on at once (:mod:`threadsync.plugins.http_api.limits`).
+    max_concurrent_requests: int = 64
+    max_inflight_body_bytes: int = 64 * 1024 * 1024
     metrics_public: bool = False
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -126,6 +130,10 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
         rate_per_second=typed("http", raw, "rate_per_second", float, 50.0),
         burst=typed("http", raw, "burst", int, 100),
         max_body_bytes=typed("http", raw, "max_body_bytes", int, 25 * 1024 * 1024),
+        max_concurrent_requests=typed("http", raw, "max_concurrent_requests", int, 64),
+        max_inflight_body_bytes=typed(
+            "http", raw, "max_inflight_body_bytes", int, 64 * 1024 * 1024
+        ),
         metrics_public=typed("http", raw, "metrics_public", bool, False),
         tls_cert_file=_file(
             settings, typed("http", raw, "tls_cert_file", str, None), "tls_cert_file"
@@ -142,6 +150,10 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
         raise ConfigError("[http] rate_per_second and burst must be positive")
     if result.max_body_bytes < 1024:
         raise ConfigError("[http] max_body_bytes must be at least 1024")
+    if result.max_concurrent_requests < 1:
+        raise ConfigError("[http] max_concurrent_requests must be at least 1")
+    if result.max_inflight_body_bytes < result.max_body_bytes:
+        raise ConfigError("[http] max_inflight_body_bytes must be at least max_body_bytes")
     if (result.tls_cert_file is None) != (result.tls_key_file is None):
         raise ConfigError("[http] tls_cert_file and tls_key_file go together")
     if address is not None:
