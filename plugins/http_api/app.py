@@ -35,7 +35,7 @@ from threadsync.plugins.http_api import (
 )
 from threadsync.plugins.http_api.context import ApiContext
 from threadsync.plugins.http_api.hosted import install_outlook
-from threadsync.plugins.http_api.limits import Budget, RequestLimits
+from threadsync.plugins.http_api.limits import Budget, RequestLimits, release_large_buffers
 from threadsync.plugins.http_api.problems import HANDLERS, problem, unexpected
 from threadsync.plugins.http_api.settings import HttpSettings
 
@@ -117,6 +117,7 @@ def create_app(
 ) -> tuple[Starlette, ApiContext]:
     """The app over ``ts``. ``wake_webhooks`` nudges a webhook dispatcher of this
     process; ``dispatched`` reports its (delivered, failed) counts for metrics."""
+    release_large_buffers()
     ctx = ApiContext.build(ts, http)
     if wake_webhooks is not None:
         ctx.wake_webhooks = wake_webhooks

@@ -3,9 +3,10 @@ at most ``[http] max_concurrent_requests`` requests in progress, and at most
 ``[http] max_inflight_body_bytes`` bytes of request bodies being received or
 worked on. A request over either limit is answered at once with ``503`` and
 ``Retry-After: 1`` rather than queued, so that the process's memory stays
-bounded whatever the clients do: four concurrent maximum-size sends hold a few
-copies each of their body (JSON, decoded attachments, the built message), and
-the byte budget decides how many of them run side by side.
+bounded whatever the clients do: a maximum-size send holds a few copies of its
+body for a while (the JSON, the decoded attachments, the built message), so the
+default budget (32 MiB) lets one of them run at a time beside small requests;
+the others are told to come back a second later.
 
 A body's size is what its ``Content-Length`` declares; a body without one
 (chunked) counts as ``max_body_bytes``, the most it may be. Bodies are still
@@ -14,6 +15,8 @@ read only up to ``max_body_bytes`` (:mod:`threadsync.plugins.http_api.bodies`).
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -21,6 +24,24 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from threadsync.plugins.http_api.problems import problem
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: glibc's ``M_MMAP_THRESHOLD`` parameter of ``mallopt``.
+_M_MMAP_THRESHOLD = -3
+
+
+def release_large_buffers() -> None:
+    """Have glibc serve every allocation of 128 KiB or more by ``mmap``, given back
+    to the system as soon as it is freed. By default glibc raises that threshold
+    up to 32 MiB after the first large free, and from then on request bodies and
+    built messages come from heap arenas (one per worker thread) that seldom
+    shrink: the process would keep each thread's peak for good. Elsewhere than
+    glibc (musl, macOS) nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 @dataclass

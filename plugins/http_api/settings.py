@@ -31,7 +31,7 @@ class HttpSettings:
     #: Requests in progress at once, and request body bytes being received or
     #: worked on at once (:mod:`threadsync.plugins.http_api.limits`).
     max_concurrent_requests: int = 64
-    max_inflight_body_bytes: int = 64 * 1024 * 1024
+    max_inflight_body_bytes: int = 32 * 1024 * 1024
     metrics_public: bool = False
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -132,7 +132,7 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
         max_body_bytes=typed("http", raw, "max_body_bytes", int, 25 * 1024 * 1024),
         max_concurrent_requests=typed("http", raw, "max_concurrent_requests", int, 64),
         max_inflight_body_bytes=typed(
-            "http", raw, "max_inflight_body_bytes", int, 64 * 1024 * 1024
+            "http", raw, "max_inflight_body_bytes", int, 32 * 1024 * 1024
         ),
         metrics_public=typed("http", raw, "metrics_public", bool, False),
         tls_cert_file=_file(
