@@ -6,6 +6,7 @@ commands stay trusted: the rest of the suite connects to loopback servers."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Any
 import pytest
 
 from tests.kernelfixtures import SUB, World
+from tests.plugins.test_imap_smtp import INBOX, make_provider, opened
+from tests.servers import ImapServer
+from tests.servers.smtp import SmtpServer
+from tests.servers.tlscerts import TestCA
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     LOOPBACK,
     Api,
@@ -21,8 +26,9 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     api_fixture,
 )
 from threadsync.core.config import from_mapping
-from threadsync.core.errors import InvalidInput
+from threadsync.core.errors import InvalidInput, TransientProviderError
 from threadsync.core.network import NetworkPolicy, network_policy, open_socket
+from threadsync.plugins.imap_smtp.smtp import SmtpEndpoint, check_login
 
 
 @pytest.fixture
@@ -133,3 +139,36 @@ def test_network_section_and_webhooks_keys(tmp_path: Path) -> None:
     assert [str(n) for n in policy.allowed_networks] == ["10.0.0.0/8", "192.168.0.0/16"]
     assert not policy.allow_private_targets
     assert network_policy(from_mapping(base, base=tmp_path)) == NetworkPolicy()
+
+
+async def test_pinned_connections_keep_the_tls_host_name(
+    imap_server: ImapServer,
+    mailbox: tuple[str, str],
+    smtp_server: SmtpServer,
+    test_ca: TestCA,
+) -> None:
+    """Through the policy the socket goes to the checked address, and TLS still
+    verifies the name the tenant gave (the test certificate is for localhost)."""
+    policy = NetworkPolicy(allowed_networks=LOOPBACK)
+    for security, port in (("starttls", imap_server.port), ("tls", imap_server.tls_port)):
+        if port is None:
+            continue
+        provider = make_provider(
+            imap_server, mailbox, security=security, imap_port=port, imap_host="localhost"
+        )
+        provider.account.network = policy
+        async with opened(provider):
+            assert (await provider.folders())[0] == INBOX
+    email, password = mailbox
+    endpoint = SmtpEndpoint(
+        "localhost",
+        smtp_server.port,
+        "starttls",
+        test_ca.client_context(),
+        username=email,
+        password=password,
+        network=policy,
+    )
+    await check_login(endpoint)
+    with pytest.raises(TransientProviderError, match=r"^could not connect to SMTP server"):
+        await check_login(dataclasses.replace(endpoint, network=NetworkPolicy()))
