@@ -154,3 +154,12 @@ def test_a_completed_pass_recovers_an_error_past_its_backoff(  # type: ignore[no
     change = rules.after_success(state=state, next_attempt_at=when, now=NOW)
     assert change == (rules.connected() if recovers else None)
     assert rules.connected() == rules.ConnectionChange(rules.ConnectionState.CONNECTED, 0, None)
+
+
+def test_message_size_limit() -> None:
+    assert not rules.message_too_large(1000, 1000)  # exactly the limit passes
+    assert rules.message_too_large(1001, 1000)
+    assert not rules.message_too_large(None, 1000)  # unknown: measured once fetched
+    # Attachments count base64-encoded, with line breaks.
+    assert rules.encoded_size(10, 0, [3_000_000]) > 4_000_000
+    assert rules.encoded_size(10, 5, []) == 15

@@ -178,6 +178,8 @@ class Message(Base):
     provider_refs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     text: Mapped[str | None] = mapped_column(Text, nullable=True)
     html: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: What the MIME parser had to drop or repair, for people (empty: read whole).
+    defects: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     thread: Mapped[SyncedThread] = relationship(back_populates="messages")
