@@ -31,6 +31,10 @@ def test_every_hook_is_typed_documented_and_exercised_by_a_test() -> None:
     names = hook_names()
     assert set(names) == {
         "register_providers",
+        "config_sections",
+        "register_commands",
+        "register_routes",
+        "daemon_services",
         "message_synced",
         "message_skipped",
         "connection_state_changed",
