@@ -70,7 +70,11 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 def _ensure_builtin(pm: pluggy.PluginManager) -> None:
     """Register the built-in providers when running from a source tree that was
     not pip-installed (``python cli.py``), so the entry points are missing."""
-    for name in ("threadsync.plugins.imap_smtp", "threadsync.plugins.outlook"):
+    for name in (
+        "threadsync.plugins.imap_smtp",
+        "threadsync.plugins.outlook",
+        "threadsync.plugins.exchange",
+    ):
         module = importlib.import_module(name)
         if not pm.is_registered(module):
             pm.register(module, name=name.rsplit(".", 1)[-1])
