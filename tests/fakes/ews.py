@@ -44,11 +44,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from urllib.parse import parse_qsl
+
 from lxml import etree
+from starlette.requests import Request
+from starlette.responses import Response
 
 from tests.fakes.ews_ntlm import NtlmGate
 from tests.fakes.ews_store import EwsItem, EwsMailbox, EwsStore, Subscription, Transmission
-from tests.fakes.server import Call, Reply
+from tests.fakes.server import Call, Reply, ServerThread
 
 S = "http://schemas.xmlsoap.org/soap/envelope/"
 M = "http://schemas.microsoft.com/exchange/services/2006/messages"
@@ -175,16 +179,10 @@ class FakeEws:
             return Reply.text(405, "Method Not Allowed")
         login, challenge = self._authenticate(call)
         if login is None:
-            headers = {"www-authenticate": challenge or "NTLM",
-                       "content-type": "text/html"}
-            if challenge is None:
-                headers["www-authenticate"] = "Negotiate"
-            reply = Reply(401, b"401 - Unauthorized: Access is denied", headers)
-            if challenge is None:
-                reply.headers = {"content-type": "text/html"}
-                reply.headers["www-authenticate"] = 'NTLM, Basic realm="exch01.contoso.test"'
             self.log.append(Logged("(unauthorized)", None, 401))
-            return reply
+            return Reply(401, b"401 - Unauthorized: Access is denied due to invalid credentials.",
+                         {"content-type": "text/html",
+                          "www-authenticate": challenge or 'NTLM, Basic realm="exch01.contoso.test"'})
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.throttles:
@@ -215,6 +213,8 @@ class FakeEws:
         """(address of the login, None) or (None, a WWW-Authenticate challenge)."""
         header = call.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
+        if not header:
+            return self.ntlm.connection_login(call), None
         if scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(value).decode("utf-8").partition(":")
@@ -687,8 +687,27 @@ def soap_autodiscover_response(body: bytes, ews_url: str) -> str:
     ).replace("<UserResponse>", f"<UserResponse><!-- {a} -->", 1)
 
 
-__all__ = ["EWS_PATH", "FakeEws", "Logged", "pox_response"]
+class EwsServerThread(ServerThread):
+    """:class:`ServerThread` that also tells the app which TCP connection a
+    request came on (``call.ctx["connection"]``): NTLM authenticates connections."""
+
+    async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        header_lists: dict[str, list[str]] = {}
+        for name, value in request.headers.items():
+            header_lists.setdefault(name.lower(), []).append(value)
+        call = Call(
+            method=request.method,
+            path=request.url.path,
+            query=dict(parse_qsl(request.url.query, keep_blank_values=True)),
+            headers={k: ", ".join(v) for k, v in header_lists.items()},
+            body=await request.body(),
+            header_lists=header_lists,
+        )
+        call.ctx["connection"] = tuple(scope.get("client") or ())
+        reply = await self.app(call)
+        response = Response(reply.body, status_code=reply.status, headers=reply.headers)
+        await response(scope, receive, send)
 
 
-def _unused(*_: Any) -> None:  # keeps Any imported for type comments
-    return None
+__all__ = ["EWS_PATH", "EwsServerThread", "FakeEws", "Logged", "pox_response"]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fakes.ews import FakeEws
+from tests.fakes.ews import EwsServerThread, FakeEws
 from tests.fakes.ews_world import MAILBOX, PASSWORD
 from tests.fakes.server import Call, Reply, ServerThread
 from tests.servers.tlscerts import TestCA
@@ -21,7 +21,7 @@ def ews_server(test_ca: TestCA) -> Iterator[ServerThread]:
     async def idle(call: Call) -> Reply:
         return Reply.text(503, "no fake attached")
 
-    server = ServerThread(idle, test_ca).start()
+    server = EwsServerThread(idle, test_ca).start()
     try:
         yield server
     finally:
