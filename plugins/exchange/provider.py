@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from threadsync.core.errors import ConfigError, ProviderProtocolError
+from threadsync.core.errors import ConfigError, ProviderProtocolError, TransientProviderError
 from threadsync.core.provider import (
     Account,
     ChangeBatch,
@@ -37,7 +37,7 @@ from threadsync.core.provider import (
     ProviderOption,
 )
 from threadsync.plugins.exchange.autodiscover import discover_ews_url
-from threadsync.plugins.exchange.ews import EwsSession, run_in_worker
+from threadsync.plugins.exchange.ews import EwsSession, Throttled, run_in_worker
 from threadsync.plugins.exchange.push import PullEvents
 from threadsync.plugins.exchange.reading import FolderSync, fetch_mime
 from threadsync.plugins.exchange.sending import find_sent_blocking, send_blocking
@@ -224,9 +224,30 @@ class ExchangeProvider(Provider):
     # ---- writing ------------------------------------------------------------------------
 
     async def send(self, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
+        """CreateItem with SendAndSaveCopy, the checkpoint right before it. When
+        the answer is lost the outcome is unknown: the copy in Sent Items (by
+        InternetMessageId) says it went, and then it is not sent again."""
         session = self._client()
         await checkpoint()
-        await self._call(f"{self.account.email} send", lambda: send_blocking(session, mail))
+        try:
+            await self._call(f"{self.account.email} send", lambda: send_blocking(session, mail))
+        except Throttled:
+            raise  # ErrorServerBusy: the server did not take it
+        except TransientProviderError as exc:
+            if await self._went_out(mail.message_id):
+                log.info("EWS send answer lost; the message is in Sent Items", extra={
+                    "mailbox": self.account.email, "message_id": mail.message_id})
+                return
+            raise TransientProviderError(f"{exc}; the message is not in Sent Items") from None
+
+    async def _went_out(self, message_id: str) -> bool:
+        """Whether Sent Items shows ``message_id``, asked a few times: Exchange
+        files the copy right after submitting the message."""
+        for wait in (0.0, 0.5, 1.5):
+            await asyncio.sleep(wait)
+            if await self.find_sent(message_id):
+                return True
+        return False
 
     async def find_sent(self, message_id: str) -> bool:
         session = self._client()

@@ -108,6 +108,8 @@ class FakeEws:
         self.throttles: list[int] = []
         self.delay = 0.0
         self.lose_next_send_answer = False
+        #: sync states refused with ErrorInvalidSyncStateData
+        self.invalid_sync_states = 0
         self.build = ("15", "2", "1118", "7")
         self.ntlm = NtlmGate(self.store)
         #: called with (operation) before each answer; tests use it to act mid-call
@@ -293,6 +295,10 @@ class FakeEws:
             etree.SubElement(elem, q(M, "MessageText")).text = error.message
             etree.SubElement(elem, q(M, "ResponseCode")).text = error.code
             etree.SubElement(elem, q(M, "DescriptiveLinkKey")).text = "0"
+            if op == "SyncFolderItems":
+                # SyncFolderItemsResponseMessageType: these follow in errors too.
+                etree.SubElement(elem, q(M, "SyncState"))
+                etree.SubElement(elem, q(M, "IncludesLastItemInRange")).text = "true"
             return elem
         elem.set("ResponseClass", "Success")
         etree.SubElement(elem, q(M, "ResponseCode")).text = "NoError"
@@ -396,6 +402,7 @@ class FakeEws:
             if token:
                 seq = self.store.check_sync_state(box, folder, token)
                 if seq is None:
+                    self.invalid_sync_states += 1
                     raise ResponseError("ErrorInvalidSyncStateData",
                                         "Synchronization state data is corrupt or otherwise invalid.")
                 start = seq

@@ -6,14 +6,24 @@ loopback, test CA) per session and fresh state with the mailbox
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.fakes.ews import EwsServerThread, FakeEws
-from tests.fakes.ews_world import MAILBOX, PASSWORD
+from tests.fakes.ews_world import (
+    MAILBOX,
+    PASSWORD,
+    PASSWORD_ENV,
+    ExchangeWorld,
+    exchange_settings_for,
+)
+from tests.kernelfixtures import SUB, EventRecorder
+from tests.servers.smtp import SmtpServer
 from tests.fakes.server import Call, Reply, ServerThread
 from tests.servers.tlscerts import TestCA
+from threadsync.core.api import Threadsync
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +45,29 @@ def ews(ews_server: ServerThread) -> Iterator[FakeEws]:
     fake.store.add_user(MAILBOX, PASSWORD)
     ews_server.app = fake.handle
     yield fake
+
+
+@pytest.fixture
+def exchange_relay() -> Iterator[SmtpServer]:
+    """The CRM's own default relay."""
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def exchange_world(
+    tmp_path: Path,
+    scenario_database_url: str,
+    ews: FakeEws,
+    test_ca: TestCA,
+    exchange_relay: SmtpServer,
+) -> AsyncIterator[ExchangeWorld]:
+    settings = exchange_settings_for(tmp_path, scenario_database_url, exchange_relay.port)
+    Threadsync.init(settings)
+    recorder = EventRecorder()
+    ts = Threadsync.from_settings(settings, plugins=[recorder],
+                                  environ={PASSWORD_ENV: PASSWORD})
+    ts.labs(SUB, enabled=True)
+    yield ExchangeWorld(ts, ews, test_ca, exchange_relay, MAILBOX, recorder)
+    await ts.aclose()
