@@ -40,7 +40,11 @@ from threadsync.plugins.exchange.autodiscover import discover_ews_url
 from threadsync.plugins.exchange.ews import EwsSession, Throttled, run_in_worker
 from threadsync.plugins.exchange.push import PullEvents
 from threadsync.plugins.exchange.reading import FolderSync, fetch_mime
-from threadsync.plugins.exchange.sending import find_sent_blocking, send_blocking
+from threadsync.plugins.exchange.sending import (
+    find_in_blocking,
+    find_sent_blocking,
+    send_blocking,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ SENT_ITEMS = "sentitems"
 #: Hosts of Exchange Online: EWS there is being retired; use Graph.
 ONLINE_HOSTS = ("outlook.office365.com", "outlook.office.com", "outlook.live.com")
 ONLINE_SUFFIXES = (".office365.com", ".outlook.com", ".office.com", ".microsoft.com")
+#: A Message-ID no mailbox holds: looked for once at connect to prove access.
+VERIFY_ID = "<threadsync-verify@invalid>"
 #: Most items one GetItem request asks the MIME of.
 FETCH_BATCH = 25
 
@@ -166,10 +172,8 @@ class ExchangeProvider(Provider):
         """FindItem in Inbox and Sent Items: proves the login may read both."""
         session = self._client()
         for name in (INBOX, SENT_ITEMS):
-            folder = session.folders[name]
             await self._call(f"{self.account.email} {name}",
-                             lambda f=folder: f.filter(  # type: ignore[misc]
-                                 message_id="<threadsync-verify@invalid>").only("id").exists())
+                             lambda n=name: find_in_blocking(session, n, VERIFY_ID))
 
     async def close(self) -> None:
         push, self._push = self._push, None

@@ -38,14 +38,14 @@ MAX_SYNC_PAGE = 512
 CURSOR_VERSION = 1
 
 
-class InReplyToId(ExtendedProperty):
+class InReplyToId(ExtendedProperty):  # type: ignore[misc]
     """PR_IN_REPLY_TO_ID: the In-Reply-To header as Exchange stores it."""
 
     property_tag = 0x1042
     property_type = "String"
 
 
-class InternetReferences(ExtendedProperty):
+class InternetReferences(ExtendedProperty):  # type: ignore[misc]
     """PR_INTERNET_REFERENCES: the References header as Exchange stores it."""
 
     property_tag = 0x1039

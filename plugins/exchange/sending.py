@@ -43,10 +43,15 @@ def send_blocking(session: EwsSession, mail: OutgoingMail) -> None:
     message.send_and_save()
 
 
+def find_in_blocking(session: EwsSession, folder: str, message_id: str) -> bool:
+    """Whether ``folder`` holds an item with this InternetMessageId: FindItem
+    restricted on ``message:InternetMessageId``, ids only (blocking)."""
+    return bool(session.folders[folder].filter(message_id=message_id).only("id").exists())
+
+
 def find_sent_blocking(session: EwsSession, message_id: str) -> bool:
     """Whether Sent Items holds an item with this InternetMessageId (blocking)."""
-    sent = session.folders["sentitems"]
-    return bool(sent.filter(message_id=message_id).only("id").exists())
+    return find_in_blocking(session, "sentitems", message_id)
 
 
-__all__ = ["bcc_of", "find_sent_blocking", "send_blocking"]
+__all__ = ["bcc_of", "find_in_blocking", "find_sent_blocking", "send_blocking"]

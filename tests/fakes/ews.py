@@ -38,21 +38,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import html
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from urllib.parse import parse_qsl
 
 from lxml import etree
-from starlette.requests import Request
-from starlette.responses import Response
 
+from tests.fakes.ews_autodiscover import autodiscover
 from tests.fakes.ews_ntlm import NtlmGate
 from tests.fakes.ews_store import EwsItem, EwsMailbox, EwsStore, Subscription, Transmission
-from tests.fakes.server import Call, Reply, ServerThread
+from tests.fakes.server import Call, Reply
 
 S = "http://schemas.xmlsoap.org/soap/envelope/"
 M = "http://schemas.microsoft.com/exchange/services/2006/messages"
@@ -61,9 +56,12 @@ E = "http://schemas.microsoft.com/exchange/services/2006/errors"
 VERSIONS = {"Exchange2010", "Exchange2010_SP1", "Exchange2010_SP2", "Exchange2013",
             "Exchange2013_SP1", "Exchange2016", "Exchange2019", "V2017_07_11"}
 EWS_PATH = "/EWS/Exchange.asmx"
+CHALLENGES = 'NTLM, Basic realm="exch01.contoso.test"'
+NO_FOLDER = "The specified folder could not be found."
 #: The extended properties threading is read from (PidTag...).
 PROPS = {"0x1042": "In-Reply-To", "0x1039": "References"}
-TRANSPORT_HEADERS = "0x7d"
+#: PR_TRANSPORT_MESSAGE_HEADERS: only mail received from outside has them.
+TRANSPORT_HEADERS = "0x007d"
 
 
 class SoapFault(Exception):
@@ -94,8 +92,10 @@ def q(ns: str, tag: str) -> str:
     return f"{{{ns}}}{tag}"
 
 
-def _text(elem: etree._Element | None) -> str | None:
-    return elem.text if elem is not None else None
+def format_tag(tag: str) -> str:
+    """``0x1042`` for any spelling of a property tag (``0x1042``, ``0X1042``, ``4162``)."""
+    value = int(tag, 16) if tag.lower().startswith("0x") else int(tag)
+    return f"0x{value:04x}"
 
 
 class FakeEws:
@@ -140,7 +140,8 @@ class FakeEws:
     def client_send(self, address: str, raw: bytes) -> EwsItem:
         """The user sends from Outlook: the message leaves, the copy is in Sent Items."""
         msg = email.message_from_bytes(raw)
-        rcpts = [a for _, a in email.utils.getaddresses(msg.get_all("To", []) + msg.get_all("Cc", []))]
+        named = msg.get_all("To", []) + msg.get_all("Cc", [])
+        rcpts = [a for _, a in email.utils.getaddresses(named)]
         self.store.transmissions.append(Transmission(address, msg.get("Message-ID"), rcpts, raw))
         return self.file_in_sent(address, raw)
 
@@ -174,7 +175,7 @@ class FakeEws:
     async def handle(self, call: Call) -> Reply:
         path = call.path.lower()
         if path.startswith("/autodiscover/"):
-            return self._autodiscover(call)
+            return autodiscover(call, self.url, self._authenticate(call)[0])
         if path != EWS_PATH.lower():
             return Reply.text(404, "Not Found")
         if call.method != "POST":
@@ -184,21 +185,21 @@ class FakeEws:
             self.log.append(Logged("(unauthorized)", None, 401))
             return Reply(401, b"401 - Unauthorized: Access is denied due to invalid credentials.",
                          {"content-type": "text/html",
-                          "www-authenticate": challenge or 'NTLM, Basic realm="exch01.contoso.test"'})
+                          "www-authenticate": challenge or CHALLENGES})
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.throttles:
             back_off = self.throttles.pop(0)
             self.log.append(Logged("(throttled)", login, 500))
-            return self._fault("ErrorServerBusy", "The server cannot service this request right now. "
-                               "Try again later.", back_off_ms=back_off)
+            return self._fault("ErrorServerBusy", "The server cannot service this request "
+                               "right now. Try again later.", back_off_ms=back_off)
         try:
             root = etree.fromstring(call.body, etree.XMLParser(resolve_entities=False))
         except etree.XMLSyntaxError as exc:
-            return self._fault("ErrorSchemaValidation", f"The request failed schema validation: {exc}",
-                               status=400)
+            return self._fault("ErrorSchemaValidation",
+                               f"The request failed schema validation: {exc}", status=400)
         try:
-            op, mailbox, body, logged = self._soap(root, login)
+            op, body, logged = self._soap(root, login)
         except SoapFault as fault:
             self.log.append(Logged(f"(fault {fault.code})", login, fault.status))
             return self._fault(fault.code, fault.message, status=fault.status)
@@ -232,7 +233,7 @@ class FakeEws:
     # ---- SOAP ---------------------------------------------------------------------------
 
     def _soap(self, root: etree._Element, login: str
-              ) -> tuple[str, str | None, etree._Element, Logged]:
+              ) -> tuple[str, etree._Element, Logged]:
         if root.tag != q(S, "Envelope"):
             raise SoapFault("ErrorSchemaValidation", "The request is not a SOAP 1.1 envelope.", 400)
         header = root.find(q(S, "Header"))
@@ -264,15 +265,16 @@ class FakeEws:
             raise SoapFault("ErrorInvalidOperation", f"{op} is not supported here.")
         logged = Logged(op, acting, 200)
         answer = handler(request, acting, logged)
-        return op, acting, answer, logged
+        return op, answer, logged
 
-    def _access(self, folder_ids: etree._Element | None, acting: str) -> list[tuple[EwsMailbox, str]]:
+    def _access(self, folder_ids: etree._Element | None, acting: str
+                ) -> list[tuple[EwsMailbox, str]]:
         found = []
         if folder_ids is None:
             raise SoapFault("ErrorSchemaValidation", "Folder ids are missing.", 400)
         for fid in folder_ids:
             if fid.tag != q(T, "DistinguishedFolderId"):
-                raise ResponseError("ErrorFolderNotFound", "The specified folder could not be found.")
+                raise ResponseError("ErrorFolderNotFound", NO_FOLDER)
             name = fid.get("Id", "")
             address = fid.findtext(f"{{{T}}}Mailbox/{{{T}}}EmailAddress") or acting
             if address.lower() != acting.lower():
@@ -282,7 +284,7 @@ class FakeEws:
             if box is None:
                 raise ResponseError("ErrorNonExistentMailbox", "No mailbox with such SMTP address.")
             if name not in box.folders:
-                raise ResponseError("ErrorFolderNotFound", "The specified folder could not be found.")
+                raise ResponseError("ErrorFolderNotFound", NO_FOLDER)
             found.append((box, name))
         return found
 
@@ -339,11 +341,9 @@ class FakeEws:
         extended: list[etree._Element] = []
         for prop in props:
             if prop.tag == q(T, "ExtendedFieldURI"):
-                tag = (prop.get("PropertyTag") or "").lower()
-                tag = "0x" + format(int(tag, 16), "x") if tag.startswith("0x") else tag
+                tag = format_tag(prop.get("PropertyTag") or "0")
                 value = (item.transport_headers if tag == TRANSPORT_HEADERS
-                         else item.header(PROPS[format_tag(tag)]) if format_tag(tag) in PROPS
-                         else None)
+                         else item.header(PROPS[tag]) if tag in PROPS else None)
                 if value is not None:
                     ext = etree.Element(q(T, "ExtendedProperty"))
                     etree.SubElement(ext, q(T, "ExtendedFieldURI"), dict(prop.attrib))
@@ -403,8 +403,8 @@ class FakeEws:
                 seq = self.store.check_sync_state(box, folder, token)
                 if seq is None:
                     self.invalid_sync_states += 1
-                    raise ResponseError("ErrorInvalidSyncStateData",
-                                        "Synchronization state data is corrupt or otherwise invalid.")
+                    raise ResponseError("ErrorInvalidSyncStateData", "Synchronization state "
+                                        "data is corrupt or otherwise invalid.")
                 start = seq
             new = [i for i in box.in_folder(folder) if i.seq > start]
             page = new[:max_changes]
@@ -617,104 +617,5 @@ class FakeEws:
         return Reply(status, etree.tostring(env, xml_declaration=True, encoding="utf-8"),
                      {"content-type": "text/xml; charset=utf-8"})
 
-    # ---- autodiscover -------------------------------------------------------------------
 
-    def _autodiscover(self, call: Call) -> Reply:
-        login, _ = self._authenticate(call)
-        path = call.path.lower()
-        if path.endswith("/autodiscover.xml"):
-            if login is None:
-                return Reply(401, b"", {"www-authenticate": 'Basic realm="autodiscover"'})
-            try:
-                root = etree.fromstring(call.body)
-            except etree.XMLSyntaxError:
-                return Reply.text(400, "bad request")
-            address = root.findtext(".//{*}EMailAddress") or ""
-            return Reply(200, pox_response(address, self.url).encode(),
-                         {"content-type": "text/xml; charset=utf-8"})
-        if path.endswith("/autodiscover.svc"):
-            return Reply(200, soap_autodiscover_response(call.body, self.url).encode(),
-                         {"content-type": "text/xml; charset=utf-8"})
-        return Reply.text(404, "Not Found")
-
-
-def format_tag(tag: str) -> str:
-    """``0x1042`` for any spelling of a property tag (``0x1042``, ``0X1042``, ``4162``)."""
-    value = int(tag, 16) if tag.lower().startswith("0x") else int(tag)
-    return f"0x{value:04x}"
-
-
-PROPS = {format_tag(k): v for k, v in PROPS.items()}
-TRANSPORT_HEADERS = "0x7d"
-
-
-def pox_response(address: str, ews_url: str) -> str:
-    """A POX autodiscover answer for ``address`` (responseschema 2006a)."""
-    a = html.escape(address)
-    u = html.escape(ews_url)
-    return (
-        '<?xml version="1.0" encoding="utf-8"?>'
-        '<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006">'
-        '<Response xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a">'
-        f"<User><DisplayName>{a}</DisplayName><AutoDiscoverSMTPAddress>{a}</AutoDiscoverSMTPAddress>"
-        "</User><Account><AccountType>email</AccountType><Action>settings</Action>"
-        f"<Protocol><Type>EXCH</Type><Server>exch01.contoso.test</Server><EwsUrl>{u}</EwsUrl></Protocol>"
-        f"<Protocol><Type>EXPR</Type><Server>mail.contoso.test</Server><EwsUrl>{u}</EwsUrl></Protocol>"
-        "</Account></Response></Autodiscover>"
-    )
-
-
-def soap_autodiscover_response(body: bytes, ews_url: str) -> str:
-    """A GetUserSettings answer (ExternalEwsUrl, InternalEwsUrl) for the address asked for."""
-    try:
-        root = etree.fromstring(body)
-        address = root.findtext(".//{*}Mailbox") or ""
-    except etree.XMLSyntaxError:
-        address = ""
-    a, u = html.escape(address), html.escape(ews_url)
-    settings = "".join(
-        f"<UserSetting i:type=\"StringSetting\"><Name>{n}</Name><Value>{u}</Value></UserSetting>"
-        for n in ("InternalEwsUrl", "ExternalEwsUrl")
-    )
-    return (
-        '<?xml version="1.0" encoding="utf-8"?>'
-        '<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
-        'xmlns:a="http://www.w3.org/2005/08/addressing">'
-        '<s:Header><a:Action s:mustUnderstand="1">'
-        "http://schemas.microsoft.com/exchange/2010/Autodiscover/Autodiscover/GetUserSettingsResponse"
-        "</a:Action><h:ServerVersionInfo xmlns:h=\"http://schemas.microsoft.com/exchange/2010/Autodiscover\">"
-        "<h:MajorVersion>15</h:MajorVersion><h:MinorVersion>2</h:MinorVersion>"
-        "<h:MajorBuildNumber>1118</h:MajorBuildNumber><h:MinorBuildNumber>7</h:MinorBuildNumber>"
-        "<h:Version>Exchange2015</h:Version></h:ServerVersionInfo></s:Header>"
-        '<s:Body><GetUserSettingsResponseMessage xmlns="http://schemas.microsoft.com/exchange/2010/Autodiscover">'
-        '<Response xmlns:i="http://www.w3.org/2001/XMLSchema-instance"><ErrorCode>NoError</ErrorCode>'
-        "<ErrorMessage/><UserResponses><UserResponse><ErrorCode>NoError</ErrorCode><ErrorMessage/>"
-        f"<RedirectTarget i:nil=\"true\"/><UserSettingErrors/><UserSettings>{settings}</UserSettings>"
-        f"</UserResponse></UserResponses></Response></GetUserSettingsResponseMessage></s:Body></s:Envelope>"
-    ).replace("<UserResponse>", f"<UserResponse><!-- {a} -->", 1)
-
-
-class EwsServerThread(ServerThread):
-    """:class:`ServerThread` that also tells the app which TCP connection a
-    request came on (``call.ctx["connection"]``): NTLM authenticates connections."""
-
-    async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        request = Request(scope, receive)
-        header_lists: dict[str, list[str]] = {}
-        for name, value in request.headers.items():
-            header_lists.setdefault(name.lower(), []).append(value)
-        call = Call(
-            method=request.method,
-            path=request.url.path,
-            query=dict(parse_qsl(request.url.query, keep_blank_values=True)),
-            headers={k: ", ".join(v) for k, v in header_lists.items()},
-            body=await request.body(),
-            header_lists=header_lists,
-        )
-        call.ctx["connection"] = tuple(scope.get("client") or ())
-        reply = await self.app(call)
-        response = Response(reply.body, status_code=reply.status, headers=reply.headers)
-        await response(scope, receive, send)
-
-
-__all__ = ["EWS_PATH", "EwsServerThread", "FakeEws", "Logged", "pox_response"]
+__all__ = ["EWS_PATH", "FakeEws", "Logged"]

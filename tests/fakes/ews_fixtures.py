@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.ews import EwsServerThread, FakeEws
+from tests.fakes.ews import FakeEws
+from tests.fakes.ews_autodiscover import EwsServerThread
 from tests.fakes.ews_world import (
     MAILBOX,
     PASSWORD,
@@ -19,9 +20,9 @@ from tests.fakes.ews_world import (
     ExchangeWorld,
     exchange_settings_for,
 )
+from tests.fakes.server import Call, Reply, ServerThread
 from tests.kernelfixtures import SUB, EventRecorder
 from tests.servers.smtp import SmtpServer
-from tests.fakes.server import Call, Reply, ServerThread
 from tests.servers.tlscerts import TestCA
 from threadsync.core.api import Threadsync
 

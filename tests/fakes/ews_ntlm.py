@@ -81,7 +81,7 @@ class NtlmGate:
             except SpnegoError:
                 return None, None
         principal = str(acceptor.client_principal or "")
-        domain, _, user = principal.rpartition("\\")
+        user = principal.rpartition("\\")[2]
         known = self.store.logins.get(principal.lower()) or self.store.logins.get(user.lower())
         if known is None:
             return None, None

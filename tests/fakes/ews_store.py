@@ -103,7 +103,8 @@ class EwsMailbox:
         mime = parse_mime(raw)
         headers = None
         if transport:
-            received = f"Received: from mx.example.org by {EXCHANGE_HOST}; {email.utils.formatdate()}"
+            received = (f"Received: from mx.example.org by {EXCHANGE_HOST}; "
+                        f"{email.utils.formatdate()}")
             block = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
             headers = received + "\r\n" + block.decode("utf-8", "replace")
         item = EwsItem(new_item_id(), folder, mime, datetime.now(UTC), headers)

@@ -15,7 +15,15 @@ from typing import Any
 from sqlalchemy import func, select
 
 from tests.fakes.ews import FakeEws
-from tests.kernelfixtures import CONTACT, SUB, USER, EventRecorder, make_mail, make_settings, reply_to
+from tests.kernelfixtures import (
+    CONTACT,
+    SUB,
+    USER,
+    EventRecorder,
+    make_mail,
+    make_settings,
+    reply_to,
+)
 from tests.servers.smtp import SmtpServer
 from tests.servers.tlscerts import TestCA
 from threadsync.core.api import Threadsync
