@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -168,6 +168,8 @@ class EwsSession:
         self.email = email
         self.ews_url = ews_url
         self.max_retry_wait = max_retry_wait
+        #: How back-off waits are awaited (tests record them here).
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         trust_ca_for(ews_url, ca_file)
         credentials: Any
         if auth == "oauth":
@@ -216,7 +218,7 @@ class EwsSession:
                 log.info("EWS throttled; waiting", extra={"mailbox": self.email,
                                                           "wait_seconds": wait})
                 waited += wait
-                await asyncio.sleep(wait)
+                await self.sleep(wait)
 
     def _guarded(self, what: str, fn: Callable[[], T]) -> T:
         try:

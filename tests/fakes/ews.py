@@ -106,6 +106,7 @@ class FakeEws:
         self.store = store or EwsStore()
         self.log: list[Logged] = []
         self.throttles: list[int] = []
+        self.failures: list[str] = []
         self.delay = 0.0
         self.lose_next_send_answer = False
         #: sync states refused with ErrorInvalidSyncStateData
@@ -120,6 +121,11 @@ class FakeEws:
         return self.base + EWS_PATH
 
     # ---- what the tests do -------------------------------------------------------------
+
+    def fail_next(self, code: str, times: int = 1) -> None:
+        """Answer the next ``times`` EWS requests with this error code (a SOAP
+        fault), e.g. ErrorMailboxMoveInProgress, ErrorMailboxStoreUnavailable."""
+        self.failures.extend([code] * times)
 
     def throttle(self, times: int, back_off_ms: int = 200) -> None:
         """Answer the next ``times`` EWS requests with ErrorServerBusy."""
@@ -193,6 +199,10 @@ class FakeEws:
             self.log.append(Logged("(throttled)", login, 500))
             return self._fault("ErrorServerBusy", "The server cannot service this request "
                                "right now. Try again later.", back_off_ms=back_off)
+        if self.failures:
+            code = self.failures.pop(0)
+            self.log.append(Logged(f"(fault {code})", login, 500))
+            return self._fault(code, f"{code} (on demand)")
         try:
             root = etree.fromstring(call.body, etree.XMLParser(resolve_entities=False))
         except etree.XMLSyntaxError as exc:
