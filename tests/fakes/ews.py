@@ -181,7 +181,10 @@ class FakeEws:
     async def handle(self, call: Call) -> Reply:
         path = call.path.lower()
         if path.startswith("/autodiscover/"):
-            return autodiscover(call, self.url, self._authenticate(call)[0])
+            login, challenge = self._authenticate(call)
+            reply = autodiscover(call, self.url, login, challenge)
+            self.log.append(Logged("(autodiscover)", login, reply.status))
+            return reply
         if path != EWS_PATH.lower():
             return Reply.text(404, "Not Found")
         if call.method != "POST":

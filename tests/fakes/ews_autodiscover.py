@@ -22,12 +22,13 @@ from starlette.responses import Response
 from tests.fakes.server import Call, Reply, ServerThread
 
 
-def autodiscover(call: Call, ews_url: str, login: str | None) -> Reply:
-    """Answer an autodiscover request for the mailbox it names."""
+def autodiscover(call: Call, ews_url: str, login: str | None, challenge: str | None) -> Reply:
+    """Answer an autodiscover request for the mailbox it names; ``challenge`` is
+    the NTLM step to send back while a handshake is under way."""
     path = call.path.lower()
     if path.endswith("/autodiscover.xml"):
         if login is None:
-            return Reply(401, b"", {"www-authenticate": 'Basic realm="autodiscover"'})
+            return Reply(401, b"", {"www-authenticate": challenge or 'Basic realm="autodiscover"'})
         try:
             root = etree.fromstring(call.body, etree.XMLParser(resolve_entities=False))
         except etree.XMLSyntaxError:
@@ -36,7 +37,15 @@ def autodiscover(call: Call, ews_url: str, login: str | None) -> Reply:
         return Reply(200, pox_response(address, ews_url).encode(),
                      {"content-type": "text/xml; charset=utf-8"})
     if path.endswith("/autodiscover.svc"):
-        return Reply(200, soap_autodiscover_response(ews_url).encode(),
+        if login is None:
+            return Reply(401, b"", {
+                "www-authenticate": challenge or 'NTLM, Basic realm="autodiscover"'})
+        try:
+            root = etree.fromstring(call.body, etree.XMLParser(resolve_entities=False))
+        except etree.XMLSyntaxError:
+            return Reply.text(400, "bad request")
+        address = root.findtext(".//{*}Users/{*}User/{*}Mailbox") or login
+        return Reply(200, soap_autodiscover_response(address, ews_url).encode(),
                      {"content-type": "text/xml; charset=utf-8"})
     return Reply.text(404, "Not Found")
 
@@ -57,12 +66,14 @@ def pox_response(address: str, ews_url: str) -> str:
     )
 
 
-def soap_autodiscover_response(ews_url: str) -> str:
-    """A GetUserSettings answer: InternalEwsUrl and ExternalEwsUrl."""
-    u = html.escape(ews_url)
+def soap_autodiscover_response(address: str, ews_url: str) -> str:
+    """A GetUserSettings answer: the address, InternalEwsUrl and ExternalEwsUrl."""
+    values = {"AutoDiscoverSMTPAddress": address, "UserDisplayName": address,
+              "InternalEwsUrl": ews_url, "ExternalEwsUrl": ews_url}
     settings = "".join(
-        f"<UserSetting i:type=\"StringSetting\"><Name>{n}</Name><Value>{u}</Value></UserSetting>"
-        for n in ("InternalEwsUrl", "ExternalEwsUrl")
+        f'<UserSetting i:type="StringSetting"><Name>{n}</Name>'
+        f"<Value>{html.escape(v)}</Value></UserSetting>"
+        for n, v in values.items()
     )
     return (
         '<?xml version="1.0" encoding="utf-8"?>'
