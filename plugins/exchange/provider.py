@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -36,6 +36,7 @@ from threadsync.core.provider import (
     Provider,
     ProviderOption,
 )
+from threadsync.plugins.exchange import oauth
 from threadsync.plugins.exchange.autodiscover import discover_ews_url
 from threadsync.plugins.exchange.ews import EwsSession, Throttled, run_in_worker
 from threadsync.plugins.exchange.push import PullEvents
@@ -45,6 +46,7 @@ from threadsync.plugins.exchange.sending import (
     find_sent_blocking,
     send_blocking,
 )
+from threadsync.plugins.outlook.auth import TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,6 @@ OPTIONS: tuple[ProviderOption, ...] = (
     ProviderOption("password_env", "name of the environment variable holding the password",
                    secret_env=True),
     ProviderOption("auth", "how to log in", default="ntlm", choices=("ntlm", "basic", "oauth")),
-    ProviderOption("token_env", "with --auth oauth: the environment variable holding an "
-                                "OAuth 2.0 access token for EWS", secret_env=True),
     ProviderOption("ca_file", "a PEM file of CA certificates the EWS server's certificate is "
                               "checked against (an internal CA)"),
     ProviderOption("impersonate", "log in as a service account holding the "
@@ -108,6 +108,9 @@ class ExchangeProvider(Provider):
         super().__init__(account, settings)
         self._session: EwsSession | None = None
         self._push: PullEvents | None = None
+        self._tokens: TokenSource | None = None
+        self._token: str | None = None
+        self._build: Callable[[], EwsSession] | None = None
         #: EWS requests made by this provider (reading, fetching, sending).
         self.requests = 0
 
@@ -121,9 +124,11 @@ class ExchangeProvider(Provider):
         opts["impersonate"] = _flag(opts.get("impersonate"))
         auth = str(opts.get("auth") or "ntlm").lower()
         opts["auth"] = auth
-        if auth == "oauth" and not opts.get("token_env"):
-            raise ConfigError("--auth oauth needs --token-env (an OAuth 2.0 access token for EWS)")
-        if auth != "oauth" and not opts.get("password_env"):
+        if auth == "oauth" and not opts.get("ews_url"):
+            raise ConfigError("--auth oauth needs --ews-url (autodiscover needs a password)")
+        if auth == "oauth":
+            opts.pop("password_env", None)
+        elif not opts.get("password_env"):
             raise ConfigError(f"provider 'exchange' needs --password-env with --auth {auth}")
         url = opts.get("ews_url")
         if url:
@@ -138,6 +143,22 @@ class ExchangeProvider(Provider):
             except OSError as exc:
                 raise ConfigError(f"--ca-file {ca} cannot be read: {exc.strerror}") from None
         return super().prepare(email, opts, environ)
+
+    @classmethod
+    async def authorize(
+        cls,
+        email: str,
+        options: Mapping[str, Any],
+        environ: Mapping[str, str],
+        notify: Callable[[str], None],
+        settings: Mapping[str, Any],
+    ) -> Account:
+        """``--auth oauth``: a delegated sign-in by device code (:mod:`.oauth`);
+        otherwise the checked options and the password, no interaction."""
+        account = cls.prepare(email, options, environ)
+        if account.settings.get("auth") == "oauth":
+            account = await oauth.sign_in(account, settings, notify)
+        return account
 
     # ---- session ------------------------------------------------------------------------
 
@@ -155,22 +176,27 @@ class ExchangeProvider(Provider):
             url = await discover_ews_url(self.account.email, str(username), password, ca, timeout)
             refuse_exchange_online(url)
 
+        if auth == "oauth":
+            self._tokens = oauth.token_source(self.account, self.settings)
+            self._token = await self._tokens()
+
         def build() -> EwsSession:
             return EwsSession(
                 self.account.email, str(url), username=str(username), password=password,
-                auth=auth, token=self.account.secrets.get("token"),
+                auth=auth, token=self._token,
                 impersonate=_flag(s.get("impersonate")), ca_file=str(ca) if ca else None,
                 timeout=timeout,
                 max_retry_wait=float(self.settings.get("max_retry_wait_seconds", 10)),
             )
 
         self._session = await run_in_worker(build)
+        self._build = build
         self._push = PullEvents(self._session, [f for f in self._session.folders.values()],
                                 float(self.settings.get("event_poll_seconds", 5)))
 
     async def verify(self) -> None:
         """FindItem in Inbox and Sent Items: proves the login may read both."""
-        session = self._client()
+        session = await self._fresh()
         for name in (INBOX, SENT_ITEMS):
             await self._call(f"{self.account.email} {name}",
                              lambda n=name: find_in_blocking(session, n, VERIFY_ID))
@@ -182,11 +208,27 @@ class ExchangeProvider(Provider):
         session, self._session = self._session, None
         if session is not None:
             await run_in_worker(session.close)
+        tokens, self._tokens = self._tokens, None
+        if tokens is not None:
+            tokens.close()
 
     def _client(self) -> EwsSession:
         if self._session is None:
             raise ProviderProtocolError("the Exchange provider is not open")
         return self._session
+
+    async def _fresh(self) -> EwsSession:
+        """The session, rebuilt first when OAuth refreshed the access token
+        (silently, minutes before it expires)."""
+        session = self._client()
+        if self._tokens is not None and self._build is not None:
+            token = await self._tokens()
+            if token != self._token:
+                self._token = token
+                session = self._session = await run_in_worker(self._build)
+                if self._push is not None:
+                    self._push.rebind(session)
+        return session
 
     async def _call(self, what: str, fn: Any) -> Any:
         self.requests += 1
@@ -200,7 +242,7 @@ class ExchangeProvider(Provider):
     async def changes(
         self, folder: Folder, cursor: Mapping[str, Any] | None, limit: int = 250
     ) -> ChangeBatch:
-        session = self._client()
+        session = await self._fresh()
         if folder.name not in session.folders:
             raise ProviderProtocolError(f"unknown folder {folder.name!r}")
         sync = FolderSync(session, session.folders[folder.name])
@@ -217,7 +259,7 @@ class ExchangeProvider(Provider):
 
     async def fetch_many(self, folder: Folder, refs: Sequence[str]) -> dict[str, bytes]:
         """The MIME of ``refs``, up to :data:`FETCH_BATCH` per GetItem request."""
-        session = self._client()
+        session = await self._fresh()
         found: dict[str, bytes] = {}
         for start in range(0, len(refs), FETCH_BATCH):
             chunk = list(refs[start:start + FETCH_BATCH])
@@ -231,7 +273,7 @@ class ExchangeProvider(Provider):
         """CreateItem with SendAndSaveCopy, the checkpoint right before it. When
         the answer is lost the outcome is unknown: the copy in Sent Items (by
         InternetMessageId) says it went, and then it is not sent again."""
-        session = self._client()
+        session = await self._fresh()
         await checkpoint()
         try:
             await self._call(f"{self.account.email} send", lambda: send_blocking(session, mail))
@@ -254,7 +296,7 @@ class ExchangeProvider(Provider):
         return False
 
     async def find_sent(self, message_id: str) -> bool:
-        session = self._client()
+        session = await self._fresh()
         return bool(await self._call(f"{self.account.email} find in Sent Items",
                                      lambda: find_sent_blocking(session, message_id)))
 

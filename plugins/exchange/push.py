@@ -80,6 +80,12 @@ class PullEvents:
                     found = True
         return found, watermark
 
+    def rebind(self, session: EwsSession) -> None:
+        """Use a new session (a refreshed token); the subscription is made again."""
+        self.session = session
+        self.folders = list(session.folders.values())
+        self.subscription = None
+
     async def unsubscribe(self) -> None:
         sub, self.subscription = self.subscription, None
         if sub is not None:

@@ -25,7 +25,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,22 +244,31 @@ async def sign_in_with_browser(
 
 
 async def sign_in_with_device_code(
-    config: OutlookConfig, email: str, notify: Callable[[str], None]
+    config: OutlookConfig,
+    email: str,
+    notify: Callable[[str], None],
+    scopes: Sequence[str] = SCOPES,
 ) -> SignIn:
-    """Device code: show the code and the address to enter it, poll until done."""
+    """Device code: show the code and the address to enter it, poll until done.
+    ``scopes``: Graph's by default; the Exchange provider asks for EWS's."""
     cache = msal.SerializableTokenCache()
     session = http_session(config)
     try:
-        return await _device_flow(config, email, notify, cache, session)
+        return await _device_flow(config, email, notify, cache, session, scopes)
     finally:
         session.close()
 
 
 async def _device_flow(
-    config: OutlookConfig, email: str, notify: Callable[[str], None], cache: Any, session: Any
+    config: OutlookConfig,
+    email: str,
+    notify: Callable[[str], None],
+    cache: Any,
+    session: Any,
+    scopes: Sequence[str] = SCOPES,
 ) -> SignIn:
     app = await _app(config, PUBLIC, cache, None, session)
-    flow = await _in_thread(app.initiate_device_flow, list(SCOPES))
+    flow = await _in_thread(app.initiate_device_flow, list(scopes))
     if "user_code" not in flow:
         raise failure(flow, email)
     notify(f"To connect {email}: {flow.get('message') or flow['user_code']}")
@@ -281,8 +290,15 @@ class TokenSource:
     with ``account.secrets_changed`` so that the kernel stores it encrypted.
     """
 
-    def __init__(self, config: OutlookConfig, account: Account, secret: str | None) -> None:
+    def __init__(
+        self,
+        config: OutlookConfig,
+        account: Account,
+        secret: str | None,
+        scopes: Sequence[str] = SCOPES,
+    ) -> None:
         self._config = config
+        self._scopes = tuple(scopes)
         self._account = account
         self._secret = secret
         self._kind = str(account.settings.get("client_kind") or CONFIDENTIAL)
@@ -342,7 +358,7 @@ class TokenSource:
         if chosen is None:
             return {"error": "invalid_grant", "suberror": "no_account_in_cache"}
         result = self._app.acquire_token_silent_with_error(
-            list(SCOPES), chosen, force_refresh=force_refresh
+            list(self._scopes), chosen, force_refresh=force_refresh
         )
         return dict(result) if result else {"error": "invalid_grant", "suberror": "no_token"}
 

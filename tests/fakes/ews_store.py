@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from typing import Any
 
 FOLDERS = ("inbox", "sentitems", "drafts", "deleteditems")
 EXCHANGE_HOST = "exch01.contoso.test"
@@ -133,8 +134,8 @@ class EwsStore:
         self.transmissions: list[Transmission] = []
         self.subscriptions: dict[str, Subscription] = {}
         self._issued: dict[str, tuple[str, str, int, int]] = {}
-        #: OAuth access tokens the (fake) identity platform issued -> address
-        self.tokens: dict[str, str] = {}
+        #: The fake identity platform whose EWS access tokens are accepted.
+        self.identity: Any = None
 
     # ---- users ------------------------------------------------------------------------
 
@@ -153,7 +154,11 @@ class EwsStore:
         return known[1]
 
     def bearer(self, token: str) -> str | None:
-        return self.tokens.get(token)
+        """The address of a valid delegated EWS token (EWS.AccessAsUser.All), or None."""
+        grant = self.identity.graph_grant(token) if self.identity is not None else None
+        if grant is None or not any(s.endswith("/EWS.AccessAsUser.All") for s in grant.scopes):
+            return None
+        return str(grant.user.email)
 
     def mailbox(self, address: str) -> EwsMailbox | None:
         return self.mailboxes.get(address.lower())

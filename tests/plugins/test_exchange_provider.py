@@ -52,7 +52,7 @@ def test_options_are_checked_without_network(tmp_path: Any) -> None:
                                            "password_env": "P"}, env)
     with pytest.raises(ConfigError, match="--password-env"):
         ExchangeProvider.prepare(MAILBOX, {"auth": "ntlm"}, env)
-    with pytest.raises(ConfigError, match="--token-env"):
+    with pytest.raises(ConfigError, match="--ews-url"):
         ExchangeProvider.prepare(MAILBOX, {"auth": "oauth"}, env)
     with pytest.raises(ConfigError, match="auth must be one of"):
         ExchangeProvider.prepare(MAILBOX, {"auth": "kerberos", "password_env": "P"}, env)
