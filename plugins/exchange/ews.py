@@ -188,13 +188,14 @@ class EwsSession:
             retry_policy=FailFast(),
             max_connections=max_connections,
         )
-        BaseProtocol.TIMEOUT = int(timeout)
         self.account = Account(
             primary_smtp_address=email,
             config=config,
             autodiscover=False,
             access_type=IMPERSONATION if impersonate else DELEGATE,
         )
+        # Per connection (exchangelib reads it from the protocol, default 120 s).
+        self.account.protocol.TIMEOUT = timeout
         root = Root(account=self.account)
         mailbox = Mailbox(email_address=email)
         self.folders: dict[str, BaseFolder] = {
