@@ -150,8 +150,11 @@ class FolderSync:
             reset = True
             items, new_state, last = self._page(None, limit, HEADER_FIELDS)
         if reset or cursor.get("resync"):
+            # DateTimeReceived comes in whole seconds: keep the connection's
+            # second entirely (the kernel ignores what is not a thread member).
+            floor = since.replace(microsecond=0)
             items = [i for i in items
-                     if i.datetime_received is None or i.datetime_received >= since]
+                     if i.datetime_received is None or i.datetime_received >= floor]
         batch = ChangeBatch(headers=[summary(i) for i in items],
                             cursor=_cursor(new_state, since), more=not last, reset=reset)
         if (reset or cursor.get("resync")) and not last:

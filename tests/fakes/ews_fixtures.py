@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import exchangelib
 import pytest
 
 from tests.fakes.ews import FakeEws
@@ -46,6 +47,9 @@ def ews(ews_server: ServerThread) -> Iterator[FakeEws]:
     fake.store.add_user(MAILBOX, PASSWORD)
     ews_server.app = fake.handle
     yield fake
+    # exchangelib keeps HTTP sessions per endpoint and login beyond a provider's
+    # life (its protocol cache): close them, so no connection outlives the test.
+    exchangelib.close_connections()
 
 
 @pytest.fixture

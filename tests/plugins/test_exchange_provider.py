@@ -5,6 +5,7 @@ errors translated at the boundary, sending with Bcc, and push."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -259,3 +260,20 @@ async def test_impersonation_needs_the_role(ews: FakeEws, test_ca: TestCA) -> No
         await provider.verify()
     finally:
         await provider.close()
+
+
+async def test_a_resync_keeps_mail_received_in_the_second_the_connection_started(
+    ews: FakeEws, test_ca: TestCA
+) -> None:
+    """EWS gives DateTimeReceived in whole seconds; the connection time has
+    microseconds. Mail of that same second must survive the resync filter."""
+    async with opened(account(ews, test_ca)) as provider:
+        cursor = dict((await provider.changes(INBOX, None)).cursor)
+        started = datetime(2026, 3, 2, 10, 0, 0, 500000, tzinfo=UTC)
+        cursor["since"] = started.isoformat()
+        item = ews.deliver(MAILBOX, make_message("<same-second@x.test>"))
+        item.received = started + timedelta(microseconds=200000)  # 10:00:00.7
+        ews.store.forget_sync_states(MAILBOX, "inbox")
+        batch = await provider.changes(INBOX, cursor)
+    assert batch.reset is True
+    assert [h.message_id for h in batch.headers] == ["<same-second@x.test>"]
