@@ -177,8 +177,13 @@ class ExchangeProvider(Provider):
             refuse_exchange_online(url)
 
         if auth == "oauth":
-            self._tokens = oauth.token_source(self.account, self.settings)
-            self._token = await self._tokens()
+            tokens = oauth.token_source(self.account, self.settings)
+            try:
+                self._token = await tokens()  # a silent refresh: a revoked sign-in fails here
+            except BaseException:
+                tokens.close()
+                raise
+            self._tokens = tokens
 
         def build() -> EwsSession:
             return EwsSession(
