@@ -20,6 +20,7 @@ _EXPORTS = {
     "Threadsync": "threadsync.core.api",
     "Draft": "threadsync.core.outbox.compose",
     "AttachmentIn": "threadsync.core.mime",
+    "load_settings": "threadsync.core.config",
     # writing a plugin
     "hookimpl": "threadsync.core.hookspecs",
     "Account": "threadsync.core.provider",
@@ -35,11 +36,13 @@ _EXPORTS = {
     # helpers a provider needs to read headers the way the kernel does
     "parse_msgid_list": "threadsync.core.mime",
     "summarize_headers": "threadsync.core.mime",
+    "send_data": "threadsync.core.outbox.smtp_data",
     # the one error tree
     "ThreadsyncError": "threadsync.core.errors",
     "ConfigError": "threadsync.core.errors",
     "InvalidInput": "threadsync.core.errors",
     "HeaderInjection": "threadsync.core.errors",
+    "MessageTooLarge": "threadsync.core.errors",
     "NotFound": "threadsync.core.errors",
     "Refused": "threadsync.core.errors",
     "LabsDisabled": "threadsync.core.errors",
@@ -51,6 +54,7 @@ _EXPORTS = {
     "AuthenticationFailed": "threadsync.core.errors",
     "TransientProviderError": "threadsync.core.errors",
     "ProviderProtocolError": "threadsync.core.errors",
+    "UnexpectedFailure": "threadsync.core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

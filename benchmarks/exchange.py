@@ -114,7 +114,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> Result:
         settings = make_settings(workdir, f"sqlite:///{workdir / 'bench.db'}", 9)
         settings = dataclasses.replace(
             settings, sync=dataclasses.replace(settings.sync, batch_size=args.batch_size),
-            providers={"exchange": {"timeout_seconds": 60}},
+            sections={"exchange": {"timeout_seconds": 60}},
         )
         Threadsync.init(settings)
         ts = Threadsync.from_settings(settings, environ={"EXCHANGE_PW": PASSWORD})

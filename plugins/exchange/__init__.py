@@ -10,16 +10,29 @@ FindItem in Sent Items), :mod:`.push` (pull subscription), :mod:`.autodiscover`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 
 from threadsync.core.hookspecs import hookimpl
 from threadsync.core.provider import Provider
 from threadsync.plugins.exchange.provider import ExchangeProvider
 
-__all__ = ["ExchangeProvider", "register_providers"]
+__all__ = ["SETTINGS_KEYS", "ExchangeProvider", "config_sections", "register_providers"]
+
+#: The keys of ``[exchange]`` (see :mod:`.provider` and :mod:`.oauth`).
+SETTINGS_KEYS = (
+    "timeout_seconds", "max_retry_wait_seconds", "event_poll_seconds",
+    "client_id", "tenant", "authority_host", "oauth_scope", "identity_ca_file",
+    "sign_in_timeout_seconds",
+)
 
 
 @hookimpl
 def register_providers(register: Callable[[type[Provider]], None]) -> None:
     """Register :class:`ExchangeProvider` as ``exchange``."""
     register(ExchangeProvider)
+
+
+@hookimpl
+def config_sections() -> Mapping[str, Collection[str]]:
+    """``[exchange]`` and its keys."""
+    return {"exchange": SETTINGS_KEYS}

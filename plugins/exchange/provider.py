@@ -116,7 +116,7 @@ class ExchangeProvider(Provider):
 
     @classmethod
     def prepare(
-        cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]
+        cls, email: str, options: Mapping[str, Any], credentials: Mapping[str, str]
     ) -> Account:
         """Check the options (no network): the URL is https and not Exchange
         Online, the password or token variable is set, the CA file exists."""
@@ -128,7 +128,8 @@ class ExchangeProvider(Provider):
             raise ConfigError("--auth oauth needs --ews-url (autodiscover needs a password)")
         if auth == "oauth":
             opts.pop("password_env", None)
-        elif not opts.get("password_env"):
+            credentials = {}
+        elif not credentials.get("password"):
             raise ConfigError(f"provider 'exchange' needs --password-env with --auth {auth}")
         url = opts.get("ews_url")
         if url:
@@ -142,20 +143,20 @@ class ExchangeProvider(Provider):
                     pass
             except OSError as exc:
                 raise ConfigError(f"--ca-file {ca} cannot be read: {exc.strerror}") from None
-        return super().prepare(email, opts, environ)
+        return super().prepare(email, opts, credentials)
 
     @classmethod
     async def authorize(
         cls,
         email: str,
         options: Mapping[str, Any],
-        environ: Mapping[str, str],
+        credentials: Mapping[str, str],
         notify: Callable[[str], None],
         settings: Mapping[str, Any],
     ) -> Account:
         """``--auth oauth``: a delegated sign-in by device code (:mod:`.oauth`);
         otherwise the checked options and the password, no interaction."""
-        account = cls.prepare(email, options, environ)
+        account = cls.prepare(email, options, credentials)
         if account.settings.get("auth") == "oauth":
             account = await oauth.sign_in(account, settings, notify)
         return account

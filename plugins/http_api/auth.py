@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 from starlette.requests import Request
 
-from threadsync.core.host import apikeys
-from threadsync.core.host.apikeys import Principal
-from threadsync.core.store.database import Store
+from threadsync.core.host.apikeys import ApiKeys, Principal
 from threadsync.plugins.http_api.problems import ApiProblem
 
 CACHE_SECONDS = 5.0
@@ -63,8 +61,8 @@ class RateLimiter:
 class Authenticator:
     """Resolves keys and sessions to principals, with a short positive cache."""
 
-    def __init__(self, store: Store, session_hours: float) -> None:
-        self.store = store
+    def __init__(self, keys: ApiKeys, session_hours: float) -> None:
+        self.keys = keys
         self.session_seconds = session_hours * 3600
         self._cache: dict[str, tuple[Principal, float]] = {}
         #: Signs status-page cookies; new per process, so a restart logs everyone out.
@@ -79,7 +77,7 @@ class Authenticator:
         now = time.monotonic()
         if hit is not None and hit[1] > now:
             return hit[0]
-        found = await anyio.to_thread.run_sync(apikeys.authenticate, self.store, presented)
+        found = await anyio.to_thread.run_sync(self.keys.authenticate, presented)
         if found is not None:
             if len(self._cache) > 10_000:
                 self._cache.clear()
@@ -103,7 +101,7 @@ class Authenticator:
             return None
         if not hmac.compare_digest(signature, self._sign(f"{key_id}.{expires}")):
             return None
-        return await anyio.to_thread.run_sync(apikeys.principal_of, self.store, key_id)
+        return await anyio.to_thread.run_sync(self.keys.principal_of, key_id)
 
 
 def bearer(request: Request) -> str | None:

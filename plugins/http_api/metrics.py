@@ -30,8 +30,8 @@ from threadsync.core.errors import (
     ProviderError,
     ProviderProtocolError,
     TransientProviderError,
+    UnexpectedFailure,
 )
-from threadsync.core.host import webhooks
 from threadsync.plugins.http_api.context import ApiContext
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -44,6 +44,7 @@ PROVIDER_ERROR_KINDS = tuple(
         AuthenticationFailed,
         TransientProviderError,
         ProviderProtocolError,
+        UnexpectedFailure,
         ProviderError,
     )
 )
@@ -76,9 +77,8 @@ class Exposition:
 
 def collect(ctx: ApiContext, dispatched: tuple[int, int] | None) -> str:
     """Every family, from one read of the database (blocking: call in a thread)."""
-    k = ctx.ts.kernel
     nums = ctx.ts.numbers()
-    queue = webhooks.backlog(k)
+    queue = ctx.ts.webhooks.backlog()
     out = Exposition()
 
     out.family(

@@ -7,8 +7,10 @@ delta request. Each subscription has its own random ``clientState`` (kept with
 the connection's secrets); a notification whose ``clientState`` does not match
 is ignored.
 
-:class:`NotificationHub` is what an HTTP endpoint calls (the endpoint itself is
-not part of this package): ``hub.handle(body, query)`` answers the validation
+:class:`NotificationHub` is what the HTTP endpoint calls: the process has one,
+:data:`HUB`, which the plugin serves at ``/notifications/outlook`` through the
+HTTP API (the ``register_routes`` hook) and which Outlook connections of the
+process subscribe through. ``hub.handle(body, query)`` answers the validation
 handshake (echo ``validationToken`` as ``text/plain`` within 10 s) and
 acknowledges notifications with ``202`` at once (Graph wants an answer within
 3 s), after telling the subscribed provider. Lifecycle events are handled too:
@@ -16,7 +18,12 @@ acknowledges notifications with ``202`` at once (Graph wants an answer within
 creates a new one, and both, like ``missed``, trigger a delta pass.
 
 :class:`Subscriptions` creates a subscription per folder and renews it before it
-expires (Graph allows at most 4,230 minutes on messages).
+expires (Graph allows at most 4,230 minutes on messages). Each records the
+notification and lifecycle URLs it was made with; when the configuration
+names others, the subscription is deleted and made again, since Graph cannot
+add or change a ``lifecycleNotificationUrl`` by ``PATCH``. Graph asks for no
+more than ``Mail.ReadBasic`` to subscribe to messages; the connection's
+``Mail.ReadWrite`` covers it.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -62,14 +70,34 @@ class NotificationTarget(Protocol):
 class NotificationHub:
     """Routes Graph's notifications to the providers that subscribed.
 
-    One hub per process; the host puts it in the ``[outlook]`` provider settings
-    as ``notification_hub`` and serves :meth:`handle` at ``notification_url`` and
-    ``lifecycle_url``. ``NotificationTarget.notified`` must be safe to call from
-    the thread that runs :meth:`handle`.
+    One hub per process (:data:`HUB`), served at ``notification_url`` and
+    ``lifecycle_url`` by the HTTP API; connections subscribe only while some
+    endpoint serves it (:attr:`served`), since nobody would hear Graph otherwise.
+    ``NotificationTarget.notified`` must be safe to call from the thread that runs
+    :meth:`handle`.
     """
 
     def __init__(self) -> None:
         self._targets: dict[str, tuple[str, NotificationTarget]] = {}
+        self._endpoints = 0
+
+    @property
+    def served(self) -> bool:
+        """True while an HTTP endpoint of this process answers for the hub."""
+        return self._endpoints > 0
+
+    @contextmanager
+    def serving(self) -> Iterator[NotificationHub]:
+        """Mark the hub served for the duration of a ``with`` block."""
+        self._endpoints += 1
+        try:
+            yield self
+        finally:
+            self._endpoints -= 1
+
+    def serve_for_good(self) -> None:
+        """Mark the hub served until the process ends (the HTTP API's route)."""
+        self._endpoints += 1
 
     def register(self, subscription_id: str, client_state: str, target: NotificationTarget) -> None:
         self._targets[subscription_id] = (client_state, target)
@@ -108,6 +136,10 @@ class NotificationHub:
             event = item.get("lifecycleEvent")
             target.notified(str(item["subscriptionId"]), event if isinstance(event, str) else None)
         return NotificationReply(202)
+
+
+#: The hub of this process.
+HUB = NotificationHub()
 
 
 def _iso(moment: datetime) -> str:
@@ -185,6 +217,10 @@ class Subscriptions:
             if item is not None and flag == REMOVED:
                 self._forget(item)
                 item = None
+            elif item is not None and not self._current(item):
+                await self._delete(item)
+                item = None
+                changed = True
             if item is None:
                 self.items.append(await self._create(folder))
                 changed = True
@@ -203,6 +239,19 @@ class Subscriptions:
         if changed:
             self._save()
 
+    def _current(self, item: Mapping[str, Any]) -> bool:
+        """Whether ``item`` was made with the URLs configured now."""
+        return (item.get("notification_url") == self.config.notification_url
+                and item.get("lifecycle_url") == self.config.lifecycle_url)
+
+    async def _delete(self, item: dict[str, Any]) -> None:
+        try:
+            await self.graph.request("DELETE", f"subscriptions/{quote(item['id'], safe='')}")
+        except GraphRequestError as exc:
+            if exc.status != 404:
+                raise
+        self._forget(item)
+
     def detach(self) -> None:
         """Stop routing this connection's notifications here (the provider closes)."""
         for item in self.items:
@@ -220,7 +269,7 @@ class Subscriptions:
         body: dict[str, Any] = {
             "changeType": "created",
             "notificationUrl": self.config.notification_url,
-            "resource": f"me/mailFolders('{folder}')/messages",
+            "resource": f"{self.graph.root}/mailFolders('{folder}')/messages",
             "expirationDateTime": self._expiry(),
             "clientState": client_state,
             "latestSupportedTlsVersion": "v1_2",
@@ -240,6 +289,8 @@ class Subscriptions:
             "folder": folder,
             "client_state": client_state,
             "expires": str(data.get("expirationDateTime") or body["expirationDateTime"]),
+            "notification_url": self.config.notification_url,
+            "lifecycle_url": self.config.lifecycle_url,
         }
 
     async def _renew(self, subscription_id: str) -> str:

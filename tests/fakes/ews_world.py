@@ -49,7 +49,7 @@ def options(ews: FakeEws, ca: TestCA, **over: Any) -> dict[str, Any]:
 
 def account(ews: FakeEws, ca: TestCA, email: str = MAILBOX, password: str = PASSWORD,
             **over: Any) -> Account:
-    return ExchangeProvider.prepare(email, options(ews, ca, **over), {PASSWORD_ENV: password})
+    return ExchangeProvider.prepare(email, options(ews, ca, **over), {"password": password})
 
 
 @contextlib.asynccontextmanager
@@ -64,7 +64,7 @@ async def opened(acct: Account) -> AsyncIterator[ExchangeProvider]:
 
 def exchange_settings_for(tmp_path: Path, database_url: str, relay_port: int) -> Any:
     settings = make_settings(tmp_path, database_url, relay_port)
-    return dataclasses.replace(settings, providers={"exchange": dict(SETTINGS)})
+    return dataclasses.replace(settings, sections={"exchange": dict(SETTINGS)})
 
 
 @dataclass

@@ -48,7 +48,7 @@ async def test_a_provider_without_ews_url_autodiscovers_and_reads(
 ) -> None:
     acct = ExchangeProvider.prepare(loopback_address, {
         "username": "CONTOSO\\ann", "password_env": PASSWORD_ENV,
-        "ca_file": str(test_ca.ca_file)}, {PASSWORD_ENV: PASSWORD})
+        "ca_file": str(test_ca.ca_file)}, {"password": PASSWORD})
     assert "ews_url" not in acct.settings and acct.settings["auth"] == "ntlm"
     provider = ExchangeProvider(acct, SETTINGS)
     await provider.open()

@@ -43,16 +43,17 @@ async def checkpoint() -> None:
 ])
 def test_exchange_online_is_refused_at_connect(url: str) -> None:
     with pytest.raises(ConfigError, match="--provider outlook"):
-        ExchangeProvider.prepare(MAILBOX, {"ews_url": url, "password_env": "P"}, {"P": "x"})
+        ExchangeProvider.prepare(MAILBOX, {"ews_url": url, "password_env": "P"},
+                                 {"password": "x"})
 
 
 def test_options_are_checked_without_network(tmp_path: Any) -> None:
-    env = {"P": "secret"}
+    env = {"password": "secret"}
     with pytest.raises(ConfigError, match="https"):
         ExchangeProvider.prepare(MAILBOX, {"ews_url": "http://mail.contoso.test/EWS/Exchange.asmx",
                                            "password_env": "P"}, env)
     with pytest.raises(ConfigError, match="--password-env"):
-        ExchangeProvider.prepare(MAILBOX, {"auth": "ntlm"}, env)
+        ExchangeProvider.prepare(MAILBOX, {"auth": "ntlm"}, {})
     with pytest.raises(ConfigError, match="--ews-url"):
         ExchangeProvider.prepare(MAILBOX, {"auth": "oauth"}, env)
     with pytest.raises(ConfigError, match="auth must be one of"):
@@ -250,7 +251,7 @@ async def test_impersonation_needs_the_role(ews: FakeEws, test_ca: TestCA) -> No
     acct = ExchangeProvider.prepare(MAILBOX, {
         "ews_url": ews.url, "auth": "basic", "username": "svc@contoso.test",
         "password_env": PASSWORD_ENV, "ca_file": str(test_ca.ca_file), "impersonate": True,
-    }, {PASSWORD_ENV: "Svc-1"})
+    }, {"password": "Svc-1"})
     provider = ExchangeProvider(acct, {})
     await provider.open()
     try:

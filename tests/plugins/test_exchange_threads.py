@@ -34,7 +34,7 @@ async def imap_pass(imap_server: ImapServer, mailbox: tuple[str, str]) -> list[b
     acct = ImapSmtpProvider.prepare(email, {
         "imap_host": imap_server.host, "imap_port": imap_server.port,
         "smtp_host": "127.0.0.1", "smtp_port": 1, "security": "starttls",
-        "password_env": "PW", "ca_file": str(imap_server.ca.ca_file)}, {"PW": password})
+        "password_env": "PW", "ca_file": str(imap_server.ca.ca_file)}, {"password": password})
     provider = ImapSmtpProvider(acct, {"timeout": 10.0})
     await provider.open()
     try:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.fakes import FakeMicrosoft, ServerThread
@@ -18,7 +19,7 @@ from tests.fakes.world import MAILBOX, opened, sign_in
 from tests.kernelfixtures import CONTACT, make_mail
 from tests.servers.tlscerts import TestCA
 from threadsync.core.provider import Folder
-from threadsync.plugins.outlook import NotificationHub, OutlookProvider
+from threadsync.plugins.outlook import HUB, NotificationHub, OutlookProvider
 
 pytest_plugins = ["tests.fakes.fixtures"]
 INBOX = Folder("inbox", "inbox")
@@ -57,14 +58,15 @@ def test_hub_answers_validation_and_checks_client_state() -> None:
 @pytest.fixture
 def endpoint(test_ca: TestCA) -> Iterator[tuple[NotificationHub, ServerThread]]:
     """What the (later) HTTP API will be: an HTTPS endpoint that asks the hub."""
-    hub = NotificationHub()
+    hub = HUB
 
     async def app(call: Call) -> Reply:
         answer = hub.handle(call.body, call.query)
         return Reply(answer.status, answer.body.encode(), {"content-type": answer.content_type})
 
     server = ServerThread(app, test_ca).start()
-    yield hub, server
+    with hub.serving():
+        yield hub, server
     server.stop()
 
 
@@ -72,10 +74,9 @@ def endpoint(test_ca: TestCA) -> Iterator[tuple[NotificationHub, ServerThread]]:
 async def subscribed(
     ms: FakeMicrosoft, endpoint: tuple[NotificationHub, ServerThread]
 ) -> AsyncIterator[OutlookProvider]:
-    hub, server = endpoint
+    _hub, server = endpoint
     account, settings = await sign_in(ms, notification_url=f"{server.base}/notify",
                                       lifecycle_url=f"{server.base}/lifecycle")
-    settings["notification_hub"] = hub
     async with opened(account, settings) as provider:
         await provider.changes(INBOX, None)
         assert await provider.wait_for_changes(0.05) is False  # subscribes first
@@ -151,12 +152,60 @@ async def test_a_notification_endpoint_that_does_not_echo_is_refused(
 
     server = ServerThread(wrong, test_ca).start()
     try:
-        hub = NotificationHub()
         account, settings = await sign_in(ms, notification_url=f"{server.base}/notify")
-        settings["notification_hub"] = hub
-        async with opened(account, settings) as provider:
-            assert await provider.wait_for_changes(0.05) is False  # polling goes on
+        with HUB.serving():
+            async with opened(account, settings) as provider:
+                assert await provider.wait_for_changes(0.05) is False  # polling goes on
         assert ms.subscriptions.items == {}
         assert any(e.path == "/subscriptions" and e.status == 400 for e in ms.requests())
     finally:
         server.stop()
+
+
+async def test_a_new_lifecycle_url_recreates_the_subscriptions_and_urls_are_kept(
+    ms: FakeMicrosoft, endpoint: tuple[NotificationHub, ServerThread]
+) -> None:
+    hub, server = endpoint
+    account, settings = await sign_in(ms, notification_url=f"{server.base}/notify")
+    settings["notification_hub"] = hub
+    async with opened(account, settings) as provider:
+        await provider.wait_for_changes(0.05)
+    old = set(ms.subscriptions.items)
+    assert len(old) == 2
+    assert all(s.lifecycle_url is None for s in ms.subscriptions.items.values())
+    lifecycle = f"{server.base}/lifecycle"
+    async with opened(account, {**settings, "lifecycle_url": lifecycle}) as provider:
+        await provider.wait_for_changes(0.05)
+    subs = ms.subscriptions.items
+    assert len(subs) == 2 and not set(subs) & old  # recreated: PATCH cannot add it
+    assert all(s.lifecycle_url == lifecycle for s in subs.values())
+    stored = json.loads(account.secrets["subscriptions"])
+    assert {(i["notification_url"], i["lifecycle_url"]) for i in stored} == {
+        (f"{server.base}/notify", lifecycle)}
+    assert not any(e.method == "PATCH" for e in ms.requests())
+
+
+async def test_the_fake_lists_reads_reauthorizes_and_refuses_a_lifecycle_patch(
+    subscribed: OutlookProvider, ms: FakeMicrosoft
+) -> None:
+    token = ms.identity.token_of(MAILBOX)
+    base = subscribed.config.graph_url
+    sub_id = next(iter(ms.subscriptions.items))
+    async with httpx.AsyncClient(verify=ms.ca.client_context(),
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
+        listed = (await client.get(f"{base}/subscriptions")).json()["value"]
+        one = (await client.get(f"{base}/subscriptions/{sub_id}")).json()
+        again = await client.post(f"{base}/subscriptions/{sub_id}/reauthorize")
+        patched = await client.patch(f"{base}/subscriptions/{sub_id}",
+                                     json={"lifecycleNotificationUrl": "https://x.test/l"})
+        ms.identity.access_tokens[token].scopes = ("User.Read",)
+        refused = await client.post(f"{base}/subscriptions", json={
+            "changeType": "created", "resource": "me/mailFolders('inbox')/messages",
+            "notificationUrl": one["notificationUrl"], "clientState": "s",
+            "expirationDateTime": one["expirationDateTime"]})
+    assert sorted(s["id"] for s in listed) == sorted(ms.subscriptions.items)
+    assert one["id"] == sub_id and one["notificationUrl"].endswith("/notify")
+    assert one["lifecycleNotificationUrl"].endswith("/lifecycle")
+    assert again.status_code == 204 and ms.subscriptions.reauthorized == [sub_id]
+    assert patched.status_code == 400
+    assert refused.status_code == 403  # Mail.ReadBasic at least is needed
