@@ -23,6 +23,7 @@ from threadsync.core.provider import Provider
 BUILTIN = (
     "threadsync.plugins.imap_smtp",
     "threadsync.plugins.outlook",
+    "threadsync.plugins.exchange",
     "threadsync.plugins.http_api",
     "threadsync.plugins.localmail",
 )

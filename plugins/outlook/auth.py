@@ -294,8 +294,16 @@ class TokenSource:
     with ``account.secrets_changed`` so that the kernel stores it encrypted.
     """
 
-    def __init__(self, config: OutlookConfig, account: Account, secret: str | None) -> None:
+    def __init__(
+        self,
+        config: OutlookConfig,
+        account: Account,
+        secret: str | None,
+        scopes: Sequence[str] | None = None,
+    ) -> None:
         self._config = config
+        #: Other scopes than Graph's (the Exchange provider asks for EWS's).
+        self._scopes = tuple(scopes) if scopes else None
         self._account = account
         self._secret = secret
         self._kind = str(account.settings.get("client_kind") or CONFIDENTIAL)
@@ -355,7 +363,7 @@ class TokenSource:
         if chosen is None:
             return {"error": "invalid_grant", "suberror": "no_account_in_cache"}
         result = self._app.acquire_token_silent_with_error(
-            list(scopes_for(bool(self._account.settings.get("shared")))), chosen,
+            list(self._scopes or scopes_for(bool(self._account.settings.get("shared")))), chosen,
             force_refresh=force_refresh,
         )
         return dict(result) if result else {"error": "invalid_grant", "suberror": "no_token"}
