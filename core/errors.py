@@ -22,6 +22,7 @@ turns these into exit codes and messages for people.
     └── ProviderError               a mailbox provider failed
         ├── AuthenticationFailed    credentials rejected -> connection needs_reauth
         ├── TransientProviderError  network, timeout, server busy -> retried with backoff
+        │   └── DeliveryUnconfirmed the line failed after a message may have left: not resent
         └── ProviderProtocolError   the server answered something we cannot use
 
 Messages never contain secrets (R11): callers pass addresses and host names,
@@ -124,6 +125,15 @@ class TransientProviderError(ProviderError):
         self.retry_after = retry_after
 
 
+class DeliveryUnconfirmed(TransientProviderError):
+    """The connection failed after the end of a message was written and before
+    the server's answer (SMTP after the final dot): the server may have accepted
+    it. The kernel never sends it again (a duplicate is worse than a gap) and
+    records the message with reason ``delivery_unconfirmed``."""
+
+    code = "delivery_unconfirmed"
+
+
 class ProviderProtocolError(ProviderError):
     """The server answered something the provider cannot use (not retried soon)."""
 
@@ -134,6 +144,7 @@ __all__ = [
     "AlreadyConnected",
     "AuthenticationFailed",
     "ConfigError",
+    "DeliveryUnconfirmed",
     "HeaderInjection",
     "InvalidInput",
     "LabsDisabled",

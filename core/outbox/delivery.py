@@ -15,6 +15,12 @@ After a crash:
   message rather than doubling it, the one case R9's two demands conflict.
 
 A failure before the checkpoint returns the entry to ``pending`` with backoff.
+A failure after it that leaves the outcome unknown (the provider raises
+:class:`~threadsync.core.errors.DeliveryUnconfirmed`: the line dropped after the
+end of SMTP DATA, before the server's answer) keeps ``transmitting`` with the
+lease released: it is handled as after a crash (never sent again, the Sent copy
+filed on the next pass), and the message carries the reason
+``delivery_unconfirmed`` so the CRM user sees that it may not have arrived.
 """
 
 from __future__ import annotations
@@ -31,7 +37,12 @@ from sqlalchemy.orm import Session, undefer
 
 from threadsync.core import rules
 from threadsync.core.accounts.connections import labs_on
-from threadsync.core.errors import LeaseLost, ProviderError, ProviderProtocolError
+from threadsync.core.errors import (
+    DeliveryUnconfirmed,
+    LeaseLost,
+    ProviderError,
+    ProviderProtocolError,
+)
 from threadsync.core.host.events import MESSAGE_SYNCED, EventBuffer, message_json
 from threadsync.core.kernel import Kernel, worker_is_dead
 from threadsync.core.outbox.relay import send_via_relay
@@ -40,6 +51,9 @@ from threadsync.core.store.models import Connection, Message, OutboxEntry, utcno
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: Reason on a CRM message whose server answer was lost after it may have left.
+DELIVERY_UNCONFIRMED = "delivery_unconfirmed"
 
 
 @dataclass(frozen=True)
@@ -255,6 +269,9 @@ async def _deliver_default(k: Kernel, claim: Claim) -> str:
     except ProviderProtocolError as exc:
         await _run(k, _fail, claim, str(exc))
         return "queued"
+    except DeliveryUnconfirmed as exc:
+        await _run(k, _unconfirmed, claim, exc)
+        return "queued"
     except ProviderError as exc:
         log.warning("default channel failed: %s", exc, extra={"outbox_id": claim.entry_id})
         await _run(k, _release, claim, str(exc))
@@ -362,8 +379,11 @@ def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
         entry = session.get(OutboxEntry, claim.entry_id)
         if entry is not None and entry.lease_owner != k.worker:
             entry = None  # another worker holds it now: its state is not ours to change
-        if entry is not None and entry.status in ("claimed", "transmitting"):
-            # An error raised by the provider means the server did not take it.
+        if entry is not None and isinstance(exc, DeliveryUnconfirmed):
+            if entry.status == "transmitting":
+                _record_unconfirmed(session, entry, exc)
+        elif entry is not None and entry.status in ("claimed", "transmitting"):
+            # Any other error raised by the provider means the server did not take it.
             entry.status = "pending"
             entry.attempts = (entry.attempts or 0) + 1
             entry.last_error = str(exc)
@@ -375,6 +395,31 @@ def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
 
     k.store.call(work)
     events.announce(k.pm)
+
+
+def _unconfirmed(k: Kernel, claim: Claim, exc: DeliveryUnconfirmed) -> None:
+    def work(session: Session) -> None:
+        entry = session.get(OutboxEntry, claim.entry_id)
+        if entry is not None and entry.lease_owner == k.worker:
+            _record_unconfirmed(session, entry, exc)
+
+    k.store.call(work)
+
+
+def _record_unconfirmed(session: Session, entry: OutboxEntry, exc: DeliveryUnconfirmed) -> None:
+    """The message may have left: keep ``transmitting`` (never sent again, settled
+    by the next claim as after a crash), release the lease, say so on the message."""
+    entry.lease_owner = None
+    entry.lease_until = None
+    entry.last_error = f"{DELIVERY_UNCONFIRMED}: {exc}"
+    msg = session.get(Message, entry.message_pk)
+    if msg is not None:
+        msg.reason = DELIVERY_UNCONFIRMED
+    log.warning(
+        "delivery unconfirmed: the answer to the end of the message was lost; "
+        "it is not sent again",
+        extra={"outbox_id": entry.id, "reason": DELIVERY_UNCONFIRMED},
+    )
 
 
 def _due_clause(now: datetime) -> Any:
