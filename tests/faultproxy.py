@@ -5,7 +5,8 @@ connection to one target (Dovecot, aiosmtpd, the fake Graph). It works on bytes
 only, so TLS passes through untouched. A test arms :class:`Fault` objects; each
 one applies to one direction of the next connection whose stream reaches its
 trigger, a byte offset (chosen, or drawn at random from a seeded range) or the
-end of a byte pattern (``b"\\r\\n.\\r\\n"``: just after the end of SMTP DATA).
+end of a byte pattern (``b"\\r\\n.\\r\\n"``: just after the end of SMTP DATA),
+optionally ``plus`` bytes further (a random point inside a FETCH literal).
 From there the connection is:
 
 * ``reset``: the client side is aborted with an RST (``SO_LINGER`` 0); what was
@@ -44,6 +45,8 @@ class Fault:
     direction: Direction
     at: int | None = None
     after: bytes | None = None
+    #: With ``after``: how many bytes past the end of the pattern.
+    plus: int = 0
     #: For ``throttle``: bytes per second.
     rate: int = 300
     #: Set once the fault took effect (by the proxy's thread).
@@ -68,7 +71,10 @@ class Fault:
         found = window.find(self.after)
         if found < 0:
             return None
-        return found + len(self.after) - len(tail)
+        # From here on an offset in the stream: the pattern's end plus ``plus``.
+        self.at = seen + found + len(self.after) - len(tail) + self.plus
+        self.after = None
+        return self.trigger(seen, tail, chunk)
 
 
 class _Link:

@@ -136,3 +136,82 @@ async def test_stalled_smtp_line_times_out_and_the_message_goes_later(
     await passes(world, 3)
     assert_exactly_once(world, first["thread_id"], [first["message_id"]], [])
     assert took < TIMEOUT * 3, f"a stalled line held the send {took:.1f}s"
+
+
+# ---- IMAP: header FETCH, body FETCH, APPEND --------------------------------------------
+
+
+async def conversation(world: World, lines: Lines) -> tuple[str, list[str], list[str]]:
+    """A synced thread with mail waiting both ways: (thread id, CRM Message-IDs,
+    Message-IDs of mail the contact and the user's mail client put in the mailbox)."""
+    await connect_through(world, lines)
+    first = await world.ts.send(SUB, USER, offer())
+    assert first["status"] == "sent"
+    mails = [world.contact_replies(first, body=f"reply {n} " + "y" * 3000) for n in range(3)]
+    mails.append(world.user_replies_from_client(mails[0], chain=[first["message_id"]]))
+    return first["thread_id"], [first["message_id"]], mails
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_cut_during_a_header_fetch(world: World, lines: Lines, seed: int) -> None:
+    thread_id, crm, mails = await conversation(world, lines)
+    offset = random.Random(seed).randint(0, 200)
+    cut = Fault("reset", "down", after=b"BODY[HEADER.FIELDS", plus=offset)
+    lines.imap.arm(cut)
+    reply = await world.ts.reply(thread_id, Draft(text="CRM reply while the line drops"))
+    await passes(world, 4)
+    assert cut.fired.is_set()
+    assert_exactly_once(world, thread_id, [*crm, reply["message_id"]], mails)
+    assert world.ts.status(SUB, USER)["connections"][0]["state"] == "connected"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_cut_during_a_body_fetch(world: World, lines: Lines, seed: int) -> None:
+    thread_id, crm, mails = await conversation(world, lines)
+    cut = Fault("reset", "down", after=b"BODY[] {", plus=random.Random(seed).randint(5, 2500))
+    lines.imap.arm(cut)
+    reply = await world.ts.reply(thread_id, Draft(text="CRM reply while the line drops"))
+    await passes(world, 4)
+    assert cut.fired.is_set()
+    assert_exactly_once(world, thread_id, [*crm, reply["message_id"]], mails)
+
+
+async def test_stalled_body_fetch_gives_up_within_its_timeout(world: World, lines: Lines) -> None:
+    thread_id, crm, mails = await conversation(world, lines)
+    stall = Fault("stall", "down", after=b"BODY[] {", plus=100)
+    lines.imap.arm(stall)
+    started = time.monotonic()
+    report = await world.ts.run_once()
+    took = time.monotonic() - started
+    assert stall.fired.is_set() and report.errors
+    assert took < TIMEOUT * 4, f"a stalled FETCH held the pass {took:.1f}s"
+    conn = world.ts.status(SUB, USER)["connections"][0]
+    assert conn["state"] == "error" and conn["last_error"]
+    await passes(world, 4, pause=0.6)
+    assert_exactly_once(world, thread_id, crm, mails)
+
+
+async def test_cut_inside_the_append_of_the_sent_copy(world: World, lines: Lines) -> None:
+    """The APPEND breaks off mid-literal: the server files nothing; the copy is
+    filed on a later pass, once, and the message was submitted once."""
+    thread_id, crm, mails = await conversation(world, lines)
+    await passes(world, 1)
+    cut = Fault("reset", "up", after=b"APPEND", plus=300)
+    lines.imap.arm(cut)
+    reply = await world.ts.reply(thread_id, Draft(text="CRM reply " + "z" * 2000))
+    assert cut.fired.is_set()
+    await passes(world, 3)
+    assert_exactly_once(world, thread_id, [*crm, reply["message_id"]], mails)
+
+
+async def test_lost_answer_to_append_files_the_sent_copy_once(world: World, lines: Lines) -> None:
+    """The server filed the copy but its answer was lost: the next pass finds the
+    copy in Sent and does not file a second one."""
+    thread_id, crm, mails = await conversation(world, lines)
+    await passes(world, 1)
+    cut = Fault("reset", "down", after=b"[APPENDUID")
+    lines.imap.arm(cut)
+    reply = await world.ts.reply(thread_id, Draft(text="CRM reply, answer lost"))
+    assert cut.fired.is_set()
+    await passes(world, 3)
+    assert_exactly_once(world, thread_id, [*crm, reply["message_id"]], mails)
