@@ -6,7 +6,9 @@ only, so TLS passes through untouched. A test arms :class:`Fault` objects; each
 one applies to one direction of the next connection whose stream reaches its
 trigger, a byte offset (chosen, or drawn at random from a seeded range) or the
 end of a byte pattern (``b"\\r\\n.\\r\\n"``: just after the end of SMTP DATA),
-optionally ``plus`` bytes further (a random point inside a FETCH literal).
+optionally ``plus`` bytes further (a random point inside a FETCH literal), or,
+with neither, ``plus`` bytes into the next data in that direction (for TLS,
+where no pattern is visible: armed by a fake at the moment it handles a request).
 From there the connection is:
 
 * ``reset``: the client side is aborted with an RST (``SO_LINGER`` 0); what was
@@ -62,6 +64,8 @@ class Fault:
     def trigger(self, seen: int, tail: bytes, chunk: bytes) -> int | None:
         """Where in ``chunk`` (after ``seen`` bytes of the stream, whose last
         bytes are ``tail``) the fault starts, or ``None`` if not in it."""
+        if self.at is None and self.after is None:
+            self.at = seen + self.plus  # relative: from where this stream is now
         if self.at is not None:
             if seen + len(chunk) >= self.at:
                 return max(0, self.at - seen)
