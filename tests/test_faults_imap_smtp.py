@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import gc
 import random
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,10 @@ import pytest
 
 from tests.faultproxy import Fault, FaultProxy
 from tests.kernelfixtures import CONTACT, SUB, USER, World
+from tests.servers import free_port
+from threadsync.core.errors import TransientProviderError
 from threadsync.core.outbox.compose import Draft
+from threadsync.plugins.imap_smtp.imap import ImapEndpoint, ImapSession
 
 #: The provider's network timeout in these tests (seconds): stalls outlast it.
 TIMEOUT = 2.0
@@ -215,3 +219,43 @@ async def test_lost_answer_to_append_files_the_sent_copy_once(world: World, line
     assert cut.fired.is_set()
     await passes(world, 3)
     assert_exactly_once(world, thread_id, [*crm, reply["message_id"]], mails)
+
+
+async def test_a_line_that_drops_at_once_is_a_clean_failure(world: World, lines: Lines) -> None:
+    """A load balancer whose server is gone accepts the connection and drops it
+    before the greeting: the pass fails cleanly (no coroutine left behind) and
+    the connection shows the error; it recovers once the server is back."""
+    await connect_through(world, lines)
+    first = await world.ts.send(SUB, USER, offer())
+    target = lines.imap.target_port
+    lines.imap.target_port = free_port()  # nothing behind it now: every connect drops
+    for _ in range(3):
+        report = await world.ts.run_once()
+        assert report.errors
+        gc.collect()  # a coroutine never awaited is reported when collected
+        await asyncio.sleep(0.3)
+    conn = world.ts.status(SUB, USER)["connections"][0]
+    assert conn["state"] == "error" and "IMAP" in conn["last_error"]
+    lines.imap.target_port = target
+    mid = world.contact_replies(first)
+    await passes(world, 3, pause=0.6)
+    assert_exactly_once(world, first["thread_id"], [first["message_id"]], [mid])
+
+
+async def test_commands_on_a_dropped_imap_line_fail_cleanly(world: World, lines: Lines) -> None:
+    """Once the line dropped, every further command fails at once with a
+    transient error, and none is left behind unawaited (the daemon may still
+    ask a broken session for something before it notices)."""
+    endpoint = ImapEndpoint(lines.imap.host, lines.imap.port, "none", None, TIMEOUT)
+    session = await ImapSession.connect(endpoint)
+    await session.login(world.email, world.password)
+    lines.imap.arm(Fault("reset", "down"))
+    with pytest.raises(TransientProviderError):
+        await session.status("INBOX", ["MESSAGES"])
+    for _ in range(3):
+        with pytest.raises(TransientProviderError):
+            await session.status("INBOX", ["MESSAGES"])
+        with pytest.raises(TransientProviderError):
+            await session.uid_search("ALL")
+    await session.close()
+    gc.collect()  # a coroutine never awaited would be reported (as an error) here
