@@ -18,12 +18,15 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from tests.faultproxy import Fault, FaultProxy
-from tests.kernelfixtures import CONTACT, SUB, USER, World
+from tests.kernelfixtures import CONTACT, SUB, USER, World, make_settings
 from tests.servers import free_port
+from tests.servers.smtp import SmtpServer
+from threadsync.core.api import Threadsync
 from threadsync.core.errors import TransientProviderError
 from threadsync.core.outbox.compose import Draft
 from threadsync.plugins.imap_smtp.imap import ImapEndpoint, ImapSession
@@ -259,3 +262,35 @@ async def test_commands_on_a_dropped_imap_line_fail_cleanly(world: World, lines:
             await session.uid_search("ALL")
     await session.close()
     gc.collect()  # a coroutine never awaited would be reported (as an error) here
+
+
+# ---- the CRM's default relay ---------------------------------------------------------------
+
+
+async def test_lost_answer_from_the_default_relay_never_sends_twice(
+    tmp_path: Path, scenario_database_url: str, relay: SmtpServer
+) -> None:
+    """The same point of no return on the CRM's own relay: a user without a
+    mailbox gets the message through the default channel; the answer to the end
+    of DATA is lost; later passes never send it again."""
+    with FaultProxy(relay.host, relay.port) as proxy:
+        settings = make_settings(tmp_path, scenario_database_url, proxy.port)
+        Threadsync.init(settings)
+        ts = Threadsync.from_settings(settings, environ={})
+        try:
+            ts.labs(SUB, enabled=True)
+            cut = Fault("reset", "up", after=b"\r\n.\r\n")
+            proxy.arm(cut)
+            first = await ts.send(SUB, USER, offer())
+            assert cut.fired.is_set() and first["channel"] == "default"
+            for _ in range(3):
+                await ts.run_once()
+                await asyncio.sleep(0.3)
+            assert len(relay.by_message_id(first["message_id"])) == 1
+            assert ts.thread(first["thread_id"])["messages"][0]["reason"] == "delivery_unconfirmed"
+            # A later message on the same relay goes normally.
+            second = await ts.send(SUB, USER, offer("again"))
+            assert second["status"] == "sent"
+            assert len(relay.by_message_id(second["message_id"])) == 1
+        finally:
+            await ts.aclose()
