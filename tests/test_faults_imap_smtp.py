@@ -19,11 +19,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.faultproxy import Fault, FaultProxy
-from tests.kernelfixtures import CONTACT, SUB, USER, World, make_settings
+from tests.kernelfixtures import CONTACT, SUB, USER, World, make_mail, make_settings, reply_to
 from tests.servers import free_port
 from tests.servers.smtp import SmtpServer
 from threadsync.core.api import Threadsync
@@ -294,3 +295,51 @@ async def test_lost_answer_from_the_default_relay_never_sends_twice(
             assert len(relay.by_message_id(second["message_id"])) == 1
         finally:
             await ts.aclose()
+
+
+# ---- one slow line never slows another -----------------------------------------------------
+
+
+async def until(check: Any, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_throttled_line_does_not_slow_another_connection(
+    world: World, lines: Lines, mailbox_factory: Any
+) -> None:
+    """User A's IMAP line crawls at a few hundred bytes a second in the middle of
+    a body FETCH; the daemon stores user B's new mail meanwhile, and A's mail
+    arrives whole once its line has delivered it."""
+    await connect_through(world, lines)
+    other, other_pw = mailbox_factory()
+    world.submission.users[other] = other_pw
+    world.ts.kernel.environ["MAILPW2"] = other_pw
+    await world.ts.connect(
+        SUB, "u2", "imap_smtp", email=other, options=world.options(password_env="MAILPW2")
+    )
+    a = await world.ts.send(SUB, USER, offer())
+    b = await world.ts.send(SUB, "u2", offer())
+    crawl = Fault("throttle", "down", after=b"BODY[] {", rate=400)
+    lines.imap.arm(crawl)
+    a_reply = world.contact_replies(a, body="slow " + "s" * 3000)
+    daemon = world.ts.daemon()
+    running = asyncio.create_task(daemon.run())
+    try:
+        await until(crawl.fired.is_set, 20)
+        raw, b_reply = make_mail(
+            sender=CONTACT, to=other, subject="Re: Offer", body="quick", headers=reply_to(b)
+        )
+        world.imap.deliver(other, raw)
+        await until(lambda: world.count_messages(b_reply) == 1, 15)
+        # B's mail is in while A's body is still crawling through its line.
+        assert world.count_messages(a_reply) == 0
+        await until(lambda: world.count_messages(a_reply) == 1, 30)
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(running, 30)
+    assert_exactly_once(world, a["thread_id"], [a["message_id"]], [a_reply])
+    stored_b = [m["message_id"] for m in world.ts.thread(b["thread_id"])["messages"]]
+    assert stored_b == [b["message_id"], b_reply]
