@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from threadsync.core.errors import ProviderError
+from threadsync.core.errors import ProviderError, StoreError
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import delivery
@@ -153,6 +153,8 @@ class Daemon:
         self.providers: dict[int, Provider] = {}
         self.extra = tuple(extra)
         self._stop = asyncio.Event()
+        #: Set while the database is unreachable: said once per outage, not per task.
+        self._store_down = False
 
     def stop(self) -> None:
         self._stop.set()
@@ -180,13 +182,29 @@ class Daemon:
             log.exception("a task beside the sync loop failed; stopping")
         self.stop()
 
+    def _database_down(self, exc: StoreError) -> None:
+        if not self._store_down:
+            self._store_down = True
+            log.warning(
+                "database unavailable; work pauses and is retried every %gs: %s",
+                self.supervise_seconds,
+                exc,
+                extra={"error": exc.code},
+            )
+
     async def _supervise(self) -> None:
         try:
             await deliver_default_channel(self.k)
             wanted = set(await asyncio.to_thread(eligible_connections, self.k))
+        except StoreError as exc:
+            self._database_down(exc)
+            return
         except Exception:  # the supervisor must survive a database hiccup
             log.exception("supervisor pass failed")
             return
+        if self._store_down:
+            self._store_down = False
+            log.warning("database reachable again; work resumes")
         for conn_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[conn_id]
@@ -199,6 +217,9 @@ class Daemon:
         # connection from IDLE instead of waiting for the next poll.
         try:
             waiting = await asyncio.to_thread(delivery.connections_with_due_mail, self.k)
+        except StoreError as exc:
+            self._database_down(exc)
+            return
         except Exception:
             log.exception("supervisor could not read the outbox")
             return
@@ -237,6 +258,8 @@ class Daemon:
             await _fail(k, conn_id, exc)
         except asyncio.CancelledError:
             raise
+        except StoreError as exc:  # the supervisor restarts the task once it is back
+            self._database_down(exc)
         except Exception:  # one connection's bug must not stop the others
             log.exception("connection task crashed", extra={"connection_id": conn_id})
         finally:
