@@ -231,7 +231,8 @@ def damaged(draw: st.DrawFn) -> bytes:
         raw = raw.replace(b"--\r\nepilogue", b"\r\nepilogue")
     elif how == "huge-header":
         size = draw(st.sampled_from([1000, 20_000, 100_000]))
-        raw = b"X-Big: " + b"a" * size + b"\r\nSubject: =?utf-8?q?" + b"=41" * 3000 + b"?=\r\n" + raw
+        words = b"Subject: =?utf-8?q?" + b"=41" * 3000 + b"?=\r\n"
+        raw = b"X-Big: " + b"a" * size + b"\r\n" + words + raw
     elif how == "parens":
         raw = b"From: " + b"(" * 5000 + b"a@b.c\r\nTo: x:;\r\nCc: g: a@b.c, (;\r\n" + raw
     elif how == "nest":
