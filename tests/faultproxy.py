@@ -46,7 +46,8 @@ class Fault:
     kind: Kind
     direction: Direction
     at: int | None = None
-    after: bytes | None = None
+    #: A byte pattern, or several that must follow each other in the stream.
+    after: bytes | tuple[bytes, ...] | None = None
     #: With ``after``: how many bytes past the end of the pattern.
     plus: int = 0
     #: For ``throttle``: bytes per second.
@@ -64,19 +65,25 @@ class Fault:
     def trigger(self, seen: int, tail: bytes, chunk: bytes) -> int | None:
         """Where in ``chunk`` (after ``seen`` bytes of the stream, whose last
         bytes are ``tail``) the fault starts, or ``None`` if not in it."""
-        if self.at is None and self.after is None:
+        if self.at is None and not self.after:
             self.at = seen + self.plus  # relative: from where this stream is now
         if self.at is not None:
             if seen + len(chunk) >= self.at:
                 return max(0, self.at - seen)
             return None
-        assert self.after is not None
         window = tail + chunk
-        found = window.find(self.after)
-        if found < 0:
-            return None
-        # From here on an offset in the stream: the pattern's end plus ``plus``.
-        self.at = seen + found + len(self.after) - len(tail) + self.plus
+        patterns = (self.after,) if isinstance(self.after, bytes) else tuple(self.after or ())
+        # A pattern wholly inside the tail was looked for with the previous chunk.
+        start = max(0, len(tail) - len(patterns[0]) + 1)
+        while patterns:
+            found = window.find(patterns[0], start)
+            if found < 0:
+                self.after = patterns
+                return None
+            start = found + len(patterns[0])
+            patterns = patterns[1:]
+        # From here on an offset in the stream: the last pattern's end plus ``plus``.
+        self.at = seen + start - len(tail) + self.plus
         self.after = None
         return self.trigger(seen, tail, chunk)
 

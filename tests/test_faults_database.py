@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.faultproxy import Fault, FaultProxy
 from tests.kernelfixtures import CONTACT, SUB, USER, World
 from tests.pgcluster import PgCluster, pg_bin
 from threadsync.core.errors import StoreError
@@ -62,7 +63,18 @@ def scenario_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Ite
         conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
         conn.execute(text(f"CREATE DATABASE {name}"))
     admin.dispose()
+    if marker is not None and marker.kwargs.get("through_proxy"):
+        line: FaultProxy = request.getfixturevalue("pg_line")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{line.port}/{name}"
+        return
     yield pg.url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+def pg_line(cluster: PgCluster) -> Iterator[FaultProxy]:
+    """A fault proxy between threadsync and the private cluster."""
+    with FaultProxy("127.0.0.1", cluster.port) as proxy:
+        yield proxy
 
 
 async def until(check: Any, limit: float, what: str) -> None:
@@ -127,6 +139,30 @@ async def test_postgresql_crashes_and_restarts_under_the_daemon(
     assert len(down) == 1 and "connect" in down[0], said
     assert "database reachable again; work resumes" in said
     assert not [m for m in said if "crashed" in m or "pass failed" in m], said
+
+
+@pytest.mark.database("postgresql", through_proxy=True)
+async def test_database_lost_while_committing_the_checkpoint_does_not_lose_the_message(
+    world: World, pg_line: FaultProxy
+) -> None:
+    """The line to PostgreSQL drops as the commit of "transmitting" goes out: the
+    commit may have happened, but the end of DATA was never written, so the
+    message has certainly not left. It must be sent later (once), not taken
+    for sent."""
+    await world.connect()
+    cut = Fault("reset", "up", after=(b"transmitting", b"COMMIT"), plus=1)  # with its NUL
+    pg_line.arm(cut)
+    first = await world.ts.send(SUB, USER, Draft(to=[CONTACT], subject="Offer", text="Offer"))
+    assert cut.fired.is_set() and first["status"] == "queued"  # kept, not lost, not raised
+    assert world.submission.received == []  # the end of DATA was never written
+    # Passes until well past the lease: the entry may be retried, never taken for sent.
+    deadline = time.monotonic() + world.ts.kernel.settings.sync.lease_seconds + 2
+    while time.monotonic() < deadline:
+        await world.ts.run_once()
+        await asyncio.sleep(0.5)
+    assert len(world.submission.received) == 1, "the message was lost (taken for sent)"
+    assert len(world.submission.by_message_id(first["message_id"])) == 1
+    assert len(world.imap.messages(world.email, "Sent")) == 1
 
 
 # ---- SQLite on a full disk --------------------------------------------------------------

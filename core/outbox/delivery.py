@@ -15,6 +15,11 @@ After a crash:
   message rather than doubling it, the one case R9's two demands conflict.
 
 A failure before the checkpoint returns the entry to ``pending`` with backoff.
+If the database fails while committing "transmitting" (the commit may or may
+not have happened), the provider stops before that step, so the message has
+certainly not left: the entry is remembered in this process and its next claim
+here sends it (without waiting for the lease to run out, and without taking it
+for sent).
 A failure after it that leaves the outcome unknown (the provider raises
 :class:`~threadsync.core.errors.DeliveryUnconfirmed`: the line dropped after the
 end of SMTP DATA, before the server's answer) keeps ``transmitting`` with the
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,11 +48,13 @@ from threadsync.core.errors import (
     LeaseLost,
     ProviderError,
     ProviderProtocolError,
+    StoreError,
 )
 from threadsync.core.host.events import MESSAGE_SYNCED, EventBuffer, message_json
 from threadsync.core.kernel import Kernel, worker_is_dead
 from threadsync.core.outbox.relay import send_via_relay
-from threadsync.core.provider import Checkpoint, OutgoingMail, Provider
+from threadsync.core.provider import OutgoingMail, Provider
+from threadsync.core.store.database import Store
 from threadsync.core.store.models import Connection, Message, OutboxEntry, utcnow
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,15 @@ T = TypeVar("T")
 
 #: Reason on a CRM message whose server answer was lost after it may have left.
 DELIVERY_UNCONFIRMED = "delivery_unconfirmed"
+
+#: Per database, the entries this process holds in "transmitting" although they
+#: certainly did not leave: the commit of the checkpoint failed (its outcome
+#: unknown) and the provider stopped before the point of no return.
+_NOT_SENT: weakref.WeakKeyDictionary[Store, set[int]] = weakref.WeakKeyDictionary()
+
+
+def _not_sent(k: Kernel) -> set[int]:
+    return _NOT_SENT.setdefault(k.store, set())
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,12 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         conn = _mailbox_ready(session, entry.connection_id, provider_open, now)
         if conn is None:
             return None
+    # Ours, and known here not to have left (see _NOT_SENT): sent now, not waited for.
+    not_sent = (
+        entry.status == "transmitting"
+        and entry.lease_owner == k.worker
+        and entry.id in _not_sent(k)
+    )
     if entry.status == "sent":
         if entry.channel == "mailbox" and not entry.sent_copy_stored:
             if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
@@ -99,14 +122,14 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         else:
             return None
     elif entry.status in ("claimed", "transmitting"):
-        if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
+        if not not_sent and not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
             return None
     elif entry.status == "pending":
         if entry.next_attempt_at and entry.next_attempt_at > now:
             return None
     else:
         return None
-    was_transmitting = entry.status == "transmitting"
+    was_transmitting = entry.status == "transmitting" and not not_sent
     already_sent = entry.status == "sent"
     # Compare-and-set, so that two workers never both win the same entry.
     won = session.execute(
@@ -119,7 +142,9 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
             else OutboxEntry.lease_owner == entry.lease_owner,
         )
         .values(
-            status="claimed" if entry.status in ("pending", "claimed") else entry.status,
+            status="claimed"
+            if entry.status in ("pending", "claimed") or not_sent
+            else entry.status,
             lease_owner=k.worker,
             lease_until=now + timedelta(seconds=k.settings.sync.lease_seconds),
         )
@@ -156,7 +181,10 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
 
 
 def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
-    return k.store.call(lambda session: claim_in(session, k, entry_id, provider_open))
+    claim = k.store.call(lambda session: claim_in(session, k, entry_id, provider_open))
+    if claim is not None:
+        _not_sent(k).discard(entry_id)
+    return claim
 
 
 def _update(k: Kernel, entry_id: int, **values: object) -> None:
@@ -229,11 +257,32 @@ async def _status(k: Kernel, entry_id: int) -> str:
     return await k.store.run(work)
 
 
-def _checkpoint(k: Kernel, claim: Claim) -> Checkpoint:
-    async def checkpoint() -> None:
-        await _run(k, _to_transmitting, claim)
+class _Checkpoint:
+    """The provider's checkpoint for one claim: commits "transmitting". When that
+    commit fails, its outcome is unknown, but the provider stops before the point
+    of no return: the entry is noted as not sent (see :data:`_NOT_SENT`)."""
 
-    return checkpoint
+    def __init__(self, k: Kernel, claim: Claim) -> None:
+        self.k = k
+        self.claim = claim
+        self.store_failed = False
+
+    async def __call__(self) -> None:
+        try:
+            await _run(self.k, _to_transmitting, self.claim)
+        except StoreError:
+            self.store_failed = True
+            _not_sent(self.k).add(self.claim.entry_id)
+            log.warning(
+                "database failed while recording a send; the message did not leave "
+                "and is sent later",
+                extra={"outbox_id": self.claim.entry_id},
+            )
+            raise
+
+
+def _checkpoint(k: Kernel, claim: Claim) -> _Checkpoint:
+    return _Checkpoint(k, claim)
 
 
 def _to_transmitting(k: Kernel, claim: Claim) -> None:
@@ -264,8 +313,13 @@ async def _deliver_default(k: Kernel, claim: Claim) -> str:
         return "sent"
     channel = k.settings.default_channel
     password = k.environ.get(channel.password_env) if channel.password_env else None
+    checkpoint = _checkpoint(k, claim)
     try:
-        await send_via_relay(channel, claim.mail, password, _checkpoint(k, claim))
+        await send_via_relay(channel, claim.mail, password, checkpoint)
+    except StoreError:
+        if not checkpoint.store_failed:
+            raise
+        return "queued"
     except ProviderProtocolError as exc:
         await _run(k, _fail, claim, str(exc))
         return "queued"
@@ -343,8 +397,13 @@ async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -
 async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
     """Send (unless a crash may already have sent it), then file the Sent copy."""
     if not (claim.was_transmitting or claim.already_sent):
+        checkpoint = _checkpoint(k, claim)
         try:
-            await provider.send(claim.mail, _checkpoint(k, claim))
+            await provider.send(claim.mail, checkpoint)
+        except StoreError:
+            if not checkpoint.store_failed:
+                raise
+            return "queued"  # not sent; the outbox keeps it (see _NOT_SENT)
         except ProviderProtocolError as exc:
             await _run(k, _fail, claim, str(exc))
             return "queued"
