@@ -183,6 +183,12 @@ class _Link:
             await server.drain()
         server.close()
 
+    def abort(self) -> None:
+        """Drop both sides at once (the proxy is stopping)."""
+        self.closed = True
+        self.client[1].transport.abort()
+        self.server[1].transport.abort()
+
     @staticmethod
     def _close(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, RuntimeError):
@@ -208,7 +214,7 @@ class FaultProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._links: set[asyncio.Task[None]] = set()
+        self._links: dict[asyncio.Task[None], _Link] = {}
 
     def arm(self, *faults: Fault) -> None:
         """Faults for the connections to come (each fires once)."""
@@ -246,9 +252,12 @@ class FaultProxy:
             loop.call_soon(ready.set)
             loop.run_forever()
             self._server.close()
-            for task in list(self._links):
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*self._links, return_exceptions=True))
+            # Aborting the sockets ends every link's pumps: its task returns on
+            # its own (a cancelled connection task is logged as an error).
+            for link in list(self._links.values()):
+                link.abort()
+            if self._links:
+                loop.run_until_complete(asyncio.wait(list(self._links), timeout=5))
             loop.run_until_complete(self._server.wait_closed())
             loop.close()
 
@@ -282,8 +291,9 @@ class FaultProxy:
             return
         task = asyncio.current_task()
         assert task is not None
-        self._links.add(task)
+        link = _Link(self, (reader, writer), server)
+        self._links[task] = link
         try:
-            await _Link(self, (reader, writer), server).run()
+            await link.run()
         finally:
-            self._links.discard(task)
+            self._links.pop(task, None)
