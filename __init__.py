@@ -48,6 +48,7 @@ _EXPORTS = {
     "LabsDisabled": "threadsync.core.errors",
     "AlreadyConnected": "threadsync.core.errors",
     "StoreError": "threadsync.core.errors",
+    "SecretsUnreadable": "threadsync.core.errors",
     "LeaseLost": "threadsync.core.errors",
     "MessageParseError": "threadsync.core.errors",
     "ProviderError": "threadsync.core.errors",
@@ -55,6 +56,7 @@ _EXPORTS = {
     "TransientProviderError": "threadsync.core.errors",
     "ProviderProtocolError": "threadsync.core.errors",
     "UnexpectedFailure": "threadsync.core.errors",
+    "DeliveryUnconfirmed": "threadsync.core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,11 +18,13 @@ turns these into exit codes and messages for people.
     │   ├── LabsDisabled            R1: the sub-account's Labs flag is off
     │   └── AlreadyConnected        R2a: use update-email instead
     ├── StoreError                  the database failed or is not initialised
+    │   └── SecretsUnreadable       stored credentials do not decrypt with this key
     ├── LeaseLost                   another worker holds the work now; stop touching it
     ├── MessageParseError           a message could not be parsed at all
     └── ProviderError               a mailbox provider failed
         ├── AuthenticationFailed    credentials rejected -> connection needs_reauth
         ├── TransientProviderError  network, timeout, server busy -> retried with backoff
+        │   └── DeliveryUnconfirmed the line failed after a message may have left: not resent
         ├── ProviderProtocolError   the server answered something we cannot use
         └── UnexpectedFailure       a connection's work failed in a way nobody foresaw
 
@@ -94,6 +96,14 @@ class StoreError(ThreadsyncError):
     code = "store_error"
 
 
+class SecretsUnreadable(StoreError):
+    """Stored credentials cannot be decrypted with the secret key at hand (the key
+    file was replaced, or the value is damaged): that connection's problem, not
+    the database's."""
+
+    code = "secrets_unreadable"
+
+
 class LeaseLost(ThreadsyncError):
     """Another worker holds the lease on this work now (an outbox entry before its
     point of no return, or a connection): this worker must stop touching it."""
@@ -132,6 +142,15 @@ class TransientProviderError(ProviderError):
         self.retry_after = retry_after
 
 
+class DeliveryUnconfirmed(TransientProviderError):
+    """The connection failed after the end of a message was written and before
+    the server's answer (SMTP after the final dot): the server may have accepted
+    it. The kernel never sends it again (a duplicate is worse than a gap) and
+    records the message with reason ``delivery_unconfirmed``."""
+
+    code = "delivery_unconfirmed"
+
+
 class ProviderProtocolError(ProviderError):
     """The server answered something the provider cannot use (not retried soon)."""
 
@@ -152,6 +171,7 @@ __all__ = [
     "AlreadyConnected",
     "AuthenticationFailed",
     "ConfigError",
+    "DeliveryUnconfirmed",
     "HeaderInjection",
     "InvalidInput",
     "LabsDisabled",
@@ -162,6 +182,7 @@ __all__ = [
     "ProviderError",
     "ProviderProtocolError",
     "Refused",
+    "SecretsUnreadable",
     "StoreError",
     "ThreadsyncError",
     "TransientProviderError",

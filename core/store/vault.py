@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from threadsync.core.errors import ConfigError, StoreError
+from threadsync.core.errors import ConfigError, SecretsUnreadable
 
 
 class Vault:
@@ -56,9 +56,9 @@ class Vault:
         try:
             value = json.loads(self._fernet.decrypt(token))
         except InvalidToken:
-            raise StoreError(
+            raise SecretsUnreadable(
                 "stored credentials cannot be decrypted with this secret key"
             ) from None
         if not isinstance(value, dict):
-            raise StoreError("stored credentials are damaged")
+            raise SecretsUnreadable("stored credentials are damaged")
         return {str(k): str(v) for k, v in value.items()}

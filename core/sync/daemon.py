@@ -32,6 +32,7 @@ from threadsync.core import rules
 from threadsync.core.errors import (
     ConfigError,
     ProviderError,
+    SecretsUnreadable,
     StoreError,
     ThreadsyncError,
     UnexpectedFailure,
@@ -94,7 +95,7 @@ def unexpected_failure(exc: Exception) -> UnexpectedFailure:
     threadsync are not repeated (they may quote data); the log has them."""
     if isinstance(exc, ConfigError):
         hint = "install the provider's plugin or fix its settings; the connection retries"
-    elif isinstance(exc, StoreError):
+    elif isinstance(exc, SecretsUnreadable):
         hint = (
             "restore the secret key file these credentials were stored with, "
             "or reconnect the mailbox (update-email) to store them again"
@@ -210,6 +211,8 @@ class Daemon:
         self.logged_failures: dict[int, str] = {}
         self.extra = tuple(extra)
         self._stop = asyncio.Event()
+        #: Set while the database is unreachable: said once per outage, not per task.
+        self._store_down = False
 
     def stop(self) -> None:
         self._stop.set()
@@ -237,13 +240,29 @@ class Daemon:
             log.exception("a task beside the sync loop failed; stopping")
         self.stop()
 
+    def _database_down(self, exc: StoreError) -> None:
+        if not self._store_down:
+            self._store_down = True
+            log.warning(
+                "database unavailable; work pauses and is retried every %gs: %s",
+                self.supervise_seconds,
+                exc,
+                extra={"error": exc.code},
+            )
+
     async def _supervise(self) -> None:
         try:
             await deliver_default_channel(self.k)
             wanted = set(await eligible_connections(self.k))
+        except StoreError as exc:
+            self._database_down(exc)
+            return
         except Exception:  # the supervisor must survive a database hiccup
             log.exception("supervisor pass failed")
             return
+        if self._store_down:
+            self._store_down = False
+            log.warning("database reachable again; work resumes")
         for conn_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[conn_id]
@@ -256,6 +275,9 @@ class Daemon:
         # connection from IDLE instead of waiting for the next poll.
         try:
             waiting = await delivery.connections_with_due_mail(self.k)
+        except StoreError as exc:
+            self._database_down(exc)
+            return
         except Exception:
             log.exception("supervisor could not read the outbox")
             return
@@ -295,6 +317,10 @@ class Daemon:
             await _fail(k, conn_id, exc)
         except asyncio.CancelledError:
             raise
+        except SecretsUnreadable as exc:  # this connection's credentials, not the database
+            await self._unexpected(conn_id, exc)
+        except StoreError as exc:  # the supervisor restarts the task once it is back
+            self._database_down(exc)
         except Exception as exc:  # one connection's failure must not stop the others
             await self._unexpected(conn_id, exc)
         finally:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import logging
 import re
 import ssl
@@ -499,6 +500,8 @@ class ImapSession:
         and by the connection staying up. aioimaplib responses come back as
         :class:`Reply`; library errors leave as core errors."""
         if self._broken or self._closing or self._protocol.closed.done():
+            if inspect.iscoroutine(aw):
+                aw.close()  # never to run: close it, or it is reported as never awaited
             raise TransientProviderError(f"IMAP connection to {self.endpoint.host} is closed")
         if limit == _DEFAULT:
             limit = self.endpoint.timeout
