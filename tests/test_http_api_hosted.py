@@ -41,7 +41,14 @@ class Target:
         self.calls.append((subscription_id, lifecycle_event))
 
 
-async def test_graph_notifications(api: Api, world: World) -> None:
+def outlook_configured(world: World) -> None:
+    """What ``[outlook] client_id`` in config.toml gives the kernel."""
+    world.ts.kernel.provider_settings["outlook"] = {"client_id": "00000000-app"}
+
+
+async def test_graph_notifications(api_factory: Callable[..., Api], world: World) -> None:
+    outlook_configured(world)
+    api = api_factory()
     hub = world.ts.kernel.provider_settings["outlook"]["notification_hub"]
     assert isinstance(hub, NotificationHub)  # where OutlookProvider.open() looks for it
     target = Target()
@@ -64,6 +71,26 @@ async def test_graph_notifications(api: Api, world: World) -> None:
         assert target.calls[-1] == ("sub-1", "reauthorizationRequired")
         assert graph.post("/notifications/outlook", content=b"nope").status_code == 400
         is_problem(graph.post("/notifications/gmail", json={}), 404)
+
+
+def test_the_validation_echo_is_plain_text_only_and_needs_outlook(
+    api_factory: Callable[..., Api], world: World
+) -> None:
+    """The echoed token is attacker-chosen text: browsers must not sniff it into
+    HTML; and without Outlook configured nothing answers Graph at all."""
+    token = "<script>alert(1)</script>"
+    bare = api_factory()
+    with httpx.Client(base_url=bare.url) as graph:
+        r = graph.post("/notifications/outlook", params={"validationToken": token})
+        is_problem(r, 404)
+        assert token not in r.text
+    outlook_configured(world)
+    api = api_factory()
+    with httpx.Client(base_url=api.url) as graph:
+        r = graph.post("/notifications/outlook", params={"validationToken": token})
+        assert (r.status_code, r.text) == (200, token)
+        assert r.headers["content-type"].startswith("text/plain")
+        assert r.headers["x-content-type-options"] == "nosniff"
         stray = graph.get("/oauth/callback", params={"state": "x", "code": "y"})
         assert stray.status_code == 404 and "text/html" in stray.headers["content-type"]
 

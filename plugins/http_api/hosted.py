@@ -53,7 +53,12 @@ class Hosted:
 
 def install_outlook(hosted: Hosted, provider_settings: dict[str, dict[str, Any]]) -> bool:
     """Route ``/notifications/outlook`` to a new hub that Outlook connections of
-    this process subscribe through. False when the Outlook plugin is absent."""
+    this process subscribe through. False when the Outlook plugin is absent or
+    ``[outlook]`` is not configured (no ``client_id``): then nothing answers
+    Graph's handshake, so the endpoint cannot echo text for anybody."""
+    if not provider_settings.get("outlook", {}).get("client_id"):
+        log.info("Outlook is not configured: no Graph notification endpoint")
+        return False
     try:
         from threadsync.plugins.outlook.notifications import NotificationHub
     except ImportError:

@@ -52,7 +52,14 @@ def callback_page(status: int, title: str, text: str) -> Response:
 
 
 def _reply(answer: Reply) -> Response:
-    return Response(answer.body, status_code=answer.status, media_type=answer.content_type)
+    # The body may echo what the caller sent (Graph's validationToken): never let a
+    # browser sniff it into HTML.
+    return Response(
+        answer.body,
+        status_code=answer.status,
+        media_type=answer.content_type,
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 def routes(ctx: ApiContext, dispatched: Callable[[], tuple[int, int] | None]) -> list[Route]:
