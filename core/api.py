@@ -29,8 +29,8 @@ from threadsync.core.host import reports, views
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import compose
 from threadsync.core.outbox.compose import Draft
+from threadsync.core.store import keys
 from threadsync.core.store.database import Store
-from threadsync.core.store.vault import Vault
 from threadsync.core.sync import daemon
 
 
@@ -68,12 +68,13 @@ class Threadsync:
 
     @staticmethod
     def init(settings: Settings) -> dict[str, Any]:
-        """Create or upgrade the database and the secret key; idempotent."""
-        made_key = Vault.create_key_file(settings.secret_key_file)
+        """Create or upgrade the database and the secret key; idempotent. Never
+        makes a new key while secrets encrypted with a lost one are stored."""
         store = Store(settings.database_url)
         try:
             store.upgrade()
             revision = store.current_revision()
+            made_key = keys.ensure_key(store, settings.secret_key_file)
         finally:
             store.dispose()
         return {
@@ -82,6 +83,17 @@ class Threadsync:
             "secret_key_file": str(settings.secret_key_file),
             "secret_key_created": made_key,
         }
+
+    @staticmethod
+    def rotate_key(settings: Settings) -> dict[str, Any]:
+        """Re-encrypt every stored secret under a new secret key, in one
+        transaction, then keep only the new key. Stop other processes first:
+        they hold the old key in memory."""
+        store = Store(settings.database_url)
+        try:
+            return keys.rotate(store, settings.secret_key_file)
+        finally:
+            store.dispose()
 
     def check_ready(self) -> None:
         self.kernel.store.check_ready()

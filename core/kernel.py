@@ -35,6 +35,7 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.outbox.pool import ProviderPool
 from threadsync.core.provider import Account, Provider
 from threadsync.core.registry import RegisteredProvider, get_plugin_manager, providers
+from threadsync.core.store import keys
 from threadsync.core.store.database import Store
 from threadsync.core.store.models import LIVE_STATES, Connection, utcnow
 from threadsync.core.store.vault import Vault
@@ -114,10 +115,11 @@ class Kernel:
     ) -> Kernel:
         pm = get_plugin_manager(plugins, load_entry_points=load_entry_points)
         env = dict(os.environ) if environ is None else dict(environ)
+        store = Store(settings.database_url)
         return cls(
             settings=settings,
-            store=Store(settings.database_url),
-            vault=Vault.from_file(settings.secret_key_file),
+            store=store,
+            vault=keys.open_vault(store, settings.secret_key_file),
             pm=pm,
             registry=providers(pm),
             environ=env,
