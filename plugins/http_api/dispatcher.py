@@ -276,7 +276,6 @@ class Dispatcher:
         if not task.cancelled() and task.exception() is not None:
             # The leases expire and the deliveries are tried again; never silent.
             log.error("webhook chain failed", exc_info=task.exception())
-        self.wake()  # a slot of this sub-account is free
 
     async def _sweep(self) -> None:
         """Purge what is past its retention, a batch per statement; a large backlog
