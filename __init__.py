@@ -20,6 +20,7 @@ _EXPORTS = {
     "Threadsync": "threadsync.core.api",
     "Draft": "threadsync.core.outbox.compose",
     "AttachmentIn": "threadsync.core.mime",
+    "load_settings": "threadsync.core.config",
     # writing a plugin
     "hookimpl": "threadsync.core.hookspecs",
     "Account": "threadsync.core.provider",
@@ -35,6 +36,7 @@ _EXPORTS = {
     # helpers a provider needs to read headers the way the kernel does
     "parse_msgid_list": "threadsync.core.mime",
     "summarize_headers": "threadsync.core.mime",
+    "send_data": "threadsync.core.outbox.smtp_data",
     # the one error tree
     "ThreadsyncError": "threadsync.core.errors",
     "ConfigError": "threadsync.core.errors",

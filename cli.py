@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import mimetypes
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+import pluggy
 
-from threadsync.core.config import Settings, default_config_path, load
+from threadsync.core.config import Settings, check_sections, default_config_path, load
 from threadsync.core.errors import (
     ConfigError,
     InvalidInput,
@@ -33,6 +35,14 @@ from threadsync.core.errors import (
 )
 
 T = TypeVar("T")
+
+
+@functools.cache
+def plugin_manager() -> pluggy.PluginManager:
+    """The plugin manager of this command-line process (built once)."""
+    from threadsync.core.registry import get_plugin_manager
+
+    return get_plugin_manager()
 
 EXIT_CODES: list[tuple[type[ThreadsyncError], int]] = [
     (InvalidInput, 2),
@@ -56,8 +66,13 @@ class Ctx:
 
     @property
     def settings(self) -> Settings:
+        """The config file, checked; sections of plugins against what they declare."""
         if self._settings is None:
-            self._settings = load(self.config)
+            from threadsync.core.registry import config_sections
+
+            settings = load(self.config)
+            check_sections(settings, config_sections(plugin_manager()))
+            self._settings = settings
         return self._settings
 
     def threadsync(self) -> Any:
@@ -76,7 +91,7 @@ class Ctx:
             try:
                 return await call(ts)
             finally:
-                await ts.kernel.pool.aclose()
+                await ts.close_sessions()
 
         return asyncio.run(go())
 
@@ -432,16 +447,11 @@ def thread(ctx: Ctx, thread_id: str) -> None:
 
 @cli.command()
 @click.option("--once", is_flag=True, help="One full pass, then exit 0.")
-@click.option(
-    "--listen",
-    metavar="HOST:PORT",
-    default=None,
-    help="Also serve the HTTP API and deliver webhooks here (default: [http] listen; "
-    "off when neither is set).",
-)
 @pass_ctx
-def run(ctx: Ctx, once: bool, listen: str | None) -> None:
-    """The daemon: sync every connection until stopped (SIGTERM, Ctrl-C)."""
+def run(ctx: Ctx, /, once: bool, **options: Any) -> None:
+    """The daemon: sync every connection until stopped (SIGTERM, Ctrl-C).
+
+    Plugins add options and services (the HTTP API adds --listen)."""
     ts = ctx.threadsync()
     if once:
         report = run_async(ts.run_once())
@@ -464,25 +474,16 @@ def run(ctx: Ctx, once: bool, listen: str | None) -> None:
         return
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
-    http: Any = None
-    if listen is not None or "http" in ctx.settings.providers:  # the [http] section
-        from threadsync.plugins.http_api.settings import http_settings
 
-        http = http_settings(ctx.settings, listen)
+    def announce(info: dict[str, Any]) -> None:
+        if ctx.as_json:
+            click.echo(json.dumps(info))
+        else:
+            click.echo("\n".join(f"{key}: {value}" for key, value in info.items()))
 
     async def main() -> None:
-        from threadsync.core.sync.daemon import Daemon
-
-        extra: list[Any] = []
-        if http is not None and http.listen is not None:
-            from threadsync.plugins.http_api.server import Service
-
-            service = Service.prepare(ts, http)
-            extra = service.coroutines()
-            logging.getLogger("threadsync").info("HTTP API on %s", service.address)
-            if ctx.as_json:
-                click.echo(json.dumps({"listening": service.address}))
-        daemon = Daemon(ts.kernel, extra=extra)
+        services = ts.daemon_services({**options, "announce": announce})
+        daemon = ts.daemon(extra=services)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
@@ -493,76 +494,13 @@ def run(ctx: Ctx, once: bool, listen: str | None) -> None:
     run_async(main())
 
 
-# ---- API keys for the HTTP API -----------------------------------------------------------
-
-
-@cli.group()
-def apikey() -> None:
-    """API keys of the HTTP API: one per sub-account, or an admin key for operators."""
-
-
-@apikey.command("create")
-@click.argument("subaccount", required=False)
-@click.option("--admin", is_flag=True, help="An operator key that reaches every sub-account.")
-@click.option("--label", default="", help="A note for people (who uses the key).")
-@pass_ctx
-def apikey_create(ctx: Ctx, subaccount: str | None, admin: bool, label: str) -> None:
-    """Make a key for SUBACCOUNT (or --admin). The key is shown once; only its hash is kept."""
-    from threadsync.core.host import apikeys
-
-    if admin == (subaccount is not None):
-        raise InvalidInput("give a SUBACCOUNT, or --admin for an operator key (not both)")
-    made = apikeys.create(ctx.threadsync().kernel.store, subaccount, label)
-    ctx.emit(
-        made,
-        lambda r: (
-            f"{r['key']}\n(key id {r['key_id']}, "
-            + ("admin" if r["admin"] else f"sub-account {r['subaccount']}")
-            + "; shown only now: keep it in the CRM's secret store)"
-        ),
-    )
-
-
-@apikey.command("list")
-@click.argument("subaccount", required=False)
-@pass_ctx
-def apikey_list(ctx: Ctx, subaccount: str | None) -> None:
-    """Keys (all, or SUBACCOUNT's), revoked ones too; never the keys themselves."""
-    from threadsync.core.host import apikeys
-
-    result = apikeys.list_keys(ctx.threadsync().kernel.store, subaccount)
-    ctx.emit(
-        result,
-        lambda r: (
-            "\n".join(
-                f"{k['key_id']}  {'admin' if k['admin'] else k['subaccount']}"
-                + ("  revoked" if k["revoked_at"] else "")
-                + (f"  {k['label']}" if k["label"] else "")
-                for k in r["keys"]
-            )
-            or "no API keys"
-        ),
-    )
-
-
-@apikey.command("revoke")
-@click.argument("key_id")
-@pass_ctx
-def apikey_revoke(ctx: Ctx, key_id: str) -> None:
-    """Revoke the key KEY_ID (as listed); it stops working within seconds."""
-    from threadsync.core.host import apikeys
-
-    result = apikeys.revoke(ctx.threadsync().kernel.store, key_id)
-    ctx.emit(result, lambda r: f"API key {r['key_id']} revoked")
-
-
 @cli.command()
 @pass_ctx
 def plugins(ctx: Ctx) -> None:
     """Registered providers and the plugin that gave each."""
-    from threadsync.core.registry import get_plugin_manager, providers
+    from threadsync.core.registry import providers
 
-    found = providers(get_plugin_manager())
+    found = providers(plugin_manager())
     data = {
         "providers": [
             {"name": p.name, "plugin": p.plugin, "title": p.cls.title} for p in found.values()
@@ -576,99 +514,17 @@ def plugins(ctx: Ctx) -> None:
     )
 
 
-# ---- trying it out: the local mail system and the demo ----------------------------------
-
-
-@cli.command()
-@click.option(
-    "--user",
-    "users",
-    multiple=True,
-    metavar="ADDRESS:PASSWORD",
-    help="Create a mailbox or set its password (repeatable); kept, hashed.",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where the mail is kept (default: [mailserver] data_dir, var/mail).",
-)
-@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
-@click.option(
-    "--smtp-port",
-    type=int,
-    default=None,
-    help="SMTP port (default: the [outbound.default] port, 2525; 0 = any free).",
-)
-@click.option("--imap-port", type=int, default=None, help="IMAP port (default 1143; 0 = any).")
-@click.option(
-    "--list-outside", is_flag=True, help="List what the outside world received, then exit."
-)
-@pass_ctx
-def mailserver(
-    ctx: Ctx,
-    users: tuple[str, ...],
-    data_dir: Path | None,
-    host: str | None,
-    smtp_port: int | None,
-    imap_port: int | None,
-    list_outside: bool,
-) -> None:
-    """A local mail system (SMTP + IMAP) for trying threadsync out and for tests."""
-    from threadsync.plugins.localmail import serve
-    from threadsync.plugins.localmail.outside import list_outside as outside_messages
-    from threadsync.plugins.localmail.settings import for_command
-
-    config = for_command(
-        ctx.settings,
-        os.environ,
-        users=users,
-        data_dir=data_dir,
-        host=host,
-        smtp_port=smtp_port,
-        imap_port=imap_port,
-    )
-    if list_outside:
-        found = outside_messages(config.outside_dir)
-        ctx.emit({"messages": [m.as_json() for m in found]}, serve.describe_outside(found))
-        return
-    serve.run(
-        config, lambda info: click.echo(json.dumps(info) if ctx.as_json else serve.describe(info))
-    )
-    if not ctx.as_json:
-        click.echo("local mail system stopped")
-
-
-@cli.command()
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Keep the demo's database and mail in this new folder (default: a "
-    "temporary folder, removed at the end).",
-)
-@pass_ctx
-def demo(ctx: Ctx, data_dir: Path | None) -> None:
-    """The whole story on the embedded defaults, against a local mail system."""
-    from threadsync.plugins.localmail.demo import introduction, render_step, run_demo, summary
-
-    if not ctx.as_json:
-        click.echo(introduction())
-    transcript = run_demo(data_dir, None if ctx.as_json else lambda s: click.echo(render_step(s)))
-    ctx.emit(transcript, summary)
-    if not transcript["ok"]:
-        raise ThreadsyncError("the demo did not go as expected (see the steps above)")
-
-
 # ---- entry point --------------------------------------------------------------------
 
 
 def build() -> click.Group:
-    """Attach connect/update-email with every registered provider's options."""
-    from threadsync.core.registry import get_plugin_manager, providers
+    """Attach connect/update-email with every registered provider's options, then
+    the commands plugins add (``register_commands``)."""
+    from threadsync.core.registry import providers
 
+    pm = plugin_manager()
     specs: dict[str, Any] = {}
-    for reg in providers(get_plugin_manager()).values():
+    for reg in providers(pm).values():
         for opt in reg.cls.options:
             specs.setdefault(opt.name, opt)
     for name, doc, update in (
@@ -678,6 +534,7 @@ def build() -> click.Group:
         command = _connect_command(name, doc, update)
         _add_provider_options(command, specs)
         cli.add_command(command)
+    pm.hook.register_commands(cli=cli)
     return cli
 
 

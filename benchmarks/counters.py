@@ -83,9 +83,9 @@ def install() -> None:
     # threadsync's own DATA (threadsync.core.outbox.smtp_data.send_data, the checkpoint's commit
     # included), where the modules that use it look it up.
     import threadsync.core.outbox.relay
-    import threadsync.plugins.imap_smtp.smtp
+    import threadsync.core.outbox.smtp
 
-    for module in (threadsync.core.outbox.relay, threadsync.plugins.imap_smtp.smtp):
+    for module in (threadsync.core.outbox.relay, threadsync.core.outbox.smtp):
         _timed_function(module, "send_data", "smtp_s:data")
 
     call: Callable[..., Any] = Store.call

@@ -109,7 +109,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> Result:
         outlook = ms.outlook_settings(page_size=args.page_size)
         settings = dataclasses.replace(
             settings, sync=dataclasses.replace(settings.sync, batch_size=args.batch_size),
-            providers={"outlook": outlook},
+            sections={"outlook": outlook},
         )
         Threadsync.init(settings)
         ts = Threadsync.from_settings(settings, environ=ms.environ())

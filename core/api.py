@@ -18,17 +18,19 @@ passed in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from threadsync.core.accounts import connections as accounts
 from threadsync.core.accounts import consent
 from threadsync.core.config import Settings, load
-from threadsync.core.host import reports, views
+from threadsync.core.host import apikeys, ratelimits, reports, views, webhooks
+from threadsync.core.host.routes import PluginRoute
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import compose
 from threadsync.core.outbox.compose import Draft
+from threadsync.core.provider import ProviderOption
 from threadsync.core.store import keys
 from threadsync.core.store.database import Store
 from threadsync.core.sync import daemon
@@ -43,6 +45,15 @@ class Threadsync:
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
+        #: API keys and idempotency records (the HTTP API's).
+        self.api_keys = apikeys.ApiKeys(kernel.store)
+        self.rate_limits = ratelimits.RateLimits(kernel.store)
+        #: Webhook endpoints, deliveries and the queue.
+        self.webhooks = webhooks.Webhooks(kernel)
+
+    @property
+    def settings(self) -> Settings:
+        return self.kernel.settings
 
     @classmethod
     def from_settings(
@@ -105,8 +116,17 @@ class Threadsync:
 
     async def aclose(self) -> None:
         """Log out of every mailbox session kept open, then release the database."""
-        await self.kernel.pool.aclose()
+        await self.close_sessions()
         self.close()
+
+    async def close_sessions(self) -> None:
+        """Log out of the mailbox sessions kept open between sends on this event loop."""
+        await self.kernel.pool.aclose()
+
+    def provider_options(self, provider: str) -> tuple[ProviderOption, ...]:
+        """The connect options of a registered provider (``NotFound``-like
+        ``ConfigError`` for an unknown name)."""
+        return tuple(self.kernel.provider_class(provider).options)
 
     # ---- Labs ------------------------------------------------------------------------
 
@@ -127,11 +147,14 @@ class Threadsync:
         email: str,
         options: Mapping[str, Any],
         notify: Callable[[str], None] = _log_notice,
+        credentials: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Connect a mailbox. ``notify`` shows what an interactive sign-in needs
-        (a consent URL or a device code)."""
+        (a consent URL or a device code). ``credentials`` gives secrets directly,
+        by name without ``_env`` (``{"password": ...}``), instead of naming
+        environment variables in ``options`` (``password_env``)."""
         return await accounts.connect(
-            self.kernel, subaccount, user, provider, email, options, notify
+            self.kernel, subaccount, user, provider, email, options, notify, credentials
         )
 
     async def update_email(
@@ -143,10 +166,11 @@ class Threadsync:
         email: str,
         options: Mapping[str, Any],
         notify: Callable[[str], None] = _log_notice,
+        credentials: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Replace the user's connected address (R7)."""
+        """Replace the user's connected address (R7); ``credentials`` as in :meth:`connect`."""
         return await accounts.update_email(
-            self.kernel, subaccount, user, provider, email, options, notify
+            self.kernel, subaccount, user, provider, email, options, notify, credentials
         )
 
     async def begin_sign_in(
@@ -159,17 +183,16 @@ class Threadsync:
         options: Mapping[str, Any],
         redirect_uri: str,
         update: bool = False,
-        carry: Sequence[str] = (),
+        credentials: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
         """Start a connect (or update-email with ``update``) that the user finishes
         in a browser coming back to ``redirect_uri``: the pending sign-in with its
         ``consent_url``, or ``None`` when this provider and these options sign in
-        without a redirect (use :meth:`connect`). ``carry``: names of this
-        kernel's environment variables that the second half needs again (a
-        secret given with the request), kept encrypted with the sign-in."""
+        without a redirect (use :meth:`connect`). ``credentials`` as in
+        :meth:`connect`, kept encrypted with the sign-in for its second half."""
         return await consent.begin(
             self.kernel, subaccount, user, provider, email, options, redirect_uri,
-            update=update, carry=carry,
+            update=update, credentials=credentials,
         )  # fmt: skip
 
     async def finish_sign_in(self, params: Mapping[str, str]) -> dict[str, Any]:
@@ -233,8 +256,28 @@ class Threadsync:
     async def run_once(self) -> daemon.OnceReport:
         return await daemon.run_once(self.kernel)
 
-    def daemon(self) -> daemon.Daemon:
-        return daemon.Daemon(self.kernel)
+    def daemon(self, extra: Iterable[Callable[[], Awaitable[None]]] = ()) -> daemon.Daemon:
+        """The daemon; ``extra`` coroutines run beside the sync loop until it stops."""
+        return daemon.Daemon(self.kernel, extra=list(extra))
+
+    # ---- plugins -----------------------------------------------------------------------
+
+    def register_plugin(self, plugin: object, name: str | None = None) -> None:
+        """Add an in-process plugin (event handlers, say) to this instance."""
+        self.kernel.pm.register(plugin, name=name)
+
+    def plugin_routes(self) -> list[PluginRoute]:
+        """HTTP endpoints plugins contribute (``register_routes``)."""
+        found = self.kernel.pm.hook.register_routes(threadsync=self)
+        return [route for routes in found if routes for route in routes]
+
+    def daemon_services(
+        self, options: Mapping[str, Any]
+    ) -> list[Callable[[], Awaitable[None]]]:
+        """Coroutines plugins run beside ``threadsync run`` (``daemon_services``),
+        given the values of the run command's options."""
+        found = self.kernel.pm.hook.daemon_services(threadsync=self, options=options)
+        return [service for services in found if services for service in services]
 
 
 __all__ = ["Draft", "Threadsync"]

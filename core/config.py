@@ -4,14 +4,22 @@ The embedded default (``config.toml`` at the project root) runs as it is. Relati
 paths are resolved against the config file's folder. Secrets are never in the
 file: ``password_env`` names an environment variable. Nothing below ``core`` reads
 the environment or the file itself; settings are passed in.
+
+The kernel's sections (``[database]``, ``[security]``, ``[sync]``,
+``[outbound.default]``) are typed here; every other section belongs to a plugin
+(``Settings.sections``), which declares it with the ``config_sections`` hook.
+:func:`check_sections` refuses a section or key nobody knows, naming the closest
+valid one, so that a typo is an error instead of a silently ignored setting.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +59,53 @@ class Settings:
     secret_key_file: Path
     sync: SyncSettings = field(default_factory=SyncSettings)
     default_channel: DefaultChannel = field(default_factory=DefaultChannel)
-    providers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Every section that is not the kernel's, as written: each belongs to a
+    #: plugin (``[http]``) or a provider (``[outlook]``); see :func:`check_sections`.
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A plugin's section (empty when absent)."""
+        return self.sections.get(name, {})
+
+
+#: The kernel's own sections and their keys.
+KERNEL_SECTIONS: dict[str, frozenset[str]] = {
+    "database": frozenset({"url"}),
+    "security": frozenset({"secret_key_file"}),
+    "sync": frozenset(f.name for f in fields(SyncSettings)),
+    "outbound": frozenset({"default"}),
+    "outbound.default": frozenset(f.name for f in fields(DefaultChannel)),
+}
+
+
+def _closest(word: str, choices: Iterable[str]) -> str:
+    found = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f"; did you mean {found[0]!r}?" if found else ""
+
+
+def check_keys(section: str, data: Mapping[str, Any], known: Collection[str]) -> None:
+    """Refuse a key of ``[section]`` that is not in ``known``, naming the closest."""
+    for key in data:
+        if key not in known:
+            valid = ", ".join(sorted(known)) or "none"
+            raise ConfigError(
+                f"unknown key {key!r} in [{section}]{_closest(key, known)} "
+                f"(valid keys: {valid})"
+            )
+
+
+def check_sections(settings: Settings, known: Mapping[str, Collection[str]]) -> None:
+    """Refuse a plugin section or key that no plugin declared (``known``: section
+    -> keys, gathered from the ``config_sections`` hook)."""
+    for name, data in settings.sections.items():
+        if name not in known:
+            valid = sorted({*KERNEL_SECTIONS, *known} - {"outbound"})
+            raise ConfigError(
+                f"unknown section [{name}] in the config file{_closest(name, valid)} "
+                f"(known sections: {', '.join(valid)})"
+            )
+        check_keys(name, data, known[name])
 
 
 def is_loopback(host: str) -> bool:
@@ -95,10 +148,15 @@ def load(path: Path | str | None = None) -> Settings:
     return from_mapping(raw, base=p.resolve().parent, path=p)
 
 
+#: The public name of :func:`load` (``from threadsync import load_settings``).
+load_settings = load
+
+
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     value = raw.get(name, {})
     if not isinstance(value, dict):
         raise ConfigError(f"[{name}] must be a table")
+    check_keys(name, value, KERNEL_SECTIONS[name])
     return value
 
 
@@ -151,6 +209,7 @@ def from_mapping(raw: dict[str, Any], *, base: Path, path: Path | None = None) -
     if not isinstance(outbound.get("default", {}), dict):
         raise ConfigError("[outbound.default] must be a table")
     d = outbound.get("default", {})
+    check_keys("outbound.default", d, KERNEL_SECTIONS["outbound.default"])
     channel = DefaultChannel(
         host=typed("outbound.default", d, "host", str, "127.0.0.1"),
         port=typed("outbound.default", d, "port", int, 2525),
@@ -162,13 +221,21 @@ def from_mapping(raw: dict[str, Any], *, base: Path, path: Path | None = None) -
     )
     check_security(channel.security, channel.host, "[outbound.default]")
 
-    known = {"database", "security", "sync", "outbound"}
-    providers = {k: v for k, v in raw.items() if k not in known and isinstance(v, dict)}
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in raw.items():
+        if name in KERNEL_SECTIONS:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{name!r} at the top of the config file must be a [section]"
+                f"{_closest(name, KERNEL_SECTIONS)}"
+            )
+        sections[name] = value
     return Settings(
         database_url=url,
         secret_key_file=key_file,
         sync=sync,
         default_channel=channel,
-        providers=providers,
+        sections=sections,
         path=path,
     )

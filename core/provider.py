@@ -9,7 +9,7 @@ what the provider returns.
 
 Lifecycle, driven by the kernel::
 
-    account = MyProvider.prepare(email, options, environ)   # validate, no network
+    account = MyProvider.prepare(email, options, credentials)  # validate, no network
     provider = MyProvider(account, settings)
     await provider.open()           # log in; AuthenticationFailed if rejected
     folders = await provider.folders()
@@ -53,8 +53,11 @@ class ProviderOption:
 
     ``name`` is a Python identifier; the CLI shows it as ``--name-with-dashes``.
     ``secret_env`` marks an option whose value names an environment variable that
-    holds a secret (``--password-env VAR``): the kernel reads the variable once at
-    connect time and stores the secret encrypted, never the variable's name alone.
+    holds a secret (``--password-env VAR``). The kernel resolves it before the
+    provider is called: from the variable on the command line, or from the value a
+    caller passed directly (the HTTP API's ``credentials``), and hands the provider
+    the secret under the option's name without ``_env`` (``credentials["password"]``).
+    The secret is stored encrypted, never the variable's name alone.
     """
 
     name: str
@@ -64,6 +67,42 @@ class ProviderOption:
     default: Any = None
     choices: Sequence[str] | None = None
     secret_env: bool = False
+
+
+def option_flag(opt: ProviderOption) -> str:
+    """How the command line spells ``opt``: ``--password-env``."""
+    return "--" + opt.name.replace("_", "-")
+
+
+def secret_name(opt: ProviderOption) -> str:
+    """The name a ``secret_env`` option's value goes by once resolved: ``password``
+    for ``password_env`` (also the HTTP API's ``credentials`` key)."""
+    return opt.name.removesuffix("_env")
+
+
+def resolve_credentials(
+    options_of: Sequence[ProviderOption],
+    options: Mapping[str, Any],
+    environ: Mapping[str, str],
+    given: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The values of the secret options among ``options_of``: given directly in
+    ``given`` (by :func:`secret_name`), or read from the environment variable an
+    option names (``--password-env VAR``). The kernel calls this before any
+    provider method that takes ``credentials``."""
+    found: dict[str, str] = {}
+    for opt in options_of:
+        if not opt.secret_env:
+            continue
+        key = secret_name(opt)
+        if given is not None and key in given:
+            found[key] = given[key]
+        elif options.get(opt.name) is not None:
+            var = str(options[opt.name])
+            if var not in environ:
+                raise ConfigError(f"environment variable {var} is not set")
+            found[key] = environ[var]
+    return found
 
 
 @dataclass
@@ -194,43 +233,45 @@ class Provider(ABC):
     # ---- set-up -----------------------------------------------------------------
 
     @classmethod
-    def prepare(cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]) -> Account:
+    def prepare(
+        cls, email: str, options: Mapping[str, Any], credentials: Mapping[str, str]
+    ) -> Account:
         """Validate connect options and build the :class:`Account`; no network.
 
-        The default copies every declared option into ``settings`` and, for
-        ``secret_env`` options, reads the named variable from ``environ`` into
-        ``secrets`` under the option's name without its ``_env`` suffix. Raise
+        ``credentials`` holds the values of the ``secret_env`` options, already
+        resolved by the kernel, under each option's name without ``_env``. The
+        default copies every other declared option into ``settings`` and those
+        secrets into the account's ``secrets``. Raise
         :class:`threadsync.core.errors.ConfigError` for anything missing or unusable.
         """
         settings: dict[str, Any] = {}
-        secrets: dict[str, str] = {}
+        kept: dict[str, str] = {}
         for opt in cls.options:
+            if opt.secret_env:
+                key = secret_name(opt)
+                if key in credentials:
+                    kept[key] = credentials[key]
+                elif opt.required:
+                    raise ConfigError(f"provider {cls.name!r} needs {option_flag(opt)}")
+                continue
             value = options.get(opt.name, opt.default)
             if value is None:
                 if opt.required:
-                    flag = "--" + opt.name.replace("_", "-")
-                    raise ConfigError(f"provider {cls.name!r} needs {flag}")
+                    raise ConfigError(f"provider {cls.name!r} needs {option_flag(opt)}")
                 continue
             if opt.choices is not None and value not in opt.choices:
                 raise ConfigError(
                     f"{opt.name} must be one of {', '.join(opt.choices)}, not {value!r}"
                 )
-            if opt.secret_env:
-                var = str(value)
-                if var not in environ:
-                    raise ConfigError(f"environment variable {var} is not set")
-                key = opt.name.removesuffix("_env")
-                secrets[key] = environ[var]
-            else:
-                settings[opt.name] = value
-        return Account(email=email, settings=settings, secrets=secrets)
+            settings[opt.name] = value
+        return Account(email=email, settings=settings, secrets=kept)
 
     @classmethod
     async def authorize(
         cls,
         email: str,
         options: Mapping[str, Any],
-        environ: Mapping[str, str],
+        credentials: Mapping[str, str],
         notify: Callable[[str], None],
         settings: Mapping[str, Any],
     ) -> Account:
@@ -242,14 +283,14 @@ class Provider(ABC):
         client id). The default needs no interaction and returns
         :meth:`prepare`'s account.
         """
-        return cls.prepare(email, options, environ)
+        return cls.prepare(email, options, credentials)
 
     @classmethod
     async def begin_consent(
         cls,
         email: str,
         options: Mapping[str, Any],
-        environ: Mapping[str, str],
+        credentials: Mapping[str, str],
         settings: Mapping[str, Any],
         redirect_uri: str,
     ) -> ConsentRequest | None:
@@ -268,7 +309,7 @@ class Provider(ABC):
         cls,
         email: str,
         options: Mapping[str, Any],
-        environ: Mapping[str, str],
+        credentials: Mapping[str, str],
         settings: Mapping[str, Any],
         flow: Mapping[str, Any],
         params: Mapping[str, str],

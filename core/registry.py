@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import pluggy
 
 from threadsync.core import hookspecs
 from threadsync.core.errors import ConfigError
 from threadsync.core.provider import Provider
+
+#: The plugins that come with threadsync, loaded like any other.
+BUILTIN = (
+    "threadsync.plugins.imap_smtp",
+    "threadsync.plugins.outlook",
+    "threadsync.plugins.http_api",
+    "threadsync.plugins.localmail",
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 def _ensure_builtin(pm: pluggy.PluginManager) -> None:
     """Register the built-in providers when running from a source tree that was
     not pip-installed (``python cli.py``), so the entry points are missing."""
-    for name in ("threadsync.plugins.imap_smtp", "threadsync.plugins.outlook"):
+    for name in BUILTIN:
         module = importlib.import_module(name)
         if not pm.is_registered(module):
             pm.register(module, name=name.rsplit(".", 1)[-1])
@@ -96,4 +105,22 @@ def providers(pm: pluggy.PluginManager) -> dict[str, RegisteredProvider]:
             found[name] = RegisteredProvider(name=name, cls=cls, plugin=_plugin)
 
         impl.function(register=register)
+    return found
+
+
+def config_sections(pm: pluggy.PluginManager) -> dict[str, frozenset[str]]:
+    """Every plugin's config.toml sections with their keys (``config_sections``
+    hook). A section claimed by two plugins is a ``ConfigError``."""
+    found: dict[str, frozenset[str]] = {}
+    owner: dict[str, str] = {}
+    for impl in pm.hook.config_sections.get_hookimpls():
+        plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+        declared = cast(Mapping[str, Collection[str]], impl.function() or {})
+        for section, keys in declared.items():
+            if section in found:
+                raise ConfigError(
+                    f"config section [{section}] is claimed by {owner[section]} and by "
+                    f"{plugin_name}"
+                )
+            found[section], owner[section] = frozenset(keys), plugin_name
     return found

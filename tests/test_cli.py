@@ -1,5 +1,5 @@
 """The command line as a person and a program use it: a real subprocess per
-command against real servers, JSON shapes of PRODUCT.md, and errors that are a
+command against real servers, the documented JSON shapes, and errors that are a
 clear line on stderr with a non-zero status, never a traceback."""
 
 from __future__ import annotations

@@ -25,8 +25,7 @@ from threadsync.testing import ContractMailbox, ProviderContract
 
 
 def imap_smtp(email: str, password: str, **options: Any) -> ImapSmtpProvider:
-    env = {"CONTRACT_PASSWORD": password}
-    account = ImapSmtpProvider.prepare(email, {**options, "password_env": "CONTRACT_PASSWORD"}, env)
+    account = ImapSmtpProvider.prepare(email, options, {"password": password})
     return ImapSmtpProvider(account, {"timeout": 10})
 
 

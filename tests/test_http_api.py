@@ -1,5 +1,5 @@
 """The HTTP API through a real uvicorn server on loopback, on SQLite and
-PostgreSQL: every route of the CLI's story, PRODUCT.md's JSON shapes, RFC 9457
+PostgreSQL: every route of the CLI's story, the documented JSON shapes, RFC 9457
 problems, idempotent send and reply, rate limits, and secrets kept out of logs."""
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ answered with the consent URL and finished through the callback."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -30,7 +31,7 @@ from threadsync.core.provider import Account, ConsentRequest, Provider
 from threadsync.plugins.http_api.app import create_app
 from threadsync.plugins.http_api.server import ThreadedServer
 from threadsync.plugins.imap_smtp.provider import ImapSmtpProvider
-from threadsync.plugins.outlook.notifications import NotificationHub
+from threadsync.plugins.outlook.notifications import HUB
 
 
 class Target:
@@ -41,58 +42,49 @@ class Target:
         self.calls.append((subscription_id, lifecycle_event))
 
 
-def outlook_configured(world: World) -> None:
-    """What ``[outlook] client_id`` in config.toml gives the kernel."""
-    world.ts.kernel.provider_settings["outlook"] = {"client_id": "00000000-app"}
+async def test_graph_notifications(world: World) -> None:
+    outlook = {"client_id": "00000000-0000-0000-0000-000000000001"}
+    settings = dataclasses.replace(
+        world.ts.settings, sections={**world.ts.settings.sections, "outlook": outlook}
+    )
+    ts = Threadsync.from_settings(settings, environ=world.env)
+    server = ThreadedServer(create_app(ts, http_settings())[0], http_settings()).start()
+    try:
+        assert HUB.served  # Outlook connections of this process subscribe through it
+        target = Target()
+        HUB.register("sub-1", "the-client-state", target)
+        with httpx.Client(base_url=server.url) as graph:
+            started = time.monotonic()
+            r = graph.post("/notifications/outlook", params={"validationToken": "tok+en 1"})
+            assert (r.status_code, r.text) == (200, "tok+en 1")
+            assert r.headers["content-type"].startswith("text/plain")
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert time.monotonic() - started < 10
+            item = {"subscriptionId": "sub-1", "clientState": "the-client-state",
+                    "changeType": "created", "resource": "me/messages/AAA"}  # fmt: skip
+            forged = {**item, "clientState": "guessed"}
+            started = time.monotonic()
+            r = graph.post("/notifications/outlook", json={"value": [item, forged]})
+            assert r.status_code == 202 and time.monotonic() - started < 3
+            assert target.calls == [("sub-1", None)]  # the forged one is ignored
+            lifecycle = {**item, "lifecycleEvent": "reauthorizationRequired"}
+            reply = graph.post("/notifications/outlook", json={"value": [lifecycle]})
+            assert reply.status_code == 202
+            assert target.calls[-1] == ("sub-1", "reauthorizationRequired")
+            assert graph.post("/notifications/outlook", content=b"nope").status_code == 400
+            is_problem(graph.post("/notifications/gmail", json={}), 404)
+            stray = graph.get("/oauth/callback", params={"state": "x", "code": "y"})
+            assert stray.status_code == 404 and "text/html" in stray.headers["content-type"]
+    finally:
+        HUB.unregister("sub-1")
+        server.stop()
+        ts.close()
 
 
-async def test_graph_notifications(api_factory: Callable[..., Api], world: World) -> None:
-    outlook_configured(world)
-    api = api_factory()
-    hub = world.ts.kernel.provider_settings["outlook"]["notification_hub"]
-    assert isinstance(hub, NotificationHub)  # where OutlookProvider.open() looks for it
-    target = Target()
-    hub.register("sub-1", "the-client-state", target)
+def test_no_graph_endpoint_where_outlook_is_not_configured(api: Api) -> None:
     with httpx.Client(base_url=api.url) as graph:
-        started = time.monotonic()
-        r = graph.post("/notifications/outlook", params={"validationToken": "tok+en 1"})
-        assert (r.status_code, r.text) == (200, "tok+en 1")
-        assert r.headers["content-type"].startswith("text/plain")
-        assert time.monotonic() - started < 10
-        item = {"subscriptionId": "sub-1", "clientState": "the-client-state",
-                "changeType": "created", "resource": "me/messages/AAA"}  # fmt: skip
-        forged = {**item, "clientState": "guessed"}
-        started = time.monotonic()
-        r = graph.post("/notifications/outlook", json={"value": [item, forged]})
-        assert r.status_code == 202 and time.monotonic() - started < 3
-        assert target.calls == [("sub-1", None)]  # the forged one is ignored
-        lifecycle = {**item, "lifecycleEvent": "reauthorizationRequired"}
-        assert graph.post("/notifications/outlook", json={"value": [lifecycle]}).status_code == 202
-        assert target.calls[-1] == ("sub-1", "reauthorizationRequired")
-        assert graph.post("/notifications/outlook", content=b"nope").status_code == 400
-        is_problem(graph.post("/notifications/gmail", json={}), 404)
-
-
-def test_the_validation_echo_is_plain_text_only_and_needs_outlook(
-    api_factory: Callable[..., Api], world: World
-) -> None:
-    """The echoed token is attacker-chosen text: browsers must not sniff it into
-    HTML; and without Outlook configured nothing answers Graph at all."""
-    token = "<script>alert(1)</script>"
-    bare = api_factory()
-    with httpx.Client(base_url=bare.url) as graph:
-        r = graph.post("/notifications/outlook", params={"validationToken": token})
-        is_problem(r, 404)
-        assert token not in r.text
-    outlook_configured(world)
-    api = api_factory()
-    with httpx.Client(base_url=api.url) as graph:
-        r = graph.post("/notifications/outlook", params={"validationToken": token})
-        assert (r.status_code, r.text) == (200, token)
-        assert r.headers["content-type"].startswith("text/plain")
-        assert r.headers["x-content-type-options"] == "nosniff"
-        stray = graph.get("/oauth/callback", params={"state": "x", "code": "y"})
-        assert stray.status_code == 404 and "text/html" in stray.headers["content-type"]
+        r = graph.post("/notifications/outlook", params={"validationToken": "tok"})
+        assert r.status_code == 404 and r.text != "tok"
 
 
 class ConsentPlugin:
@@ -116,11 +108,11 @@ class ConsentPlugin:
                 cls,
                 email: str,
                 options: Mapping[str, Any],
-                environ: Mapping[str, str],
+                credentials: Mapping[str, str],
                 settings: Mapping[str, Any],
                 redirect_uri: str,
             ) -> ConsentRequest | None:
-                cls.prepare(email, options, environ)  # bad options fail before consent
+                cls.prepare(email, options, credentials)  # bad options fail before consent
                 plugin.redirects.append(redirect_uri)
                 state = secrets.token_urlsafe(16)
                 url = f"https://login.example.test/authorize?{urlencode({'state': state})}"
@@ -131,7 +123,7 @@ class ConsentPlugin:
                 cls,
                 email: str,
                 options: Mapping[str, Any],
-                environ: Mapping[str, str],
+                credentials: Mapping[str, str],
                 settings: Mapping[str, Any],
                 flow: Mapping[str, Any],
                 params: Mapping[str, str],
@@ -141,7 +133,7 @@ class ConsentPlugin:
                     raise AuthenticationFailed(f"the sign-in for {email} was declined")
                 if flow.get("verifier") != "v-" + params.get("state", ""):
                     raise AuthenticationFailed("the flow does not belong to this redirect")
-                return cls.prepare(email, options, environ)
+                return cls.prepare(email, options, credentials)
 
         register(Consenting)
 

@@ -17,7 +17,6 @@ import pytest
 from tests.kernelfixtures import SUB
 from tests.test_http_api import is_problem
 from tests.test_http_api_support import Api, api_factory_fixture  # noqa: F401 (fixtures)
-from threadsync.core.host import apikeys
 
 
 def address(api: Api) -> tuple[str, int]:
@@ -76,13 +75,14 @@ def test_bad_keys_are_rate_limited_per_client_address(
 ) -> None:
     api = api_factory(auth_failures_per_second=0.01, auth_failures_burst=5)
     lookups: list[str] = []
-    real = apikeys.authenticate
+    keys = api.world.ts.api_keys
+    real = keys.authenticate
 
-    def counting(store: Any, presented: str) -> Any:
+    def counting(presented: str) -> Any:
         lookups.append(presented)
-        return real(store, presented)
+        return real(presented)
 
-    monkeypatch.setattr(apikeys, "authenticate", counting)
+    monkeypatch.setattr(keys, "authenticate", counting)
     url = f"/v1/subaccounts/{SUB}/connections"
     with api.client(api.key) as good:
         assert good.get(url).status_code == 200  # known (and remembered) before

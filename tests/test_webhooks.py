@@ -50,7 +50,7 @@ async def serving(world: World, settings: WebhookSettings) -> AsyncIterator[tupl
     """The API in a uvicorn thread, the dispatcher on this loop (as under ``run``)."""
     from threadsync.core.host import apikeys
 
-    dispatcher = Dispatcher(world.ts.kernel, settings)
+    dispatcher = Dispatcher(world.ts.webhooks, settings)
     world.ts.kernel.pm.register(dispatcher)
     http = http_settings(webhooks=settings)
     app, _ = create_app(world.ts, http, wake_webhooks=dispatcher.wake)
@@ -212,7 +212,7 @@ async def delivered_ids(world: World, receiver: Receiver, settings: WebhookSetti
                         count: int) -> list[int]:  # fmt: skip
     """Run the dispatcher until ``count`` events arrived and were recorded as
     delivered; their ids in arrival order."""
-    dispatcher = Dispatcher(world.ts.kernel, settings)
+    dispatcher = Dispatcher(world.ts.webhooks, settings)
     task = asyncio.create_task(dispatcher.run())
 
     def recorded() -> int:

@@ -61,7 +61,7 @@ def deliveries(k: Kernel, subaccount: str = SUB) -> list[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def dispatching(k: Kernel, settings: WebhookSettings) -> AsyncIterator[Dispatcher]:
-    dispatcher = Dispatcher(k, settings)
+    dispatcher = Dispatcher(webhooks.Webhooks(k), settings)
     task = asyncio.create_task(dispatcher.run())
     try:
         yield dispatcher

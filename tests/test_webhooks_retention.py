@@ -96,7 +96,7 @@ async def test_old_finished_rows_are_purged_in_batches(world: World) -> None:
     # The dispatcher sweeps on its own (at start, then every few minutes).
     backdate(world, endpoint, [("delivered", 9), ("dead", 40)])
     keys(world, {"old-4": 30})
-    dispatcher = Dispatcher(k, SETTINGS)
+    dispatcher = Dispatcher(webhooks.Webhooks(k), SETTINGS)
     task = asyncio.create_task(dispatcher.run())
     swept = {
         "deliveries": ["dead", "delivered", "delivered", "pending"],

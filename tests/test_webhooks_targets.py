@@ -250,7 +250,7 @@ async def test_a_refused_delivery_fails_and_goes_dead(world: World, receiver: Re
         backoff_base_seconds=0.05, backoff_max_seconds=0.1, poll_seconds=0.05,
         settle_seconds=0.01, retry_hours=0.5 / 3600,
     )  # fmt: skip
-    dispatcher = Dispatcher(k, closed)
+    dispatcher = Dispatcher(webhooks.Webhooks(k), closed)
     task = asyncio.create_task(dispatcher.run())
 
     def dead() -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -36,8 +36,9 @@ from sqlalchemy.orm import Session
 
 from threadsync.core.accounts import connections as accounts
 from threadsync.core.errors import NotFound, Refused, ThreadsyncError
+from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
-from threadsync.core.store.models import PendingSignIn, utcnow
+from threadsync.core.store.models import PendingSignIn, iso, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,6 @@ MAX_STATE = 512
 def state_hash(state: str) -> str:
     return hashlib.sha256(state.encode("utf-8", "surrogatepass")).hexdigest()
 
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
 
 
 def sign_in_json(row: PendingSignIn, now: datetime | None = None) -> dict[str, Any]:
@@ -74,7 +72,7 @@ def sign_in_json(row: PendingSignIn, now: datetime | None = None) -> dict[str, A
             f"{row.email} and accept: {row.consent_url}"
         ),
         "consent_url": row.consent_url if status == "pending" else None,
-        "expires_at": _iso(row.expires_at),
+        "expires_at": iso(row.expires_at),
         "connection": row.connection,
         "error": row.error,
     }
@@ -90,18 +88,19 @@ async def begin(
     redirect_uri: str,
     *,
     update: bool = False,
-    carry: Sequence[str] = (),
+    credentials: Mapping[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """Start a redirect sign-in; ``None`` when the provider signs in without one
     (then :func:`threadsync.core.accounts.connections.connect` with a ``notify`` is the way).
 
-    ``carry`` names variables of ``k.environ`` that belong to this request (a
-    password given with it): they are kept encrypted with the flow and given to
-    the provider again when the redirect arrives."""
+    ``credentials`` are secrets given with this request (a password): they are
+    kept encrypted with the flow and given to the provider again when the
+    redirect arrives."""
     email, cls = accounts.checked_request(k, subaccount, user, provider, email)
     await accounts.precheck(k, subaccount, user, provider, email, update=update)
+    given = accounts.resolve_secrets(k, cls, options, credentials or {})
     request = await cls.begin_consent(
-        email, options, k.environ, k.provider_settings.get(cls.name, {}), redirect_uri
+        email, options, given, k.provider_settings.get(cls.name, {}), redirect_uri
     )
     if request is None:
         return None
@@ -120,7 +119,7 @@ async def begin(
         flow=k.vault.seal(
             {
                 "flow": json.dumps(dict(request.flow)),
-                "environ": json.dumps({n: k.environ[n] for n in carry if n in k.environ}),
+                "secrets": json.dumps(given),
             }
         ),
         status="pending",
@@ -129,13 +128,13 @@ async def begin(
         expires_at=now + timedelta(seconds=request.expires_in),
     )
 
-    def work(session: Session) -> dict[str, Any]:
+    def work(session: Session, _events: EventBuffer) -> dict[str, Any]:
         _prune(session, now)
         session.add(row)
         session.flush()
         return sign_in_json(row, now)
 
-    return await k.store.run(work)
+    return await k.unit_of_work(work)
 
 
 def _prune(session: Session, now: datetime) -> None:
@@ -172,7 +171,7 @@ async def finish(k: Kernel, params: Mapping[str, str]) -> dict[str, Any]:
         raise NotFound("no sign-in is waiting for this redirect")
     digest = state_hash(state)
 
-    def take(session: Session) -> tuple[PendingSignIn, dict[str, str]]:
+    def take(session: Session, _events: EventBuffer) -> tuple[PendingSignIn, dict[str, str]]:
         row = session.scalars(
             select(PendingSignIn).where(PendingSignIn.state_hash == digest)
         ).first()
@@ -195,13 +194,13 @@ async def finish(k: Kernel, params: Mapping[str, str]) -> dict[str, Any]:
             return row, {}  # another request took it first
         return row, k.vault.open(row.flow)
 
-    row, sealed = await k.store.run(take)
+    row, sealed = await k.unit_of_work(take)
     if not sealed:
         if row.status == "expired":
             raise Refused(f"the sign-in for {row.email} expired; connect again")
         raise Refused(f"the sign-in for {row.email} was already used ({row.status})")
     flow = json.loads(sealed["flow"])
-    environ = {**k.environ, **json.loads(sealed.get("environ") or "{}")}
+    given = json.loads(sealed.get("secrets") or "{}")
     cls = k.provider_class(row.provider)
     settings = k.provider_settings.get(cls.name, {})
     with_account = accounts.update_email_with if row.purpose == UPDATE_EMAIL else (
@@ -211,7 +210,7 @@ async def finish(k: Kernel, params: Mapping[str, str]) -> dict[str, Any]:
         connection = await with_account(
             k, row.subaccount_id, row.user_id, row.provider, row.email,
             lambda: cls.finish_consent(
-                row.email, row.options, environ, settings, flow, params
+                row.email, row.options, given, settings, flow, params
             ),
         )  # fmt: skip
     except ThreadsyncError as exc:
@@ -233,7 +232,7 @@ async def _record(
     connection: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    def work(session: Session) -> dict[str, Any]:
+    def work(session: Session, _events: EventBuffer) -> dict[str, Any]:
         row = session.get(PendingSignIn, sign_in_id)
         if row is None:  # deleted meanwhile: report what happened anyway
             return {"id": sign_in_id, "state": status, "connection": connection, "error": error}
@@ -241,4 +240,4 @@ async def _record(
         row.finished_at = utcnow()
         return sign_in_json(row)
 
-    return await k.store.run(work)
+    return await k.unit_of_work(work)

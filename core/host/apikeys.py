@@ -16,10 +16,10 @@ CRM message is sent twice).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from threadsync.core.errors import InvalidInput, NotFound
 from threadsync.core.store.database import Store
-from threadsync.core.store.models import ApiKey, IdempotencyRecord, utcnow
+from threadsync.core.store.models import ApiKey, IdempotencyRecord, iso, utcnow
 
 PREFIX = "tsk_"
 
@@ -53,9 +53,6 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
-
 
 def key_json(row: ApiKey) -> dict[str, Any]:
     """A key as listed: never the key itself, nor its hash."""
@@ -64,8 +61,8 @@ def key_json(row: ApiKey) -> dict[str, Any]:
         "subaccount": row.subaccount_id,
         "admin": row.subaccount_id is None,
         "label": row.label,
-        "created_at": _iso(row.created_at),
-        "revoked_at": _iso(row.revoked_at),
+        "created_at": iso(row.created_at),
+        "revoked_at": iso(row.revoked_at),
     }
 
 
@@ -227,3 +224,19 @@ def abandon(store: Store, subaccount: str, key: str) -> None:
             session.delete(row)
 
     store.call(work)
+
+
+class ApiKeys:
+    """The API keys and idempotency records of one instance, as the HTTP API and
+    the command line reach them (``Threadsync.api_keys``): the functions of this
+    module with its store bound."""
+
+    def __init__(self, store: Store) -> None:
+        self.create = functools.partial(create, store)
+        self.list_keys = functools.partial(list_keys, store)
+        self.revoke = functools.partial(revoke, store)
+        self.authenticate = functools.partial(authenticate, store)
+        self.principal_of = functools.partial(principal_of, store)
+        self.begin = functools.partial(begin, store)
+        self.finish = functools.partial(finish, store)
+        self.abandon = functools.partial(abandon, store)

@@ -14,6 +14,7 @@ full again.
 
 from __future__ import annotations
 
+import functools
 import time
 
 from sqlalchemy import Update, case, delete, update
@@ -88,3 +89,13 @@ def purge(store: Store, idle_seconds: float, now: float | None = None) -> int:
     before = (time.time() if now is None else now) - idle_seconds
     statement = delete(RateLimitBucket).where(RateLimitBucket.updated < before)
     return store.call(lambda s: int(s.execute(statement).rowcount))  # type: ignore[attr-defined]
+
+
+class RateLimits:
+    """The buckets of one instance (``Threadsync.rate_limits``): the functions of
+    this module with its store bound."""
+
+    def __init__(self, store: Store) -> None:
+        self.take = functools.partial(take, store)
+        self.wait = functools.partial(wait, store)
+        self.purge = functools.partial(purge, store)

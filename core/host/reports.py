@@ -12,7 +12,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from threadsync.core import rules
 from threadsync.core.kernel import Kernel
+from threadsync.core.rules import ConnectionState, OutboxStatus
 from threadsync.core.store.models import (
     Connection,
     Event,
@@ -20,12 +22,9 @@ from threadsync.core.store.models import (
     OutboxEntry,
     SubAccount,
     SyncedThread,
+    iso,
     utcnow,
 )
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
 
 
 def overview(k: Kernel, recent: int = 50) -> dict[str, Any]:
@@ -52,9 +51,9 @@ def overview(k: Kernel, recent: int = 50) -> dict[str, Any]:
                     "email": c.email,
                     "state": c.state,
                     "paused": not labs.get(c.subaccount_id, False),
-                    "since": _iso(c.since),
+                    "since": iso(c.since),
                     "last_error": c.last_error,
-                    "last_sync_at": _iso(c.last_sync_at),
+                    "last_sync_at": iso(c.last_sync_at),
                 }
                 for c in conns
             ],
@@ -69,7 +68,7 @@ def overview(k: Kernel, recent: int = 50) -> dict[str, Any]:
                     "subject": m.subject,
                     "state": m.state,
                     "reason": m.reason,
-                    "at": _iso(m.created_at),
+                    "at": iso(m.created_at),
                 }
                 for m, user in msgs
             ],
@@ -95,7 +94,10 @@ class Numbers:
 
 
 #: Kinds of provider errors as the connection state they caused.
-_ERROR_KIND = {"needs_reauth": "authentication_failed", "error": "provider_error"}
+_ERROR_KIND: dict[str, str] = {
+    ConnectionState.NEEDS_REAUTH: "authentication_failed",
+    ConnectionState.ERROR: "provider_error",
+}
 
 
 def numbers(k: Kernel) -> Numbers:
@@ -113,12 +115,7 @@ def numbers(k: Kernel) -> Numbers:
             out.connections[state] = int(n)
         now = utcnow()
         for (last,) in session.execute(
-            select(Connection.last_sync_at)
-            .join(SubAccount, SubAccount.id == Connection.subaccount_id)
-            .where(
-                Connection.state.in_(("connected", "error")),
-                SubAccount.two_way_email_sync.is_(True),
-            )
+            select(Connection.last_sync_at).where(rules.worked_connections())
         ):
             lag = (now - last).total_seconds() if last is not None else 0.0
             out.sync_lag_max = max(out.sync_lag_max, lag)
@@ -126,7 +123,7 @@ def numbers(k: Kernel) -> Numbers:
             out.sync_lag_count += 1
         for status, channel, n in session.execute(
             select(OutboxEntry.status, OutboxEntry.channel, func.count())
-            .where(OutboxEntry.status != "sent")
+            .where(OutboxEntry.status != OutboxStatus.SENT)
             .group_by(OutboxEntry.status, OutboxEntry.channel)
         ):
             out.outbox[(status, channel)] = int(n)

@@ -1,6 +1,6 @@
 """Read-only views for the host: threads of a sub-account, one whole thread, an
 attachment's stored content and the event log, in the JSON shapes of
-PRODUCT.md. Every query names its sub-account (R10); nothing is written."""
+the command line. Every query names its sub-account (R10); nothing is written."""
 
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ keeps state.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import secrets
@@ -59,6 +60,7 @@ from threadsync.core.store.models import (
     WebhookEndpoint,
     WebhookEventMark,
     WebhookState,
+    iso,
     utcnow,
 )
 
@@ -94,9 +96,6 @@ class WebhookSettings:
     allow_private_targets: bool = False
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
-
 
 # ---- endpoints ------------------------------------------------------------------------
 
@@ -116,7 +115,7 @@ def endpoint_json(ep: WebhookEndpoint) -> dict[str, Any]:
         "description": ep.description,
         "events": list(ep.event_types or []),
         "active": ep.active,
-        "created_at": _iso(ep.created_at),
+        "created_at": iso(ep.created_at),
     }
 
 
@@ -207,11 +206,11 @@ def delivery_json(d: WebhookDelivery) -> dict[str, Any]:
         "event": d.event_type,
         "status": d.status,
         "attempts": d.attempts,
-        "next_attempt_at": _iso(d.next_attempt_at) if d.status == "pending" else None,
+        "next_attempt_at": iso(d.next_attempt_at) if d.status == "pending" else None,
         "last_status_code": d.last_status_code,
         "last_error": d.last_error,
-        "created_at": _iso(d.created_at),
-        "finished_at": _iso(d.finished_at),
+        "created_at": iso(d.created_at),
+        "finished_at": iso(d.finished_at),
     }
 
 
@@ -404,7 +403,7 @@ class Outgoing:
 
 def event_body(event: Event) -> bytes:
     """The JSON posted for an event: the event log entry with its id and time."""
-    data = {"id": event.id, **event.payload, "created_at": _iso(event.created_at)}
+    data = {"id": event.id, **event.payload, "created_at": iso(event.created_at)}
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
@@ -619,3 +618,23 @@ def _delete_some(
     ids = select(model.id).where(*where).order_by(model.id).limit(batch).scalar_subquery()
     statement = delete(model).where(model.id.in_(ids)).execution_options(synchronize_session=False)
     return k.store.call(lambda s: int(s.execute(statement).rowcount))  # type: ignore[attr-defined]
+
+
+class Webhooks:
+    """The webhook endpoints, deliveries and queue of one instance, as the HTTP API
+    and its dispatcher reach them (``Threadsync.webhooks``): the functions of this
+    module with the kernel bound."""
+
+    def __init__(self, k: Kernel) -> None:
+        self.create_endpoint = functools.partial(create_endpoint, k)
+        self.list_endpoints = functools.partial(list_endpoints, k)
+        self.get_endpoint = functools.partial(get_endpoint, k)
+        self.delete_endpoint = functools.partial(delete_endpoint, k)
+        self.list_deliveries = functools.partial(list_deliveries, k)
+        self.retry_delivery = functools.partial(retry_delivery, k)
+        self.backlog = functools.partial(backlog, k)
+        self.enqueue = functools.partial(enqueue, k)
+        self.claim = functools.partial(claim, k)
+        self.record = functools.partial(record, k)
+        self.release_dead_leases = functools.partial(release_dead_leases, k)
+        self.purge = functools.partial(purge, k)

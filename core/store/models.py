@@ -42,13 +42,13 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-#: Connection states in which the connection still belongs to its user.
-LIVE_STATES = ("connected", "needs_reauth", "error")
-CONNECTION_STATES = (*LIVE_STATES, "disconnected", "replaced")
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def iso(value: datetime | None) -> str | None:
+    """A stored (naive UTC) time as shown to the host: ISO 8601 with ``Z``."""
+    return value.isoformat() + "Z" if value is not None else None
 
 
 class Base(DeclarativeBase):
@@ -72,6 +72,7 @@ class Connection(Base):
 
     __tablename__ = "connections"
     __table_args__ = (
+        # The live states of ``rules.LIVE_STATES``, as the migration wrote them.
         Index(
             "uq_connection_live",
             "subaccount_id",

@@ -16,5 +16,6 @@ except ImportError as exc:  # pragma: no cover - exercised in a venv without pyt
     ) from exc
 
 from .contract import ContractMailbox, ProviderContract, make_message
+from .registration import registered_provider
 
-__all__ = ["ContractMailbox", "ProviderContract", "make_message"]
+__all__ = ["ContractMailbox", "ProviderContract", "make_message", "registered_provider"]

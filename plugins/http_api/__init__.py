@@ -7,13 +7,17 @@ the durable queue in :mod:`threadsync.core.host.webhooks`. Modules: :mod:`.setti
 :mod:`.auth` (API keys, sessions, rate limits), :mod:`.problems` (RFC 9457
 errors), :mod:`.bodies` (request checks), the ``routes_*`` modules,
 :mod:`.openapi` and :mod:`.openapi_schemas`, :mod:`.metrics`,
-:mod:`.statuspage`, :mod:`.hosted` (provider notifications and OAuth
-callbacks), :mod:`.dispatcher` and :mod:`.signatures` (webhooks),
+:mod:`.statuspage`, :mod:`.dispatcher` and :mod:`.signatures` (webhooks),
 :mod:`.server` (uvicorn).
 """
 
 from __future__ import annotations
 
+from threadsync.plugins.http_api.commands import (
+    config_sections,
+    daemon_services,
+    register_commands,
+)
 from threadsync.plugins.http_api.signatures import sign, verify
 
-__all__ = ["sign", "verify"]
+__all__ = ["config_sections", "daemon_services", "register_commands", "sign", "verify"]

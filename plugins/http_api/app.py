@@ -34,7 +34,6 @@ from threadsync.plugins.http_api import (
     statuspage,
 )
 from threadsync.plugins.http_api.context import ApiContext
-from threadsync.plugins.http_api.hosted import install_outlook
 from threadsync.plugins.http_api.problems import HANDLERS, problem, unexpected
 from threadsync.plugins.http_api.settings import HttpSettings
 
@@ -119,7 +118,6 @@ def create_app(
     ctx = ApiContext.build(ts, http)
     if wake_webhooks is not None:
         ctx.wake_webhooks = wake_webhooks
-    install_outlook(ctx.hosted, ts.kernel.provider_settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -128,7 +126,7 @@ def create_app(
         finally:
             await ctx.signins.close()
             # Mailbox sessions the kernel kept open for sends made on this loop.
-            await ts.kernel.pool.aclose()
+            await ts.close_sessions()
 
     routes = [
         *routes_accounts.routes(ctx),

@@ -27,9 +27,8 @@ import time
 import anyio.to_thread
 from starlette.requests import Request
 
-from threadsync.core.host import apikeys, ratelimits
-from threadsync.core.host.apikeys import Principal
-from threadsync.core.store.database import Store
+from threadsync.core.host.apikeys import ApiKeys, Principal
+from threadsync.core.host.ratelimits import RateLimits
 from threadsync.plugins.http_api.problems import ApiProblem
 
 CACHE_SECONDS = 5.0
@@ -45,13 +44,13 @@ class RateLimiter:
 
     def __init__(
         self,
-        store: Store,
+        limits: RateLimits,
         rate: float,
         burst: int,
         failure_rate: float = 1.0,
         failure_burst: int = 20,
     ) -> None:
-        self.store = store
+        self.limits = limits
         self.rate, self.burst = rate, burst
         self.failure_rate, self.failure_burst = failure_rate, failure_burst
         self._purged = time.monotonic()
@@ -60,19 +59,19 @@ class RateLimiter:
         """Take a token of a key; ``None`` when allowed, else seconds until one is free."""
         await self._maybe_purge()
         return await anyio.to_thread.run_sync(
-            ratelimits.take, self.store, f"key:{key_id}", self.rate, self.burst
+            self.limits.take, f"key:{key_id}", self.rate, self.burst
         )
 
     async def failures_wait(self, address: str) -> float | None:
         """``None`` while ``address`` may still present unknown keys."""
         return await anyio.to_thread.run_sync(
-            ratelimits.wait, self.store, f"auth:{address}", self.failure_rate, self.failure_burst
+            self.limits.wait, f"auth:{address}", self.failure_rate, self.failure_burst
         )
 
     async def failed(self, address: str) -> None:
         """``address`` presented an unknown key."""
         await anyio.to_thread.run_sync(
-            ratelimits.take, self.store, f"auth:{address}", self.failure_rate, self.failure_burst
+            self.limits.take, f"auth:{address}", self.failure_rate, self.failure_burst
         )
 
     async def _maybe_purge(self) -> None:
@@ -81,14 +80,14 @@ class RateLimiter:
             return
         self._purged = now
         idle = max(3600.0, self.burst / self.rate, self.failure_burst / self.failure_rate)
-        await anyio.to_thread.run_sync(ratelimits.purge, self.store, idle)
+        await anyio.to_thread.run_sync(self.limits.purge, idle)
 
 
 class Authenticator:
     """Resolves keys and sessions to principals, with a short positive cache."""
 
-    def __init__(self, store: Store, session_hours: float) -> None:
-        self.store = store
+    def __init__(self, keys: ApiKeys, session_hours: float) -> None:
+        self.keys = keys
         self.session_seconds = session_hours * 3600
         self._cache: dict[str, tuple[Principal, float]] = {}
         #: Signs status-page cookies; new per process, so a restart logs everyone out.
@@ -108,7 +107,7 @@ class Authenticator:
         now = time.monotonic()
         if hit is not None and hit[1] > now:
             return hit[0]
-        found = await anyio.to_thread.run_sync(apikeys.authenticate, self.store, presented)
+        found = await anyio.to_thread.run_sync(self.keys.authenticate, presented)
         if found is not None:
             if len(self._cache) > 10_000:
                 self._cache.clear()
@@ -132,7 +131,7 @@ class Authenticator:
             return None
         if not hmac.compare_digest(signature, self._sign(f"{key_id}.{expires}")):
             return None
-        return await anyio.to_thread.run_sync(apikeys.principal_of, self.store, key_id)
+        return await anyio.to_thread.run_sync(self.keys.principal_of, key_id)
 
 
 def _digest(presented: str) -> str:

@@ -24,7 +24,6 @@ from starlette.routing import Route
 from threadsync.core.api import Threadsync
 from threadsync.core.host.apikeys import Principal
 from threadsync.plugins.http_api.auth import Authenticator, RateLimiter, authenticate, require_admin
-from threadsync.plugins.http_api.hosted import Hosted
 from threadsync.plugins.http_api.settings import HttpSettings
 from threadsync.plugins.http_api.signins import SignIns
 
@@ -52,7 +51,6 @@ class ApiContext:
     auth: Authenticator
     limiter: RateLimiter
     signins: SignIns = field(default_factory=SignIns)
-    hosted: Hosted = field(default_factory=Hosted)
     counters: RequestCounters = field(default_factory=RequestCounters)
     #: Called when something may have queued webhooks (wakes the dispatcher early).
     wake_webhooks: Callable[[], None] = lambda: None
@@ -63,9 +61,9 @@ class ApiContext:
         return cls(
             ts=ts,
             http=http,
-            auth=Authenticator(ts.kernel.store, http.session_hours),
+            auth=Authenticator(ts.api_keys, http.session_hours),
             limiter=RateLimiter(
-                ts.kernel.store,
+                ts.rate_limits,
                 http.rate_per_second,
                 http.burst,
                 http.auth_failures_per_second,

@@ -44,8 +44,7 @@ import httpx
 from threadsync.core.errors import ThreadsyncError
 from threadsync.core.hookspecs import hookimpl
 from threadsync.core.host import webhook_targets, webhooks
-from threadsync.core.host.webhooks import Outcome, Outgoing, WebhookSettings
-from threadsync.core.kernel import Kernel
+from threadsync.core.host.webhooks import Outcome, Outgoing, Webhooks, WebhookSettings
 from threadsync.plugins.http_api.signatures import HEADER, sign
 
 log = logging.getLogger(__name__)
@@ -147,13 +146,13 @@ class GuardedTransport(httpx.AsyncBaseTransport):
 class Dispatcher:
     def __init__(
         self,
-        k: Kernel,
+        queue: Webhooks,
         settings: WebhookSettings,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         resolver: Resolver = resolve,
     ) -> None:
-        self.k = k
+        self.queue = queue
         self.settings = settings
         self.transport = transport  # under the guard; shared by every origin
         self.resolver = resolver
@@ -244,14 +243,14 @@ class Dispatcher:
             now = time.monotonic()
             if now - self._released_at > RELEASE_EVERY_SECONDS:
                 self._released_at = now
-                await asyncio.to_thread(webhooks.release_dead_leases, self.k)
-            while await asyncio.to_thread(webhooks.enqueue, self.k, self.settings) >= 500:
+                await asyncio.to_thread(self.queue.release_dead_leases)
+            while await asyncio.to_thread(self.queue.enqueue, self.settings) >= 500:
                 pass
             free = self.settings.batch_size - len(self._inflight)
             if free <= 0:
                 return
             claimed = await asyncio.to_thread(
-                webhooks.claim, self.k, self.settings, free, dict(self._chains_of)
+                self.queue.claim, self.settings, free, dict(self._chains_of)
             )
         except ThreadsyncError as exc:  # the database hiccuped; try again next pass
             log.warning("webhook pass failed: %s", exc)
@@ -285,7 +284,7 @@ class Dispatcher:
             return
         try:
             for _ in range(SWEEP_BATCHES_PER_PASS):
-                removed = await asyncio.to_thread(webhooks.purge, self.k, self.settings)
+                removed = await asyncio.to_thread(self.queue.purge, self.settings)
                 if any(removed.values()):
                     log.info("retention sweep removed rows", extra={"removed": removed})
                 if max(removed.values()) < webhooks.PURGE_BATCH:
@@ -304,7 +303,7 @@ class Dispatcher:
                     continue
                 outcomes.append(await self._post(item))
         try:
-            done = await asyncio.to_thread(webhooks.record, self.k, self.settings, outcomes)
+            done = await asyncio.to_thread(self.queue.record, self.settings, outcomes)
         except ThreadsyncError as exc:  # leases expire; the deliveries are tried again
             log.warning("webhook outcomes not stored: %s", exc)
             return

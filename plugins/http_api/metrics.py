@@ -31,7 +31,6 @@ from threadsync.core.errors import (
     ProviderProtocolError,
     TransientProviderError,
 )
-from threadsync.core.host import webhooks
 from threadsync.plugins.http_api.context import ApiContext
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -76,9 +75,8 @@ class Exposition:
 
 def collect(ctx: ApiContext, dispatched: tuple[int, int] | None) -> str:
     """Every family, from one read of the database (blocking: call in a thread)."""
-    k = ctx.ts.kernel
     nums = ctx.ts.numbers()
-    queue = webhooks.backlog(k)
+    queue = ctx.ts.webhooks.backlog()
     out = Exposition()
 
     out.family(

@@ -2,7 +2,7 @@
 
 It describes exactly what the routes accept and answer: request bodies are
 checked by :mod:`threadsync.plugins.http_api.bodies` with the same limits, response shapes
-are those of PRODUCT.md (with the extra keys the API adds), and every error is
+are those of the command line (with the extra keys the API adds), and every error is
 an RFC 9457 problem. The test suite fuzzes the API against this document, so a
 drift between the two fails there.
 """

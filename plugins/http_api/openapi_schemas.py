@@ -1,5 +1,5 @@
 """The component schemas of the OpenAPI document (:mod:`threadsync.plugins.http_api.openapi`):
-the JSON shapes of PRODUCT.md as the routes answer them, and the request bodies
+the JSON shapes of the command line as the routes answer them, and the request bodies
 with the limits :mod:`threadsync.plugins.http_api.bodies` enforces."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from threadsync.core.host.webhooks import EVENT_TYPES, STATUSES
+from threadsync.core.rules import ConnectionState, MessageState, SendStatus, ThreadState
 
 Schema = dict[str, Any]
 
-CONNECTION_STATES = ["connected", "needs_reauth", "error", "disconnected", "replaced"]
+CONNECTION_STATES = [s.value for s in ConnectionState]
 
 
 def ref(name: str) -> Schema:
@@ -164,7 +165,7 @@ SCHEMAS: dict[str, Schema] = {
             "channel": {"type": "string", "enum": ["mailbox", "default"]},
             "synced": BOOL,
             "reason": _nullable("string"),
-            "status": {"type": "string", "enum": ["sent", "queued"]},
+            "status": {"type": "string", "enum": [s.value for s in SendStatus]},
         },
     ),
     "ThreadSummary": _obj(
@@ -183,7 +184,7 @@ SCHEMAS: dict[str, Schema] = {
             "subaccount": STR,
             "user": STR,
             "email": _nullable("string"),
-            "state": {"type": "string", "enum": ["active", "stopped", "unsynced"]},
+            "state": {"type": "string", "enum": [s.value for s in ThreadState]},
             "stop_reason": _nullable("string"),
             "subject": STR,
             "message_count": INT,
@@ -228,7 +229,7 @@ SCHEMAS: dict[str, Schema] = {
             "cc": {"type": "array", "items": STR},
             "subject": STR,
             "date": _nullable("string"),
-            "state": {"type": "string", "enum": ["synced", "skipped"]},
+            "state": {"type": "string", "enum": [s.value for s in MessageState]},
             "reason": _nullable("string"),
             "text": _nullable("string"),
             "html": _nullable("string"),

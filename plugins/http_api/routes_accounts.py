@@ -4,15 +4,12 @@ admin's API keys.
 
 Mailbox secrets come in the body's ``credentials`` object (``{"password": ...}``
 for ``imap_smtp``), never as ``*_env`` options: over HTTP a caller must not name
-the server's environment variables. The kernel reads a secret option from its
-environment mapping, so each connect runs on a copy of the kernel whose mapping
-holds that request's secret under a private name; the process environment is
-never touched and nothing of the body is logged (R11).
+the server's environment variables. They reach the kernel as the ``credentials``
+parameter of connect; nothing of the body is logged (R11).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 from urllib.parse import quote
@@ -21,9 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from threadsync.core.api import Threadsync
 from threadsync.core.errors import NotFound, ThreadsyncError
-from threadsync.core.host import apikeys
 from threadsync.core.host.apikeys import Principal
 from threadsync.core.provider import ProviderOption
 from threadsync.plugins.http_api import bodies
@@ -31,7 +26,6 @@ from threadsync.plugins.http_api.auth import require_admin, require_subaccount
 from threadsync.plugins.http_api.context import ApiContext, api_route, ok
 from threadsync.plugins.http_api.problems import ApiProblem, from_kernel
 
-SECRET_VAR = "THREADSYNC_HTTP_SECRET_"
 #: Options only an operator may set: they name files on the server.
 ADMIN_OPTIONS = {"ca_file"}
 
@@ -81,7 +75,7 @@ def _connect_request(
     ):
         raise bodies.invalid("credentials", "must be an object of strings")
     specs: dict[str, ProviderOption] = {
-        o.name: o for o in ctx.ts.kernel.provider_class(provider).options
+        o.name: o for o in ctx.ts.provider_options(provider)
     }
     secret_names = {n.removesuffix("_env"): n for n, o in specs.items() if o.secret_env}
     for name, value in options.items():
@@ -101,21 +95,6 @@ def _connect_request(
     return provider, email, dict(options), {str(k): str(v) for k, v in credentials.items()}
 
 
-def _with_credentials(
-    ts: Threadsync, options: dict[str, Any], credentials: dict[str, str]
-) -> tuple[Threadsync, dict[str, Any]]:
-    """A Threadsync on a kernel copy whose environment mapping holds the secrets."""
-    if not credentials:
-        return ts, options
-    environ = dict(ts.kernel.environ)
-    options = dict(options)
-    for name, value in credentials.items():
-        var = SECRET_VAR + name.upper()
-        environ[var] = value
-        options[name + "_env"] = var
-    return Threadsync(dataclasses.replace(ts.kernel, environ=environ)), options
-
-
 def redirect_uri(ctx: ApiContext, request: Request) -> str:
     """Where the browser comes back after consent: ``[http] public_url`` or this
     request's own address, plus ``/oauth/callback``."""
@@ -128,20 +107,23 @@ async def _connect(ctx: ApiContext, request: Request, who: Principal, update: bo
     user = str(request.path_params["user"])
     body, _ = await bodies.json_object(request, ctx.http.max_body_bytes)
     provider, email, options, credentials = _connect_request(ctx, body, who)
-    ts, options = _with_credentials(ctx.ts, options, credentials)
+    ts = ctx.ts
     # A sign-in the browser finishes at /oauth/callback (Outlook's consent): kept
     # in the database, so it survives a restart and any process ends it.
     pending = await ts.begin_sign_in(
         subaccount, user, provider, email=email, options=options,
         redirect_uri=redirect_uri(ctx, request), update=update,
-        carry=[SECRET_VAR + name.upper() for name in credentials],
+        credentials=credentials,
     )  # fmt: skip
     if pending is not None:
         return ok(pending, 202, {"Location": _sign_in_path(subaccount, pending["id"])})
     call = ts.update_email if update else ts.connect
 
     async def run(notify: Any) -> dict[str, Any]:
-        return await call(subaccount, user, provider, email=email, options=options, notify=notify)
+        return await call(
+            subaccount, user, provider, email=email, options=options, notify=notify,
+            credentials=credentials,
+        )  # fmt: skip
 
     def problem_of(exc: ThreadsyncError) -> dict[str, Any]:
         return dict(json.loads(bytes(from_kernel(exc).body)))
@@ -189,7 +171,7 @@ async def sign_in_get(ctx: ApiContext, request: Request, who: Principal) -> Resp
 
 async def keys_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
     subaccount = bodies.query_text(request, "subaccount")
-    return ok(await ctx.call(apikeys.list_keys, ctx.ts.kernel.store, subaccount))
+    return ok(await ctx.call(ctx.ts.api_keys.list_keys, subaccount))
 
 
 async def keys_post(ctx: ApiContext, request: Request, who: Principal) -> Response:
@@ -200,12 +182,12 @@ async def keys_post(ctx: ApiContext, request: Request, who: Principal) -> Respon
     if admin == (subaccount is not None):
         raise bodies.invalid("subaccount", "give a subaccount, or admin: true (not both)")
     label = bodies.text(body, "label", max_len=255, default="")
-    made = await ctx.call(apikeys.create, ctx.ts.kernel.store, subaccount, label)
+    made = await ctx.call(ctx.ts.api_keys.create, subaccount, label)
     return ok(made, 201, {"Cache-Control": "no-store"})
 
 
 async def key_delete(ctx: ApiContext, request: Request, who: Principal) -> Response:
-    result = await ctx.call(apikeys.revoke, ctx.ts.kernel.store, str(request.path_params["key_id"]))
+    result = await ctx.call(ctx.ts.api_keys.revoke, str(request.path_params["key_id"]))
     ctx.auth.forget()
     return ok(result)
 

@@ -23,9 +23,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from threadsync.core.errors import ConfigError, InvalidInput, NotFound, Refused
-from threadsync.core.host import apikeys
 from threadsync.core.host.apikeys import Principal
 from threadsync.core.outbox.compose import Draft
+from threadsync.core.rules import MessageState
 from threadsync.plugins.http_api import bodies
 from threadsync.plugins.http_api.auth import require_subaccount
 from threadsync.plugins.http_api.context import ApiContext, api_route, ok
@@ -63,11 +63,11 @@ async def _idempotent(
     key = request.headers.get("idempotency-key")
     if key is None:
         return await _answer(ctx, await run(None))
-    store = ctx.ts.kernel.store
+    keys = ctx.ts.api_keys
     fingerprint = hashlib.sha256(
         request.method.encode() + b" " + request.url.path.encode() + b"\n" + raw
     ).hexdigest()
-    replay = await ctx.call(apikeys.begin, store, subaccount, key, fingerprint)
+    replay = await ctx.call(keys.begin, subaccount, key, fingerprint)
     if replay is not None:
         if not replay.same_request:
             raise ApiProblem(
@@ -80,9 +80,9 @@ async def _idempotent(
     try:
         result = await run(key)
     except NOTHING_DONE:
-        await ctx.call(apikeys.abandon, store, subaccount, key)
+        await ctx.call(keys.abandon, subaccount, key)
         raise
-    await ctx.call(apikeys.finish, store, subaccount, key, 201, result)
+    await ctx.call(keys.finish, subaccount, key, 201, result)
     return await _answer(ctx, result)
 
 
@@ -124,7 +124,7 @@ async def threads(ctx: ApiContext, request: Request, who: Principal) -> Response
 
 def _with_links(thread_id: str, message: dict[str, Any]) -> dict[str, Any]:
     base = f"/v1/threads/{quote(thread_id)}/messages/{quote(message['message_id'], safe='')}"
-    stored = message.get("state") == "synced"
+    stored = message.get("state") == MessageState.SYNCED
     message["attachments"] = [
         {**a, "index": i, "download_url": f"{base}/attachments/{i}" if stored else None}
         for i, a in enumerate(message.get("attachments") or [])

@@ -1,19 +1,20 @@
 """Routes for operators and outside services: ``/healthz``, ``/readyz``,
-``/metrics``, ``/openapi.json``, provider change notifications and the OAuth
-redirect (see :mod:`threadsync.plugins.http_api.hosted`).
+``/metrics``, ``/openapi.json``, the OAuth redirect, and the endpoints plugins
+contribute through the ``register_routes`` hook (Outlook's change notifications;
+see :mod:`threadsync.core.host.routes`).
 
 ``/healthz`` says the process serves; ``/readyz`` that the database answers at
 the newest schema. ``/oauth/callback`` finishes the sign-in named by the
 redirect's ``state`` (:mod:`threadsync.core.accounts.consent`) and shows the user a short page.
-``/metrics`` needs the admin key unless ``[http] metrics_public = true``. The
-notification endpoint answers from memory only, well within Graph's 3 s
-(notifications) and 10 s (validation) limits: the handler wakes the subscribed
-connection and the sync loop does the rest.
+``/metrics`` needs the admin key unless ``[http] metrics_public = true``. Plugin
+endpoints are served without an API key, with their own body limit; a handler
+that fails answers 500 without details (and is logged once).
 """
 
 from __future__ import annotations
 
 import html
+import logging
 from collections.abc import Callable
 from urllib.parse import parse_qsl
 
@@ -22,14 +23,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from threadsync.core.errors import AuthenticationFailed, StoreError, ThreadsyncError
+from threadsync.core.host.routes import PluginRoute, RouteRequest
 from threadsync.plugins.http_api import bodies, metrics
 from threadsync.plugins.http_api.auth import authenticate, require_admin
 from threadsync.plugins.http_api.context import ApiContext, open_route
-from threadsync.plugins.http_api.hosted import Reply
 from threadsync.plugins.http_api.openapi import document
 from threadsync.plugins.http_api.problems import ApiProblem, from_kernel, problem_status
 
-NOTIFICATION_BODY_LIMIT = 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 _PAGE = (
@@ -51,15 +52,34 @@ def callback_page(status: int, title: str, text: str) -> Response:
     )
 
 
-def _reply(answer: Reply) -> Response:
-    # The body may echo what the caller sent (Graph's validationToken): never let a
-    # browser sniff it into HTML.
-    return Response(
-        answer.body,
-        status_code=answer.status,
-        media_type=answer.content_type,
-        headers={"X-Content-Type-Options": "nosniff"},
-    )
+def plugin_route(route: PluginRoute) -> Route:
+    """Serve a plugin's framework-free route through Starlette."""
+
+    async def endpoint(request: Request) -> Response:
+        body = await bodies.read_body(request, route.max_body_bytes)
+        try:
+            answer = await route.handler(
+                RouteRequest(
+                    method=request.method,
+                    path=request.url.path,
+                    query=dict(request.query_params),
+                    headers=dict(request.headers),
+                    body=body,
+                )
+            )
+        except Exception:  # a plugin's fault must not take the API down
+            log.exception("plugin route %s failed", route.path)
+            raise ApiProblem(500, "the endpoint failed", code="internal") from None
+        return Response(
+            answer.body,
+            status_code=answer.status,
+            media_type=answer.content_type,
+            # The body may echo what the caller sent (Graph's validationToken):
+            # no browser may sniff it into HTML.
+            headers={"X-Content-Type-Options": "nosniff", **dict(answer.headers)},
+        )
+
+    return open_route(route.path, endpoint, list(route.methods))
 
 
 def routes(ctx: ApiContext, dispatched: Callable[[], tuple[int, int] | None]) -> list[Route]:
@@ -84,13 +104,6 @@ def routes(ctx: ApiContext, dispatched: Callable[[], tuple[int, int] | None]) ->
     async def openapi(request: Request) -> Response:
         return JSONResponse(spec)
 
-    async def notifications(request: Request) -> Response:
-        handler = ctx.hosted.notifications.get(str(request.path_params["provider"]))
-        if handler is None:
-            raise ApiProblem(404, "no notification handler for this provider", code="not_found")
-        body = await bodies.read_body(request, NOTIFICATION_BODY_LIMIT)
-        return _reply(handler(body, dict(request.query_params)))
-
     async def oauth_callback(request: Request) -> Response:
         params = dict(request.query_params)
         if request.method == "POST":  # response_mode=form_post
@@ -111,6 +124,6 @@ def routes(ctx: ApiContext, dispatched: Callable[[], tuple[int, int] | None]) ->
         open_route("/readyz", readyz, ["GET"]),
         open_route("/metrics", metrics_text, ["GET"]),
         open_route("/openapi.json", openapi, ["GET"]),
-        open_route("/notifications/{provider}", notifications, ["POST"]),
         open_route("/oauth/callback", oauth_callback, ["GET", "POST"]),
+        *(plugin_route(route) for route in ctx.ts.plugin_routes()),
     ]

@@ -50,7 +50,7 @@ def _sub(request: Request, who: Principal) -> str:
 
 
 async def endpoints_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
-    return ok(await ctx.call(webhooks.list_endpoints, ctx.ts.kernel, _sub(request, who)))
+    return ok(await ctx.call(ctx.ts.webhooks.list_endpoints, _sub(request, who)))
 
 
 async def endpoints_post(ctx: ApiContext, request: Request, who: Principal) -> Response:
@@ -67,8 +67,7 @@ async def endpoints_post(ctx: ApiContext, request: Request, who: Principal) -> R
     except InvalidInput as exc:
         raise bodies.invalid("url", str(exc).removeprefix("webhook url ")) from None
     made = await ctx.call(
-        webhooks.create_endpoint,
-        ctx.ts.kernel,
+        ctx.ts.webhooks.create_endpoint,
         subaccount,
         url,
         events,
@@ -84,13 +83,13 @@ async def endpoints_post(ctx: ApiContext, request: Request, who: Principal) -> R
 async def endpoint_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
     subaccount = _sub(request, who)
     endpoint_id = bodies.path_id(request, "endpoint_id")
-    return ok(await ctx.call(webhooks.get_endpoint, ctx.ts.kernel, subaccount, endpoint_id))
+    return ok(await ctx.call(ctx.ts.webhooks.get_endpoint, subaccount, endpoint_id))
 
 
 async def endpoint_delete(ctx: ApiContext, request: Request, who: Principal) -> Response:
     subaccount = _sub(request, who)
     endpoint_id = bodies.path_id(request, "endpoint_id")
-    return ok(await ctx.call(webhooks.delete_endpoint, ctx.ts.kernel, subaccount, endpoint_id))
+    return ok(await ctx.call(ctx.ts.webhooks.delete_endpoint, subaccount, endpoint_id))
 
 
 async def deliveries_get(ctx: ApiContext, request: Request, who: Principal) -> Response:
@@ -105,8 +104,7 @@ async def deliveries_get(ctx: ApiContext, request: Request, who: Principal) -> R
         else None
     )
     result = await ctx.call(
-        webhooks.list_deliveries,
-        ctx.ts.kernel,
+        ctx.ts.webhooks.list_deliveries,
         subaccount,
         status=status,
         endpoint_id=endpoint_id,
@@ -119,7 +117,7 @@ async def deliveries_get(ctx: ApiContext, request: Request, who: Principal) -> R
 async def delivery_retry(ctx: ApiContext, request: Request, who: Principal) -> Response:
     subaccount = _sub(request, who)
     delivery_id = bodies.path_id(request, "delivery_id")
-    result = await ctx.call(webhooks.retry_delivery, ctx.ts.kernel, subaccount, delivery_id)
+    result = await ctx.call(ctx.ts.webhooks.retry_delivery, subaccount, delivery_id)
     ctx.wake_webhooks()
     return ok(result)
 

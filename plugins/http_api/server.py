@@ -99,8 +99,8 @@ class Service:
     def prepare(cls, ts: Threadsync, http: HttpSettings) -> Service:
         if http.listen is None:
             raise ConfigError("the HTTP API has no listen address ([http] listen or --listen)")
-        dispatcher = Dispatcher(ts.kernel, http.webhooks)
-        ts.kernel.pm.register(dispatcher, name="http_api.webhooks")
+        dispatcher = Dispatcher(ts.webhooks, http.webhooks)
+        ts.register_plugin(dispatcher, name="http_api.webhooks")
 
         def counts() -> tuple[int, int]:
             return dispatcher.delivered, dispatcher.failed

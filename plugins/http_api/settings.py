@@ -1,7 +1,7 @@
 """The ``[http]`` and ``[webhooks]`` sections of config.toml, checked and typed.
 
-``threadsync.core.config`` hands sections it does not know to plugins (they arrive in
-``Settings.providers``), so both are read from there. The API is off unless
+Both sections belong to this plugin (declared with the ``config_sections`` hook,
+read with ``Settings.section``). The API is off unless
 ``[http] listen`` (or ``run --listen``) names an address; it listens on loopback
 unless told otherwise, and a non-loopback address needs TLS (``tls_cert_file``
 and ``tls_key_file``) or an explicit ``behind_tls_proxy = true`` (R11).
@@ -66,7 +66,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def _section(settings: Settings, name: str) -> dict[str, Any]:
-    value = settings.providers.get(name, {})
+    value = settings.section(name)
     if not isinstance(value, dict):
         raise ConfigError(f"[{name}] must be a table")
     return value

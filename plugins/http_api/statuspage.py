@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from threadsync.core.host import webhooks
 from threadsync.core.host.apikeys import Principal
+from threadsync.core.rules import LIVE_STATES
 from threadsync.plugins.http_api import bodies
 from threadsync.plugins.http_api.auth import SESSION_COOKIE
 from threadsync.plugins.http_api.context import ApiContext, open_route
@@ -104,11 +104,7 @@ def render(data: dict[str, Any], backlog: dict[str, Any]) -> str:
     )
     rows = []
     for c in conns:
-        paused = (
-            " " + _badge("paused")
-            if c["paused"] and c["state"] in ("connected", "needs_reauth", "error")
-            else ""
-        )
+        paused = " " + _badge("paused") if c["paused"] and c["state"] in LIVE_STATES else ""
         err = escape(c["last_error"] or "")
         rows.append(
             f"<tr class=connection data-state='{escape(c['state'])}'>"
@@ -185,7 +181,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         if principal is None or not principal.admin:
             return login_page()
         data = await ctx.call(ctx.ts.overview)
-        backlog = await ctx.call(webhooks.backlog, ctx.ts.kernel)
+        backlog = await ctx.call(ctx.ts.webhooks.backlog)
         page = _page("threadsync status", render(data, backlog))
         page.headers["Refresh"] = "30"
         return page

@@ -35,9 +35,9 @@ from threadsync.core.errors import (
     ProviderProtocolError,
     TransientProviderError,
 )
+from threadsync.core.tls import certificate_error, certificate_failure
 from threadsync.plugins.imap_smtp import imap_syntax as syntax
 from threadsync.plugins.imap_smtp import wire
-from threadsync.plugins.imap_smtp.tls import certificate_error, certificate_failure
 
 log = logging.getLogger(__name__)
 

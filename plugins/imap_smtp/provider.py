@@ -34,6 +34,7 @@ from threadsync.core.errors import (
     TransientProviderError,
 )
 from threadsync.core.mime import summarize_headers
+from threadsync.core.outbox import smtp
 from threadsync.core.provider import (
     Account,
     ChangeBatch,
@@ -43,11 +44,10 @@ from threadsync.core.provider import (
     Provider,
     ProviderOption,
 )
-from threadsync.plugins.imap_smtp import smtp
+from threadsync.core.tls import client_context
 from threadsync.plugins.imap_smtp.imap import ImapEndpoint, ImapSession
 from threadsync.plugins.imap_smtp.imap_syntax import FetchedMessage, ListedMailbox, quote, uid_set
 from threadsync.plugins.imap_smtp.options import OPTIONS, MailboxSettings, normalise, secrets_of
-from threadsync.plugins.imap_smtp.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,11 @@ class ImapSmtpProvider(Provider):
         self._seen: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def prepare(cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]) -> Account:
+    def prepare(
+        cls, email: str, options: Mapping[str, Any], credentials: Mapping[str, str]
+    ) -> Account:
         """Check the options without touching the network (see :mod:`.options`)."""
-        return normalise(super().prepare(email, options, environ))
+        return normalise(super().prepare(email, options, credentials))
 
     # ---- session ------------------------------------------------------------------------
 

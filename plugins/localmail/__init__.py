@@ -12,6 +12,7 @@ for trying threadsync out and for tests, not a mailbox kind.
 from __future__ import annotations
 
 from threadsync.core.errors import ConfigError
+from threadsync.plugins.localmail.commands import config_sections, register_commands
 
 try:
     import pymap  # noqa: F401  (the IMAP server of the local mail system)
@@ -35,7 +36,9 @@ __all__ = [
     "MailserverSettings",
     "OutsideMessage",
     "UserSpec",
+    "config_sections",
     "from_config",
     "list_outside",
     "parse_user",
+    "register_commands",
 ]

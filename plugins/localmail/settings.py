@@ -114,7 +114,7 @@ def _users(section: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[User
 def from_config(settings: Settings, environ: Mapping[str, str]) -> MailserverSettings:
     """The ``[mailserver]`` section of a loaded config, with defaults that match the
     rest of it. Relative paths are relative to the config file's folder."""
-    section = settings.providers.get("mailserver", {})
+    section = settings.section("mailserver")
     base = settings.path.resolve().parent if settings.path is not None else Path.cwd()
     data_dir = section.get("data_dir", DEFAULT_DATA_DIR)
     host = section.get("host", "127.0.0.1")

@@ -7,8 +7,10 @@ delta request. Each subscription has its own random ``clientState`` (kept with
 the connection's secrets); a notification whose ``clientState`` does not match
 is ignored.
 
-:class:`NotificationHub` is what an HTTP endpoint calls (the endpoint itself is
-not part of this package): ``hub.handle(body, query)`` answers the validation
+:class:`NotificationHub` is what the HTTP endpoint calls: the process has one,
+:data:`HUB`, which the plugin serves at ``/notifications/outlook`` through the
+HTTP API (the ``register_routes`` hook) and which Outlook connections of the
+process subscribe through. ``hub.handle(body, query)`` answers the validation
 handshake (echo ``validationToken`` as ``text/plain`` within 10 s) and
 acknowledges notifications with ``202`` at once (Graph wants an answer within
 3 s), after telling the subscribed provider. Lifecycle events are handled too:
@@ -25,7 +27,8 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -62,14 +65,34 @@ class NotificationTarget(Protocol):
 class NotificationHub:
     """Routes Graph's notifications to the providers that subscribed.
 
-    One hub per process; the host puts it in the ``[outlook]`` provider settings
-    as ``notification_hub`` and serves :meth:`handle` at ``notification_url`` and
-    ``lifecycle_url``. ``NotificationTarget.notified`` must be safe to call from
-    the thread that runs :meth:`handle`.
+    One hub per process (:data:`HUB`), served at ``notification_url`` and
+    ``lifecycle_url`` by the HTTP API; connections subscribe only while some
+    endpoint serves it (:attr:`served`), since nobody would hear Graph otherwise.
+    ``NotificationTarget.notified`` must be safe to call from the thread that runs
+    :meth:`handle`.
     """
 
     def __init__(self) -> None:
         self._targets: dict[str, tuple[str, NotificationTarget]] = {}
+        self._endpoints = 0
+
+    @property
+    def served(self) -> bool:
+        """True while an HTTP endpoint of this process answers for the hub."""
+        return self._endpoints > 0
+
+    @contextmanager
+    def serving(self) -> Iterator[NotificationHub]:
+        """Mark the hub served for the duration of a ``with`` block."""
+        self._endpoints += 1
+        try:
+            yield self
+        finally:
+            self._endpoints -= 1
+
+    def serve_for_good(self) -> None:
+        """Mark the hub served until the process ends (the HTTP API's route)."""
+        self._endpoints += 1
 
     def register(self, subscription_id: str, client_state: str, target: NotificationTarget) -> None:
         self._targets[subscription_id] = (client_state, target)
@@ -108,6 +131,10 @@ class NotificationHub:
             event = item.get("lifecycleEvent")
             target.notified(str(item["subscriptionId"]), event if isinstance(event, str) else None)
         return NotificationReply(202)
+
+
+#: The hub of this process.
+HUB = NotificationHub()
 
 
 def _iso(moment: datetime) -> str:

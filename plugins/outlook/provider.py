@@ -13,8 +13,9 @@ When the host runs a notification endpoint, change notifications wake the
 connection early (:mod:`.notifications`); without one, the kernel polls.
 
 The ``[outlook]`` section of config.toml arrives as the provider settings; see
-:mod:`.config`. The kernel may pass the app's client secret there as
-``client_secret``; otherwise the one stored at connect time is used.
+:mod:`.config`. The kernel passes the app's client secret there as
+``client_secret`` (read from ``client_secret_env``); connections made by older
+versions may still carry one stored at connect time, used as a fallback.
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ from threadsync.plugins.outlook.auth import (
 from threadsync.plugins.outlook.changes import FolderDelta
 from threadsync.plugins.outlook.config import OutlookConfig
 from threadsync.plugins.outlook.graph import GraphClient, GraphRequestError, client_tls
-from threadsync.plugins.outlook.notifications import REAUTHORIZE, NotificationHub, Subscriptions
+from threadsync.plugins.outlook.notifications import (
+    HUB,
+    REAUTHORIZE,
+    NotificationHub,
+    Subscriptions,
+)
 from threadsync.plugins.outlook.sending import Sender
 
 log = logging.getLogger(__name__)
@@ -108,7 +114,7 @@ class OutlookProvider(Provider):
 
     @classmethod
     def prepare(
-        cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]
+        cls, email: str, options: Mapping[str, Any], credentials: Mapping[str, str]
     ) -> Account:
         """Check the options (no network); the tokens come from :meth:`authorize`."""
         kind = "public" if _flag(options.get("device_code")) else "confidential"
@@ -119,7 +125,7 @@ class OutlookProvider(Provider):
         cls,
         email: str,
         options: Mapping[str, Any],
-        environ: Mapping[str, str],
+        credentials: Mapping[str, str],
         notify: Callable[[str], None],
         settings: Mapping[str, Any],
     ) -> Account:
@@ -129,7 +135,7 @@ class OutlookProvider(Provider):
         if _flag(options.get("device_code")):
             signed = await sign_in_with_device_code(config, email, notify)
             return await _account(config, email, signed, None, settings)
-        secret = _client_secret(config, environ, settings)
+        secret = _client_secret(config, settings)
         signed = await sign_in_with_browser(config, email, secret, notify)
         return await _account(config, email, signed, secret, settings)
 
@@ -138,7 +144,7 @@ class OutlookProvider(Provider):
         cls,
         email: str,
         options: Mapping[str, Any],
-        environ: Mapping[str, str],
+        credentials: Mapping[str, str],
         settings: Mapping[str, Any],
         redirect_uri: str,
     ) -> ConsentRequest | None:
@@ -147,7 +153,7 @@ class OutlookProvider(Provider):
         if _flag(options.get("device_code")):
             return None
         config = OutlookConfig.from_section(settings)
-        secret = _client_secret(config, environ, settings)
+        secret = _client_secret(config, settings)
         flow = await begin_browser_sign_in(config, email, secret, redirect_uri)
         return ConsentRequest(
             url=str(flow["auth_uri"]),
@@ -161,13 +167,13 @@ class OutlookProvider(Provider):
         cls,
         email: str,
         options: Mapping[str, Any],
-        environ: Mapping[str, str],
+        credentials: Mapping[str, str],
         settings: Mapping[str, Any],
         flow: Mapping[str, Any],
         params: Mapping[str, str],
     ) -> Account:
         config = OutlookConfig.from_section(settings)
-        secret = _client_secret(config, environ, settings)
+        secret = _client_secret(config, settings)
         signed = await finish_browser_sign_in(config, email, secret, flow, params)
         return await _account(config, email, signed, secret, settings)
 
@@ -205,9 +211,8 @@ class OutlookProvider(Provider):
             raise
         self._tokens, self._graph = tokens, graph
         self._loop = asyncio.get_running_loop()
-        hub = self.settings.get("notification_hub")
-        if isinstance(hub, NotificationHub) and config.notification_url:
-            self._subs = Subscriptions(graph, self.account, config, hub, self)
+        if HUB.served and config.notification_url:
+            self._subs = Subscriptions(graph, self.account, config, HUB, self)
 
     async def verify(self) -> None:
         """Read the Inbox folder once: proves the mail permissions were granted."""
@@ -332,9 +337,11 @@ class OutlookProvider(Provider):
 
 
 def _client_secret(
-    config: OutlookConfig, environ: Mapping[str, str], settings: Mapping[str, Any]
+    config: OutlookConfig, settings: Mapping[str, Any]
 ) -> str:
-    return str(settings.get("client_secret") or "") or config.client_secret(environ)
+    # The kernel reads ``client_secret_env`` into ``client_secret`` (app-wide
+    # secrets are read per process); without it, say which variable is missing.
+    return str(settings.get("client_secret") or "") or config.client_secret({})
 
 
 async def _account(
@@ -346,16 +353,13 @@ async def _account(
 ) -> Account:
     """The connection's account once ``signed`` is known to own ``email``."""
     await _check_address(config, email, signed)
-    account = Account(
+    # The app's client secret is not kept with the connection: the kernel hands it
+    # to the provider with its settings, so rotating it needs no reconnect.
+    return Account(
         email=email,
         settings={"client_kind": signed.client_kind, "home_account_id": signed.home_account_id},
         secrets={"token_cache": signed.cache},
     )
-    if secret is not None and not settings.get("client_secret"):
-        # Needed to refresh tokens, unless the kernel hands the provider the
-        # app's secret with its settings (then rotating it needs no reconnect).
-        account.secrets["client_secret"] = secret
-    return account
 
 
 async def _check_address(config: OutlookConfig, email: str, signed: SignIn) -> None:

@@ -87,6 +87,11 @@ class FakeMicrosoft:
     def environ(self) -> dict[str, str]:
         return {SECRET_ENV: self.app.secret or ""}
 
+    def provider_settings(self, **over: Any) -> dict[str, Any]:
+        """The ``[outlook]`` section as the kernel hands it to the provider: the
+        client secret read from the variable ``client_secret_env`` names."""
+        return {**self.outlook_settings(**over), "client_secret": self.app.secret or ""}
+
     def add_user(self, email: str) -> FakeMailbox:
         self.identity.add_user(email)
         box = FakeMailbox(email)

@@ -115,9 +115,9 @@ class OutlookWorld:
 async def sign_in(ms: FakeMicrosoft, email: str = MAILBOX, **over: Any
                   ) -> tuple[Account, dict[str, Any]]:
     """Authorize ``email`` through the browser flow; the account and its settings."""
-    settings = ms.outlook_settings(**over)
+    settings = ms.provider_settings(**over)
     try:
-        account = await OutlookProvider.authorize(email, {}, ms.environ(), ms.browser(),
+        account = await OutlookProvider.authorize(email, {}, {}, ms.browser(),
                                                   settings)
     finally:
         await ms.settle()
@@ -137,7 +137,7 @@ async def opened(account: Account, settings: dict[str, Any]) -> AsyncIterator[Ou
 def outlook_settings_for(tmp_path: Path, database_url: str, relay_port: int,
                          ms: FakeMicrosoft, **outlook: Any) -> Any:
     settings = make_settings(tmp_path, database_url, relay_port)
-    return dataclasses.replace(settings, providers={"outlook": ms.outlook_settings(**outlook)})
+    return dataclasses.replace(settings, sections={"outlook": ms.outlook_settings(**outlook)})
 
 
 

@@ -35,7 +35,7 @@ from threadsync.core.errors import (
     ProviderProtocolError,
     TransientProviderError,
 )
-from threadsync.core.provider import Folder, OutgoingMail
+from threadsync.core.provider import Account, Folder, OutgoingMail, resolve_credentials
 from threadsync.core.registry import get_plugin_manager, providers
 from threadsync.plugins.imap_smtp import ImapSmtpProvider, wire
 from threadsync.plugins.imap_smtp import imap_syntax as syntax
@@ -45,6 +45,12 @@ INBOX = Folder("INBOX", "inbox")
 HEADER_ITEMS = "(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID REFERENCES)])"
 
 # ---- helpers ---------------------------------------------------------------------------
+
+
+def prepare(email: str, options: dict[str, Any], environ: dict[str, str]) -> Account:
+    """``prepare`` with the secrets resolved from ``environ`` as the kernel does."""
+    credentials = resolve_credentials(ImapSmtpProvider.options, options, environ)
+    return ImapSmtpProvider.prepare(email, options, credentials)
 
 
 def make_provider(
@@ -70,7 +76,7 @@ def make_provider(
     opts.update(options)
     opts = {k: v for k, v in opts.items() if v is not None}
     env = {"MAILBOX_PASSWORD": real_password if password is None else password}
-    account = ImapSmtpProvider.prepare(email, opts, env)
+    account = prepare(email, opts, env)
     return ImapSmtpProvider(account, {"timeout": timeout})
 
 
@@ -180,18 +186,18 @@ def test_registered_as_builtin_provider() -> None:
 def test_prepare_defaults_ports_by_security_and_keeps_secret_apart() -> None:
     env = {"PW": "s3cret"}
     base = {"imap_host": "imap.example.com", "smtp_host": "smtp.example.com", "password_env": "PW"}
-    tls = ImapSmtpProvider.prepare("a@example.com", base, env)
+    tls = prepare("a@example.com", base, env)
     assert (tls.settings["imap_port"], tls.settings["smtp_port"]) == (993, 465)
     assert tls.settings["username"] == "a@example.com"
     assert tls.settings["append_sent"] is True
     assert tls.secrets == {"password": "s3cret"}
     assert "s3cret" not in repr(tls.settings)
-    starttls = ImapSmtpProvider.prepare("a@example.com", {**base, "security": "starttls"}, env)
+    starttls = prepare("a@example.com", {**base, "security": "starttls"}, env)
     assert (starttls.settings["imap_port"], starttls.settings["smtp_port"]) == (143, 587)
     local = {**base, "imap_host": "127.0.0.1", "smtp_host": "localhost", "security": "none"}
-    plain = ImapSmtpProvider.prepare("a@example.com", local, env)
+    plain = prepare("a@example.com", local, env)
     assert (plain.settings["imap_port"], plain.settings["smtp_port"]) == (143, 25)
-    off = ImapSmtpProvider.prepare("a@example.com", {**base, "append_sent": "false"}, env)
+    off = prepare("a@example.com", {**base, "append_sent": "false"}, env)
     assert off.settings["append_sent"] is False
 
 
@@ -219,12 +225,12 @@ def test_prepare_refuses_unusable_options(options: dict[str, Any], message: str)
     }
     opts = {k: v for k, v in opts.items() if v is not None}
     with pytest.raises(ConfigError, match=message) as info:
-        ImapSmtpProvider.prepare("a@example.com", opts, {"PW": "s3cret"})
+        prepare("a@example.com", opts, {"PW": "s3cret"})
     assert "s3cret" not in str(info.value)
 
 
 def test_prepare_xoauth2_takes_the_token_from_the_environment() -> None:
-    account = ImapSmtpProvider.prepare(
+    account = prepare(
         "a@example.com",
         {
             "imap_host": "imap.example.com",
@@ -489,7 +495,7 @@ async def scripted_server(script: Script) -> AsyncIterator[int]:
 
 
 def scripted_provider(port: int, **options: Any) -> ImapSmtpProvider:
-    account = ImapSmtpProvider.prepare(
+    account = prepare(
         "user@example.org",
         {
             "imap_host": "127.0.0.1",

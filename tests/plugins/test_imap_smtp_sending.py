@@ -162,7 +162,7 @@ async def test_a_connection_dropped_while_idle_still_sends_each_message_once(
     saw it go, the next send connects anew; when it did not (the event loop has
     not read the close yet), MAIL FROM fails on the dead connection and the
     message is sent on a new one: nothing had left, the checkpoint not reached."""
-    caplog.set_level(logging.INFO, logger="threadsync.plugins.imap_smtp.smtp")
+    caplog.set_level(logging.INFO, logger="threadsync.core.outbox.smtp")
     email, password = mailbox
     server = CountingSmtpServer(
         users={email: password}, ca=test_ca, require_auth=True, idle_timeout=0.3

@@ -32,9 +32,9 @@ async def test_browser_sign_in_uses_pkce_and_form_post_and_stores_a_token_cache(
         shown.append(text)
         browser(text)
 
-    settings = ms.outlook_settings()
+    settings = ms.provider_settings()
     try:
-        account = await OutlookProvider.authorize(MAILBOX, {}, ms.environ(), notify, settings)
+        account = await OutlookProvider.authorize(MAILBOX, {}, {}, notify, settings)
     finally:
         await ms.settle()
     url = httpx.URL(shown[0].split(": ", 1)[1])
@@ -43,7 +43,10 @@ async def test_browser_sign_in_uses_pkce_and_form_post_and_stores_a_token_cache(
     assert url.params["login_hint"] == MAILBOX
     scopes = set(url.params["scope"].split())
     assert {"Mail.ReadWrite", "Mail.Send", "User.Read", "offline_access"} <= scopes
-    assert set(account.secrets) == {"token_cache", "client_secret"}
+    # The app's client secret comes with the provider settings on every start;
+    # it is not stored per connection.
+    assert set(account.secrets) == {"token_cache"}
+    assert settings["client_secret"] not in str(account.secrets)
     assert account.settings["client_kind"] == "confidential"
     assert account.settings["home_account_id"].startswith(ms.identity.user(MAILBOX).oid)
     assert "fake-at-" not in str(account.settings)
@@ -54,7 +57,7 @@ async def test_browser_sign_in_uses_pkce_and_form_post_and_stores_a_token_cache(
 
 
 async def test_device_code_sign_in_is_a_public_client_without_secret(ms: FakeMicrosoft) -> None:
-    settings = ms.outlook_settings()
+    settings = ms.provider_settings()
     account = await OutlookProvider.authorize(
         MAILBOX, {"device_code": True}, {}, ms.device(MAILBOX), settings
     )
@@ -72,15 +75,15 @@ async def test_device_code_refused_for_an_app_without_public_client_flows(
     ms.app.public_client = False
     with pytest.raises(AuthenticationFailed, match="registration"):
         await OutlookProvider.authorize(MAILBOX, {"device_code": "true"}, {},
-                                        ms.device(MAILBOX), ms.outlook_settings())
+                                        ms.device(MAILBOX), ms.provider_settings())
 
 
 async def test_consent_for_another_mailbox_is_refused(ms: FakeMicrosoft) -> None:
     ms.add_user("eve@contoso.test")
-    settings = ms.outlook_settings()
+    settings = ms.provider_settings()
     with pytest.raises(AuthenticationFailed) as info:
         try:
-            await OutlookProvider.authorize(MAILBOX, {}, ms.environ(),
+            await OutlookProvider.authorize(MAILBOX, {}, {},
                                             ms.browser("eve@contoso.test"), settings)
         finally:
             await ms.settle()
@@ -91,11 +94,11 @@ async def test_declined_consent_and_wrong_client_secret(ms: FakeMicrosoft) -> No
     ms.identity.deny_next_consent = True
     with pytest.raises(AuthenticationFailed, match="declined"):
         await sign_in(ms)
-    settings = ms.outlook_settings()
-    wrong = {"OUTLOOK_CLIENT_SECRET": "not-the-secret"}
+    wrong = ms.provider_settings()
+    wrong["client_secret"] = "not-the-secret"
     with pytest.raises(AuthenticationFailed, match="invalid_client") as info:
         try:
-            await OutlookProvider.authorize(MAILBOX, {}, wrong, ms.browser(), settings)
+            await OutlookProvider.authorize(MAILBOX, {}, {}, ms.browser(), wrong)
         finally:
             await ms.settle()
     assert "not-the-secret" not in str(info.value)
@@ -155,9 +158,9 @@ def test_config_errors_name_the_key(ms: FakeMicrosoft) -> None:
 
 
 async def test_hosted_redirect_uri_is_not_served_by_the_command_line(ms: FakeMicrosoft) -> None:
-    settings = ms.outlook_settings(redirect_uri="https://crm.example.org/outlook/callback")
+    settings = ms.provider_settings(redirect_uri="https://crm.example.org/outlook/callback")
     with pytest.raises(ConfigError, match="loopback"):
-        await OutlookProvider.authorize(MAILBOX, {}, ms.environ(), ms.browser(), settings)
+        await OutlookProvider.authorize(MAILBOX, {}, {}, ms.browser(), settings)
 
 
 async def test_loopback_listener_takes_only_the_redirect() -> None:
@@ -182,12 +185,12 @@ async def test_loopback_listener_takes_only_the_redirect() -> None:
 
 
 async def test_sign_in_times_out_when_nobody_consents(ms: FakeMicrosoft) -> None:
-    settings = ms.outlook_settings(sign_in_timeout_seconds=0.2)
+    settings = ms.provider_settings(sign_in_timeout_seconds=0.2)
 
     def nobody(text: Any) -> None:
         del text
 
     with pytest.raises(TransientProviderError, match="nobody completed"):
         await asyncio.wait_for(
-            OutlookProvider.authorize(MAILBOX, {}, ms.environ(), nobody, settings), 10
+            OutlookProvider.authorize(MAILBOX, {}, {}, nobody, settings), 10
         )

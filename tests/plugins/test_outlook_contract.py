@@ -13,7 +13,7 @@ from tests.fakes.server import Call, Reply
 from tests.fakes.world import MAILBOX, sign_in
 from tests.servers.tlscerts import TestCA
 from threadsync.core.provider import Account, Provider
-from threadsync.plugins.outlook import NotificationHub, OutlookProvider
+from threadsync.plugins.outlook import HUB, NotificationHub, OutlookProvider
 from threadsync.testing import ContractMailbox, ProviderContract
 
 pytest_plugins = ["tests.fakes.fixtures"]
@@ -53,14 +53,15 @@ class OutlookMailbox(ContractMailbox):
 
 @pytest.fixture
 def hub_endpoint(test_ca: TestCA) -> Iterator[tuple[NotificationHub, ServerThread]]:
-    hub = NotificationHub()
+    hub = HUB
 
     async def app(call: Call) -> Reply:
         answer = hub.handle(call.body, call.query)
         return Reply(answer.status, answer.body.encode(), {"content-type": answer.content_type})
 
     server = ServerThread(app, test_ca).start()
-    yield hub, server
+    with hub.serving():
+        yield hub, server
     server.stop()
 
 
@@ -69,8 +70,7 @@ class TestOutlookOnTheFakeCloud(ProviderContract):
     async def contract_mailbox(
         self, ms: FakeMicrosoft, hub_endpoint: tuple[NotificationHub, ServerThread]
     ) -> AsyncIterator[ContractMailbox]:
-        hub, server = hub_endpoint
+        _hub, server = hub_endpoint
         account, settings = await sign_in(ms, notification_url=f"{server.base}/notify",
                                           page_size=2)
-        settings["notification_hub"] = hub
         yield OutlookMailbox(ms, account, settings)

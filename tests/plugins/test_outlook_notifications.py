@@ -18,7 +18,7 @@ from tests.fakes.world import MAILBOX, opened, sign_in
 from tests.kernelfixtures import CONTACT, make_mail
 from tests.servers.tlscerts import TestCA
 from threadsync.core.provider import Folder
-from threadsync.plugins.outlook import NotificationHub, OutlookProvider
+from threadsync.plugins.outlook import HUB, NotificationHub, OutlookProvider
 
 pytest_plugins = ["tests.fakes.fixtures"]
 INBOX = Folder("inbox", "inbox")
@@ -57,14 +57,15 @@ def test_hub_answers_validation_and_checks_client_state() -> None:
 @pytest.fixture
 def endpoint(test_ca: TestCA) -> Iterator[tuple[NotificationHub, ServerThread]]:
     """What the (later) HTTP API will be: an HTTPS endpoint that asks the hub."""
-    hub = NotificationHub()
+    hub = HUB
 
     async def app(call: Call) -> Reply:
         answer = hub.handle(call.body, call.query)
         return Reply(answer.status, answer.body.encode(), {"content-type": answer.content_type})
 
     server = ServerThread(app, test_ca).start()
-    yield hub, server
+    with hub.serving():
+        yield hub, server
     server.stop()
 
 
@@ -72,10 +73,9 @@ def endpoint(test_ca: TestCA) -> Iterator[tuple[NotificationHub, ServerThread]]:
 async def subscribed(
     ms: FakeMicrosoft, endpoint: tuple[NotificationHub, ServerThread]
 ) -> AsyncIterator[OutlookProvider]:
-    hub, server = endpoint
+    _hub, server = endpoint
     account, settings = await sign_in(ms, notification_url=f"{server.base}/notify",
                                       lifecycle_url=f"{server.base}/lifecycle")
-    settings["notification_hub"] = hub
     async with opened(account, settings) as provider:
         await provider.changes(INBOX, None)
         assert await provider.wait_for_changes(0.05) is False  # subscribes first
@@ -151,11 +151,10 @@ async def test_a_notification_endpoint_that_does_not_echo_is_refused(
 
     server = ServerThread(wrong, test_ca).start()
     try:
-        hub = NotificationHub()
         account, settings = await sign_in(ms, notification_url=f"{server.base}/notify")
-        settings["notification_hub"] = hub
-        async with opened(account, settings) as provider:
-            assert await provider.wait_for_changes(0.05) is False  # polling goes on
+        with HUB.serving():
+            async with opened(account, settings) as provider:
+                assert await provider.wait_for_changes(0.05) is False  # polling goes on
         assert ms.subscriptions.items == {}
         assert any(e.path == "/subscriptions" and e.status == 400 for e in ms.requests())
     finally:

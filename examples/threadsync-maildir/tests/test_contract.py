@@ -14,18 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from threadsync.core.provider import Provider
-from threadsync.core.registry import get_plugin_manager, providers
-from threadsync.testing import ContractMailbox, ProviderContract
+from threadsync import Provider
+from threadsync.testing import ContractMailbox, ProviderContract, registered_provider
 
 ADDRESS = "ann@example.test"
 
 
 def installed_provider() -> type[Provider]:
-    found = providers(get_plugin_manager())
-    assert "maildir" in found, "the maildir provider is not registered: is the package installed?"
-    assert found["maildir"].plugin == "maildir"
-    return found["maildir"].cls
+    return registered_provider("maildir", plugin="maildir")
 
 
 class MaildirMailbox(ContractMailbox):

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from threadsync.core.hookspecs import hookimpl
-from threadsync.core.provider import Provider
+from threadsync import Provider, hookimpl
 from threadsync_maildir.provider import MaildirProvider
 
 __all__ = ["MaildirProvider", "register_providers"]

@@ -26,16 +26,18 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from threadsync.core.errors import ConfigError, ProviderProtocolError, TransientProviderError
-from threadsync.core.mime import summarize_headers
-from threadsync.core.provider import (
+from threadsync import (
     Account,
     ChangeBatch,
     Checkpoint,
+    ConfigError,
     Folder,
     OutgoingMail,
     Provider,
     ProviderOption,
+    ProviderProtocolError,
+    TransientProviderError,
+    summarize_headers,
 )
 from threadsync_maildir.folder import MaildirFolder, read_headers, unique_name
 
@@ -69,8 +71,10 @@ class MaildirProvider(Provider):
         self.pickup = Path(account.settings["pickup_dir"])
 
     @classmethod
-    def prepare(cls, email: str, options: Mapping[str, Any], environ: Mapping[str, str]) -> Account:
-        account = super().prepare(email, options, environ)
+    def prepare(
+        cls, email: str, options: Mapping[str, Any], credentials: Mapping[str, str]
+    ) -> Account:
+        account = super().prepare(email, options, credentials)
         for key in ("maildir", "pickup_dir"):
             path = str(account.settings[key]).strip()
             if not path:

@@ -1,4 +1,7 @@
-"""Sending through the mailbox's own SMTP submission server, over aiosmtplib.
+"""The one SMTP client of threadsync, over aiosmtplib: the mailbox's own submission
+server (the ``imap_smtp`` provider) and the CRM's relay (the default channel,
+:mod:`.relay`) both send through it, and both translate errors with the one map
+below (:data:`ERROR_MAP`).
 
 :class:`SmtpSession` keeps one authenticated connection (implicit TLS, STARTTLS
 or loopback plaintext, certificate verified; PLAIN/LOGIN/CRAM-MD5 as offered,
@@ -10,9 +13,7 @@ without the message having left, so a reused connection that turns out to be
 gone by then (the server closed it while idle) is replaced and the message tried
 once more; the end of DATA is the point of no return (see
 :data:`threadsync.core.provider.Checkpoint`): after the checkpoint nothing is retried.
-Errors leave as :mod:`threadsync.core.errors` only: rejected credentials ->
-``AuthenticationFailed``; 4xx replies, network errors and timeouts ->
-``TransientProviderError``; 5xx -> ``ProviderProtocolError``.
+Errors leave as :mod:`threadsync.core.errors` only (:func:`translate`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from threadsync.core.errors import (
 )
 from threadsync.core.outbox.smtp_data import send_data
 from threadsync.core.provider import Checkpoint, OutgoingMail
-from threadsync.plugins.imap_smtp.tls import certificate_error, certificate_failure
+from threadsync.core.tls import certificate_error, certificate_failure
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,16 @@ class SmtpEndpoint:
     access_token: str | None = None
     timeout: float = 30.0
     local_hostname: str | None = None
+    #: How messages name this server ("SMTP server", "relay").
+    label: str = "SMTP server"
 
     def __repr__(self) -> str:  # never show credentials
         return f"SmtpEndpoint({self.host!r}, {self.port}, {self.security!r})"
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether to log in (a relay may accept mail without)."""
+        return bool(self.username) or self.access_token is not None
 
 
 async def check_login(endpoint: SmtpEndpoint) -> None:
@@ -97,8 +105,9 @@ class SmtpSession:
         """Submit ``mail``; ``checkpoint`` is awaited inside DATA, before its end.
 
         An exception from ``checkpoint`` propagates unchanged and nothing is sent.
-        Recipients refused while others are accepted are logged and skipped:
-        retrying would duplicate the message for the accepted ones.
+        A recipient refused for good (5xx) while others are accepted is logged and
+        skipped; one deferred (4xx) defers the whole message (nothing has left
+        yet, so it is sent to everyone later), as does a refusal of every one.
         """
         if not mail.recipients:
             raise ProviderProtocolError("a message needs at least one recipient")
@@ -211,12 +220,11 @@ async def _envelope(client: aiosmtplib.SMTP, mail: OutgoingMail) -> None:
             if exc.code == CLOSING:
                 raise  # not about this recipient: the connection is going away
             refused[recipient] = exc.code
+    codes = sorted(set(refused.values()))
+    if any(400 <= c < 500 for c in codes):
+        raise TransientProviderError(f"the SMTP server deferred a recipient (codes {codes})")
     if len(refused) == len(mail.recipients):
-        codes = sorted(set(refused.values()))
-        text = f"the SMTP server refused every recipient (codes {codes})"
-        if any(400 <= c < 500 for c in codes):
-            raise TransientProviderError(text)
-        raise ProviderProtocolError(text)
+        raise ProviderProtocolError(f"the SMTP server refused every recipient (codes {codes})")
     if refused:
         log.warning(
             "SMTP server refused some recipients; sending to the others",
@@ -247,6 +255,8 @@ async def _open(endpoint: SmtpEndpoint) -> aiosmtplib.SMTP:
 
 
 async def _authenticate(client: aiosmtplib.SMTP, endpoint: SmtpEndpoint) -> None:
+    if not endpoint.authenticates:
+        return
     if endpoint.access_token is not None:
         await client.ehlo()
         if "xoauth2" not in client.server_auth_methods:
@@ -264,49 +274,86 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
     await asyncio.sleep(0)
 
 
+#: How an aiosmtplib or network error becomes one of threadsync's, first match
+#: wins. ``auth-4xx``: the server cannot check credentials now (try again);
+#: ``certificate``: verification failed (fix the certificate or the CA file);
+#: ``tls``: the TLS handshake failed (wrong port or settings, not fixed by
+#: retrying); the rest by reply code: 4xx or no answer may pass, 5xx will not.
+ERROR_MAP: tuple[tuple[str, type[ProviderError]], ...] = (
+    ("auth-4xx", TransientProviderError),
+    ("auth", AuthenticationFailed),
+    ("reply-4xx", TransientProviderError),
+    ("reply-5xx", ProviderProtocolError),
+    ("certificate", ProviderProtocolError),
+    ("tls", ProviderProtocolError),
+    ("network", TransientProviderError),
+    ("protocol", ProviderProtocolError),
+)
+
+
+def _kind(exc: BaseException) -> str | None:
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return "auth-4xx" if 400 <= exc.code < 500 else "auth"
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return "reply-4xx" if 400 <= exc.code < 500 else "reply-5xx"
+    if certificate_error(exc) is not None:
+        return "certificate"
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
+        return "tls"
+    if isinstance(
+        exc,
+        aiosmtplib.SMTPConnectError
+        | aiosmtplib.SMTPServerDisconnected
+        | aiosmtplib.SMTPTimeoutError
+        | OSError
+        | TimeoutError,
+    ):
+        return "network"
+    if isinstance(exc, aiosmtplib.SMTPException):
+        return "protocol"  # a missing extension (AUTH, STARTTLS) and the like
+    return None
+
+
+def translate(exc: BaseException, endpoint: SmtpEndpoint, stage: str) -> ProviderError | None:
+    """The threadsync error for ``exc`` raised at ``stage`` (``connect``,
+    ``MAIL/RCPT``, ``DATA``), or ``None`` when it is not an SMTP or network error."""
+    kind = _kind(exc)
+    if kind is None:
+        return None
+    error = dict(ERROR_MAP)[kind]
+    where = f"{endpoint.label} {endpoint.host}:{endpoint.port}"
+    if kind == "auth":
+        who = f" as {endpoint.username}" if endpoint.username else ""
+        detail = _short(getattr(exc, "message", ""))
+        code = getattr(exc, "code", "")
+        return error(f"SMTP login{who} at {where} was rejected ({code} {detail})")
+    if kind == "auth-4xx":
+        return error(f"{where} cannot authenticate now ({getattr(exc, 'code', '')})")
+    if kind.startswith("reply"):
+        code, message = getattr(exc, "code", ""), _short(getattr(exc, "message", ""))
+        return error(f"SMTP {stage} at {where}: {code} {message}")
+    if kind == "certificate":
+        cert = certificate_error(exc)
+        assert cert is not None
+        return certificate_failure(endpoint.host, endpoint.port, cert)
+    if kind == "tls":
+        reason = getattr(exc, "reason", None) or _short(str(exc))
+        return error(f"TLS with {where} failed: {reason}")
+    return error(f"SMTP {stage} at {where} failed: {_short(str(exc)) or exc.__class__.__name__}")
+
+
 @contextlib.contextmanager
 def _translated(endpoint: SmtpEndpoint, stage: str) -> Iterator[None]:
-    """Turn aiosmtplib and network errors raised inside into core errors."""
+    """Turn aiosmtplib and network errors raised inside into threadsync's."""
     try:
         yield
     except ProviderError:
         raise
-    except aiosmtplib.SMTPAuthenticationError as exc:
-        if 400 <= exc.code < 500:
-            raise TransientProviderError(
-                f"SMTP server {endpoint.host} cannot authenticate now ({exc.code})"
-            ) from None
-        raise AuthenticationFailed(
-            f"SMTP login as {endpoint.username} at {endpoint.host} was rejected "
-            f"({exc.code} {_short(exc.message)})"
-        ) from None
-    except aiosmtplib.SMTPResponseException as exc:
-        text = f"SMTP {stage} at {endpoint.host}: {exc.code} {_short(exc.message)}"
-        if 400 <= exc.code < 500:
-            raise TransientProviderError(text) from None
-        raise ProviderProtocolError(text) from None
-    except (
-        aiosmtplib.SMTPConnectError,
-        aiosmtplib.SMTPServerDisconnected,
-        aiosmtplib.SMTPTimeoutError,
-        OSError,
-        TimeoutError,
-    ) as exc:
-        cert = certificate_error(exc)
-        if cert is not None:
-            raise certificate_failure(endpoint.host, endpoint.port, cert) from None
-        if isinstance(exc, ssl.SSLError):
-            raise ProviderProtocolError(
-                f"TLS with SMTP server {endpoint.host}:{endpoint.port} failed: {exc.reason}"
-            ) from None
-        raise TransientProviderError(
-            f"SMTP {stage} at {endpoint.host}:{endpoint.port} failed: {_short(str(exc))}"
-        ) from None
-    except aiosmtplib.SMTPException as exc:
-        # Missing extensions (AUTH, STARTTLS) and similar: not fixed by retrying.
-        raise ProviderProtocolError(
-            f"SMTP {stage} at {endpoint.host}: {_short(str(exc))}"
-        ) from None
+    except Exception as exc:
+        error = translate(exc, endpoint, stage)
+        if error is None:
+            raise
+        raise error from None
 
 
 def _short(text: str) -> str:

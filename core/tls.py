@@ -1,4 +1,5 @@
-"""TLS client contexts and the mapping of certificate failures, shared by IMAP and SMTP.
+"""TLS client contexts and the mapping of certificate failures, shared by every
+mail protocol client of threadsync (IMAP, SMTP to a mailbox, the CRM's relay).
 
 Verification is never disabled (R11): the context is Python's default client
 context (system trust store, host name checking) plus, optionally, one extra CA
