@@ -160,6 +160,21 @@ def init(ctx: Ctx) -> None:
     )
 
 
+@cli.command("rotate-key")
+@pass_ctx
+def rotate_key(ctx: Ctx) -> None:
+    """Re-encrypt every stored secret under a new secret key, in one transaction.
+
+    Stop the daemon and the API first: they hold the old key in memory."""
+    from threadsync.core.api import Threadsync
+
+    ctx.emit(
+        Threadsync.rotate_key(ctx.settings),
+        lambda r: f"secret key rotated at {r['secret_key_file']}; "
+        f"{r['total']} stored secrets re-encrypted",
+    )
+
+
 # ---- Labs ---------------------------------------------------------------------------
 
 

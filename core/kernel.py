@@ -50,6 +50,7 @@ from threadsync.core.registry import (
     providers,
 )
 from threadsync.core.rules import LIVE_STATES
+from threadsync.core.store import keys
 from threadsync.core.store.database import Store
 from threadsync.core.store.models import Connection, utcnow
 from threadsync.core.store.vault import Vault
@@ -158,10 +159,11 @@ class Kernel:
         check_sections(settings, config_sections(pm))
         registry = providers(pm)
         env = dict(os.environ) if environ is None else dict(environ)
+        store = Store(settings.database_url)
         return cls(
             settings=settings,
-            store=Store(settings.database_url),
-            vault=Vault.from_file(settings.secret_key_file),
+            store=store,
+            vault=keys.open_vault(store, settings.secret_key_file),
             pm=pm,
             registry=registry,
             network=network_policy(settings),

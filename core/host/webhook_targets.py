@@ -12,8 +12,12 @@ shared with the mail servers a tenant names.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 from collections.abc import Sequence
 from urllib.parse import urlsplit
+
+import idna
 
 from threadsync.core.config import is_loopback
 from threadsync.core.errors import InvalidInput
@@ -32,6 +36,30 @@ def _check_target(host: str, settings: TargetPolicy, addresses: Sequence[str]) -
     refusal = host_refusal(host, settings, addresses)
     if refusal is not None:
         raise InvalidInput(f"webhook url must not point at an internal address: {refusal}")
+
+
+_LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _encodable(host: str) -> bool:
+    """Whether a delivery can be addressed to ``host``: an IP address, or labels
+    that are ASCII letters, digits, ``-`` and ``_`` (not at either end of a label),
+    ``xn--`` labels that decode and Unicode labels that encode under IDNA 2008,
+    as the HTTP client requires at delivery time."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return True
+    for label in host.lower().split("."):
+        try:
+            if not label.isascii():
+                label = idna.encode(label).decode("ascii")
+            if label.startswith("xn--"):
+                idna.decode(label)
+        except idna.IDNAError:
+            return False
+        if not label or not set(label) <= _LABEL or label[0] == "-" or label[-1] == "-":
+            return False
+    return True
 
 
 def check_url(
@@ -53,6 +81,8 @@ def check_url(
         raise InvalidInput("webhook url must be an absolute https URL")
     if parts.username or parts.password or "@" in parts.netloc:
         raise InvalidInput("webhook url must not carry credentials")
+    if not _encodable(host):
+        raise InvalidInput(f"webhook url has a host name that cannot be encoded: {host!r}")
     if settings is not None:
         _check_target(host, settings, addresses)
     if parts.scheme == "http" and not is_loopback(host):

@@ -21,6 +21,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -418,3 +419,15 @@ class PendingSignIn(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class RateLimitBucket(Base):
+    """A token bucket of the HTTP API's rate limits (an API key's, or a client
+    address's failed sign-ins), shared by every API process on the database.
+    ``tokens`` as of ``updated`` (seconds since the epoch)."""
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float, index=True)

@@ -52,12 +52,41 @@ async def json_object(request: Request, limit: int) -> tuple[dict[str, Any], byt
     raw = await read_body(request, limit)
     try:
         data = json.loads(raw)
+    except RecursionError:  # deeper than the interpreter's stack allows
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError):
         raise ApiProblem(400, "the body is not valid JSON", code="invalid_json") from None
+    if _depth(data) > MAX_DEPTH:
+        raise _too_deep()
     if not isinstance(data, dict):
         raise invalid("body", "must be a JSON object")
     _check_strings(data, "body")
     return data, raw
+
+
+#: No route takes more than a few levels; the checks below recurse, and so would
+#: anything that walks the body later.
+MAX_DEPTH = 32
+
+
+def _too_deep() -> ApiProblem:
+    return ApiProblem(
+        400, f"the JSON body is nested deeper than {MAX_DEPTH} levels", code="invalid_json"
+    )
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests arrays and objects, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _check_strings(value: Any, where: str) -> None:

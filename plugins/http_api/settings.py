@@ -27,6 +27,18 @@ class HttpSettings:
     listen: str | None = None
     rate_per_second: float = 50.0
     burst: int = 100
+    #: Requests with a missing or unknown key, per client address (checked before
+    #: any key lookup, so guessing keys costs the database nothing once refused).
+    auth_failures_per_second: float = 1.0
+    auth_failures_burst: int = 20
+    #: Open connections: per client address, and in all.
+    max_connections_per_client: int = 64
+    max_connections: int = 1024
+    #: A connection must send a request's headers within this time (the first
+    #: request, and each next one once it begins).
+    header_timeout_seconds: float = 10.0
+    #: An idle keep-alive connection is closed after this time.
+    keep_alive_seconds: float = 5.0
     max_body_bytes: int = 25 * 1024 * 1024
     #: Requests in progress at once, and request body bytes being received or
     #: worked on at once (:mod:`threadsync.plugins.http_api.limits`).
@@ -129,6 +141,12 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
         listen=address,
         rate_per_second=typed("http", raw, "rate_per_second", float, 50.0),
         burst=typed("http", raw, "burst", int, 100),
+        auth_failures_per_second=typed("http", raw, "auth_failures_per_second", float, 1.0),
+        auth_failures_burst=typed("http", raw, "auth_failures_burst", int, 20),
+        max_connections_per_client=typed("http", raw, "max_connections_per_client", int, 64),
+        max_connections=typed("http", raw, "max_connections", int, 1024),
+        header_timeout_seconds=typed("http", raw, "header_timeout_seconds", float, 10.0),
+        keep_alive_seconds=typed("http", raw, "keep_alive_seconds", float, 5.0),
         max_body_bytes=typed("http", raw, "max_body_bytes", int, 25 * 1024 * 1024),
         max_concurrent_requests=typed("http", raw, "max_concurrent_requests", int, 64),
         max_inflight_body_bytes=typed(
@@ -148,6 +166,18 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
     )
     if result.rate_per_second <= 0 or result.burst < 1:
         raise ConfigError("[http] rate_per_second and burst must be positive")
+    if result.auth_failures_per_second <= 0 or result.auth_failures_burst < 1:
+        raise ConfigError(
+            "[http] auth_failures_per_second and auth_failures_burst must be positive"
+        )
+    if (
+        min(result.max_connections_per_client, result.max_connections) < 1
+        or min(result.header_timeout_seconds, result.keep_alive_seconds) <= 0
+    ):
+        raise ConfigError(
+            "[http] max_connections(_per_client), header_timeout_seconds and "
+            "keep_alive_seconds must be positive"
+        )
     if result.max_body_bytes < 1024:
         raise ConfigError("[http] max_body_bytes must be at least 1024")
     if result.max_concurrent_requests < 1:
