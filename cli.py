@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import pluggy
 
+from threadsync.cliglobals import hoist_global_options, setup_logging
 from threadsync.core.config import Settings, check_sections, default_config_path, load
 from threadsync.core.errors import (
     ConfigError,
@@ -131,12 +132,25 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     help="Config file (default ./config.toml, or $THREADSYNC_CONFIG).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-@click.option("-v", "--verbose", count=True, help="More logging on stderr.")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv: debug).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Log lines on stderr as text, or one JSON object per line.",
+)
 @click.pass_context
-def cli(click_ctx: click.Context, config_path: Path | None, as_json: bool, verbose: int) -> None:
-    """threadsync: two-way email sync between a CRM and users' own mailboxes."""
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def cli(
+    click_ctx: click.Context,
+    config_path: Path | None,
+    as_json: bool,
+    verbose: int,
+    log_format: str,
+) -> None:
+    """threadsync: two-way email sync between a CRM and users' own mailboxes.
+
+    The global options may be written before or after the command name."""
+    setup_logging(verbose, log_format)
     click_ctx.obj = Ctx(config_path or default_config_path(), as_json)
 
 
@@ -529,8 +543,9 @@ def main(argv: list[str] | None = None) -> None:
         group = build()
     except ThreadsyncError as exc:
         fail(None, exc)
+    args = hoist_global_options(group, sys.argv[1:] if argv is None else argv)
     try:
-        group.main(args=argv, prog_name="threadsync", standalone_mode=False)
+        group.main(args=args, prog_name="threadsync", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -538,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except ThreadsyncError as exc:
-        fail(_ctx_from_argv(argv), exc)
+        fail(_ctx_from_argv(args), exc)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # the last line of defence: no traceback reaches a user
@@ -547,9 +562,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(70)
 
 
-def _ctx_from_argv(argv: list[str] | None) -> Ctx:
-    args = sys.argv[1:] if argv is None else argv
-    return Ctx(default_config_path(), "--json" in args)
+def _ctx_from_argv(args: list[str]) -> Ctx:
+    """The output mode of ``args`` (global options already in front)."""
+    as_json = False
+    tokens = iter(args)
+    for token in tokens:
+        if token in ("--config", "--log-format"):
+            next(tokens, None)
+        elif token == "--json":
+            as_json = True
+        elif not token.startswith("-"):
+            break
+    return Ctx(default_config_path(), as_json)
 
 
 if __name__ == "__main__":
