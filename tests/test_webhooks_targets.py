@@ -125,6 +125,8 @@ def test_the_api_answers_422_naming_the_reason(api_factory: Callable[..., Api]) 
             assert problem["code"] == "invalid_input"
             assert reason in problem["detail"], problem
             assert "internal address" in problem["detail"]
+            # ... and how to allow it: the setting is named.
+            assert "[webhooks] allowed_networks" in problem["detail"], problem
             assert problem["errors"][0]["field"] == "url"
         assert c.get(url).json() == {"webhooks": []}
     opened = api_factory(webhooks=WebhookSettings(allowed_networks=LOOPBACK))

@@ -100,6 +100,13 @@ def _literal_address(host: str) -> str | None:
     return None
 
 
+def _network_of(address: str) -> str:
+    try:
+        return str(ipaddress.ip_network(address.split("%", 1)[0]))
+    except ValueError:
+        return address
+
+
 def _check_target(host: str, settings: TargetPolicy, addresses: Sequence[str]) -> None:
     literal = _literal_address(host)
     if literal is not None:
@@ -113,7 +120,9 @@ def _check_target(host: str, settings: TargetPolicy, addresses: Sequence[str]) -
         if refusal is not None:
             of_host = "" if address == host else f" (an address of {host})"
             raise InvalidInput(
-                f"webhook url must not point at an internal address: {refusal}{of_host}"
+                f"webhook url must not point at an internal address: {refusal}{of_host}; "
+                "to allow it, list its network in the config's [webhooks] allowed_networks "
+                f'(e.g. allowed_networks = ["{_network_of(address)}"])'
             )
 
 
