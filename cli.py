@@ -80,6 +80,7 @@ class Ctx:
         from threadsync.core.api import Threadsync
 
         if self._ts is None:
+            _check_database_file(self.settings.database_url)
             self._ts = Threadsync.from_settings(self.settings)
             self._ts.check_ready()
         return self._ts
@@ -105,6 +106,21 @@ class Ctx:
             click.echo(text)
         else:
             click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _check_database_file(url: str) -> None:
+    """A SQLite file that is not there is not made here (connecting would make an
+    empty one): only ``init`` creates the database."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    name = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or name in ("", ":memory:"):
+        return
+    if name.startswith("file:"):
+        return  # a SQLite URI: its own rules
+    if not Path(name).exists():
+        raise StoreError(f"the database file {name} does not exist: run `threadsync init`")
 
 
 def fail(ctx: Ctx | None, exc: ThreadsyncError) -> NoReturn:
@@ -225,7 +241,67 @@ def _provider_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _connect_command(name: str, doc: str, update: bool) -> click.Command:
+class ProviderCommand(click.Command):
+    """``connect`` and ``update-email``: the options of every provider, shown under
+    the provider that takes each, and refused for a provider that does not."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: provider name -> (title, its options)
+        self.providers: dict[str, tuple[str, list[Any]]] = {}
+
+    def add_providers(self, found: dict[str, Any]) -> None:
+        specs: dict[str, Any] = {}
+        for name, reg in sorted(found.items()):
+            self.providers[name] = (reg.cls.title, list(reg.cls.options))
+            for opt in reg.cls.options:
+                specs.setdefault(opt.name, opt)
+        for opt_name, spec in sorted(specs.items()):
+            flag = "--" + opt_name.replace("_", "-")
+            if spec.type is bool:  # a switch: `--device-code` alone means true
+                self.params.append(click.Option([flag, opt_name], is_flag=True, default=None))
+                continue
+            kind: Any = click.Choice(list(spec.choices)) if spec.choices else spec.type
+            self.params.append(click.Option([flag, opt_name], type=kind, default=None))
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        provided = {o.name for _, opts in self.providers.values() for o in opts}
+        rows = [
+            record
+            for p in self.get_params(ctx)
+            if p.name not in provided and (record := p.get_help_record(ctx)) is not None
+        ]
+        with formatter.section("Options"):
+            formatter.write_dl(rows)
+        for name, (title, opts) in self.providers.items():
+            with formatter.section(f"Options of --provider {name} ({title})"):
+                formatter.write_dl([(self.flag_of(o), o.help) for o in opts])
+
+    @staticmethod
+    def flag_of(opt: Any) -> str:
+        flag = "--" + opt.name.replace("_", "-")
+        if opt.type is bool:
+            return flag
+        if opt.choices:
+            return f"{flag} [{'|'.join(opt.choices)}]"
+        return f"{flag} {'INTEGER' if opt.type is int else 'TEXT'}"
+
+    def check_options(self, provider: str, given: dict[str, Any]) -> None:
+        """Exit 2 when an option of another provider was given."""
+        if provider not in self.providers:
+            return  # the kernel names the registered providers
+        title, opts = self.providers[provider]
+        takes = {o.name for o in opts}
+        foreign = sorted(k for k in given if k not in takes)
+        if foreign:
+            flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+            own = " ".join(self.flag_of(o).split()[0] for o in opts) or "none"
+            raise click.UsageError(
+                f"provider {provider} does not take {flags}; its options: {own}"
+            )
+
+
+def _connect_command(name: str, doc: str, update: bool) -> ProviderCommand:
     @click.argument("subaccount")
     @click.argument("user")
     @click.option("--provider", required=True, help="Provider name (see `threadsync plugins`).")
@@ -234,6 +310,10 @@ def _connect_command(name: str, doc: str, update: bool) -> click.Command:
     def command(
         ctx: Ctx, /, subaccount: str, user: str, provider: str, email: str, **kw: Any
     ) -> None:
+        options = _provider_options(kw)
+        current = click.get_current_context().command
+        assert isinstance(current, ProviderCommand)
+        current.check_options(provider, options)
         ts = ctx.threadsync()
         fn = ts.update_email if update else ts.connect
         result = run_async(
@@ -242,28 +322,16 @@ def _connect_command(name: str, doc: str, update: bool) -> click.Command:
                 user,
                 provider,
                 email=email,
-                options=_provider_options(kw),
+                options=options,
                 notify=lambda text: click.echo(text, err=True),
             )
         )
         ctx.emit(result, _connection_text)
 
     command.__doc__ = doc
-    return click.command(name)(command)
-
-
-def _add_provider_options(command: click.Command, specs: dict[str, Any]) -> None:
-    for opt_name, spec in sorted(specs.items()):
-        flag = "--" + opt_name.replace("_", "-")
-        if spec.type is bool:  # a switch: `--device-code` alone means true
-            command.params.append(
-                click.Option([flag, opt_name], is_flag=True, default=None, help=spec.help)
-            )
-            continue
-        kind: Any = click.Choice(list(spec.choices)) if spec.choices else spec.type
-        command.params.append(
-            click.Option([flag, opt_name], type=kind, default=None, help=spec.help)
-        )
+    made = click.command(name, cls=ProviderCommand)(command)
+    assert isinstance(made, ProviderCommand)
+    return made
 
 
 # ---- mail ---------------------------------------------------------------------------
@@ -522,16 +590,13 @@ def build() -> click.Group:
     from threadsync.core.registry import providers
 
     pm = plugin_manager()
-    specs: dict[str, Any] = {}
-    for reg in providers(pm).values():
-        for opt in reg.cls.options:
-            specs.setdefault(opt.name, opt)
+    found = providers(pm)
     for name, doc, update in (
         ("connect", "Connect USER's mailbox (Labs must be on).", False),
         ("update-email", "Replace USER's connected address without a gap.", True),
     ):
         command = _connect_command(name, doc, update)
-        _add_provider_options(command, specs)
+        command.add_providers(found)
         cli.add_command(command)
     pm.hook.register_commands(cli=cli)
     return cli

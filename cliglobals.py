@@ -30,8 +30,10 @@ _FLAGS = ("--json", "--verbose")
 _SHORT_VERBOSE = re.compile(r"^-v+$")
 
 #: Attributes every ``logging.LogRecord`` has; anything else came through ``extra``.
-_RECORD_KEYS = frozenset(
-    logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+_RECORD_KEYS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+}
 
 
 def _option_table(command: click.Command) -> dict[str, bool]:
