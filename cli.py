@@ -290,7 +290,7 @@ class ProviderCommand(click.Command):
         """Exit 2 when an option of another provider was given."""
         if provider not in self.providers:
             return  # the kernel names the registered providers
-        title, opts = self.providers[provider]
+        _title, opts = self.providers[provider]
         takes = {o.name for o in opts}
         foreign = sorted(k for k in given if k not in takes)
         if foreign:
@@ -371,7 +371,29 @@ def _send_text(r: dict[str, Any]) -> str:
         "through the user's mailbox" if r["channel"] == "mailbox" else "through the default channel"
     )
     sync = "synced" if r["synced"] else f"not synced ({r['reason']})"
-    return f"{r['status']} {how}; thread {r['thread_id']} {sync}; message {r['message_id']}"
+    text = f"{r['status']} {how}; this message {sync}; message {r['message_id']}"
+    text += f" in thread {r['thread_id']}"
+    if r.get("subaccount_known") is False:
+        text += (
+            f"\nnote: sub-account {r['subaccount']!r} was unknown to threadsync until now "
+            "(no Labs flag set, no mail sent for it): check its spelling"
+        )
+    return text
+
+
+def _finish_send(ctx: Ctx, result: dict[str, Any], require_sync: bool) -> None:
+    """Print the outcome; with ``--require-sync`` a message that did not sync is exit 4."""
+    ctx.emit(result, _send_text)
+    if require_sync and not result["synced"]:
+        fail(ctx, Refused(f"the message did not sync ({result['reason']}); --require-sync"))
+
+
+_require_sync = click.option(
+    "--require-sync",
+    is_flag=True,
+    help="Exit 4 when the message does not sync (it still goes as routed; "
+    "the --json field `synced` says the same).",
+)
 
 
 _body_options = [
@@ -400,6 +422,7 @@ def body_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--cc", "cc", multiple=True, help="Copy recipient (repeatable).")
 @click.option("--subject", required=True)
 @body_options
+@_require_sync
 @pass_ctx
 def send(
     ctx: Ctx,
@@ -412,8 +435,13 @@ def send(
     text_file: Path | None,
     html_file: Path | None,
     attach: tuple[Path, ...],
+    require_sync: bool,
 ) -> None:
-    """Send a new email from the CRM; through the user's mailbox when possible."""
+    """Send a new email from the CRM; through the user's mailbox when possible.
+
+    Exit 0 whichever channel it took (see `synced` and `reason`), unless
+    --require-sync. A sub-account threadsync never saw is noted (a typo?)."""
+    from threadsync.core.host.views import subaccount_known
     from threadsync.core.outbox.compose import Draft
 
     draft = Draft(
@@ -424,12 +452,15 @@ def send(
         cc=list(cc),
         subject=subject,
     )
-    ctx.emit(ctx.run(lambda ts: ts.send(subaccount, user, draft)), _send_text)
+    known = subaccount_known(ctx.threadsync().kernel, subaccount)
+    result = ctx.run(lambda ts: ts.send(subaccount, user, draft))
+    _finish_send(ctx, {**result, "subaccount": subaccount, "subaccount_known": known}, require_sync)
 
 
 @cli.command()
 @click.argument("thread_id")
 @body_options
+@_require_sync
 @pass_ctx
 def reply(
     ctx: Ctx,
@@ -438,6 +469,7 @@ def reply(
     text_file: Path | None,
     html_file: Path | None,
     attach: tuple[Path, ...],
+    require_sync: bool,
 ) -> None:
     """Reply from the CRM in THREAD_ID."""
     from threadsync.core.outbox.compose import Draft
@@ -447,7 +479,7 @@ def reply(
         html=_read_text(html_file, "html file"),
         attachments=_attachments(attach),
     )
-    ctx.emit(ctx.run(lambda ts: ts.reply(thread_id, draft)), _send_text)
+    _finish_send(ctx, ctx.run(lambda ts: ts.reply(thread_id, draft)), require_sync)
 
 
 @cli.command()

@@ -49,3 +49,23 @@ def test_status_without_a_database_file_does_not_create_it(home: Path) -> None:
     assert not database.exists()
     threadsync("init", cwd=home)
     assert threadsync("status", "acme", cwd=home).stdout.strip() == "no connections"
+
+
+def test_send_notes_an_unknown_subaccount_and_require_sync_exits_4(home: Path) -> None:
+    threadsync("init", cwd=home)
+    args = ["send", "acmee", "u1", "--to", "carla@customer.example", "--subject", "Hi"]
+    first = json.loads(threadsync(*args, "--text", "one", "--json", cwd=home).stdout)
+    assert (first["subaccount"], first["subaccount_known"]) == ("acmee", False)
+    assert (first["synced"], first["reason"]) == (False, "labs_disabled")
+    # Now it is known (the CRM sent mail for it); without Labs it does not sync.
+    text = threadsync(*args, "--text", "two", cwd=home).stdout
+    assert "not synced (labs_disabled)" in text and "unknown" not in text
+    proc = threadsync(*args, "--text", "three", "--require-sync", cwd=home, expect=4)
+    assert "not synced (labs_disabled)" in proc.stdout
+    assert "did not sync (labs_disabled)" in proc.stderr
+    unknown = threadsync("send", "acne", "u1", *args[3:], "--text", "x", cwd=home).stdout
+    assert "sub-account 'acne' was unknown to threadsync" in unknown
+    # The JSON of a refused --require-sync: the result on stdout, the error on stderr.
+    proc = threadsync(*args, "--text", "four", "--require-sync", "--json", cwd=home, expect=4)
+    assert json.loads(proc.stdout)["synced"] is False
+    assert json.loads(proc.stderr.splitlines()[-1])["error"]["code"] == "refused"

@@ -13,7 +13,13 @@ from sqlalchemy.orm import Session, selectinload
 from threadsync.core.errors import NotFound
 from threadsync.core.host.events import message_json
 from threadsync.core.kernel import Kernel
-from threadsync.core.store.models import Attachment, Event, Message, SyncedThread
+from threadsync.core.store.models import Attachment, Event, Message, SubAccount, SyncedThread
+
+#: How a sub-account comes into being, for the messages that say it does not exist.
+UNKNOWN_SUBACCOUNT = (
+    "sub-account {!r} not found (threadsync knows a sub-account once its Labs flag "
+    "was set, or the CRM sent mail for it)"
+)
 
 
 def _thread_row(t: SyncedThread, count: int) -> dict[str, Any]:
@@ -29,8 +35,17 @@ def _thread_row(t: SyncedThread, count: int) -> dict[str, Any]:
     }
 
 
+def subaccount_known(k: Kernel, subaccount: str) -> bool:
+    """Whether threadsync has seen ``subaccount`` (Labs set, or CRM mail sent)."""
+    return bool(k.store.call(lambda session: session.get(SubAccount, subaccount) is not None))
+
+
 def threads(k: Kernel, subaccount: str, user: str | None = None) -> dict[str, Any]:
+    """The threads of a sub-account; :class:`NotFound` for one never seen."""
+
     def work(session: Session) -> dict[str, Any]:
+        if session.get(SubAccount, subaccount) is None:
+            raise NotFound(UNKNOWN_SUBACCOUNT.format(subaccount))
         counts = (
             select(Message.thread_id, func.count(Message.id).label("n"))
             .group_by(Message.thread_id)
