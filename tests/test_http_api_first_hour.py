@@ -1,14 +1,17 @@
 """The HTTP API where the command line and it must agree, through a real
 loopback server and the CLI as a subprocess on the same database: a sub-account
-threadsync has never seen is 404 on both (the CLI's exit 3)."""
+threadsync has never seen is 404 on both (the CLI's exit 3); recipients
+written as ``Display Name <address>``."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from email import message_from_bytes
+from email.policy import default
 from pathlib import Path
 
-from tests.kernelfixtures import World, write_config
+from tests.kernelfixtures import SUB, USER, World, write_config
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     Api,
     api_factory_fixture,
@@ -42,3 +45,38 @@ def test_an_unknown_subaccount_is_not_found_on_both(api: Api, world: World, tmp_
     with api.client(api.admin) as c:
         assert c.get("/v1/subaccounts/nosuchsub/threads").json() == {"threads": []}
     assert cli(config, "threads", "nosuchsub").stdout.strip() == "no threads"
+
+
+async def test_display_name_addresses_over_http(api: Api, world: World) -> None:
+    """``Name <addr>`` recipients go out with the name in To (RFC 2047 when not
+    ASCII) and the bare address on the envelope; CR/LF stay refused."""
+    await world.connect()
+    body = {
+        "to": ["Carla <carla@customer.example>", "Jörg Ü <t15@example.org>"],
+        "cc": ['"Doe, Jo" <jo@example.org>'],
+        "subject": "Names",
+        "text": "Hello",
+    }
+    with api.client(api.key) as c:
+        r = c.post(f"/v1/subaccounts/{SUB}/users/{USER}/send", json=body)
+        assert r.status_code == 201, r.text
+        assert r.json()["channel"] == "mailbox" and r.json()["synced"] is True
+        bad = c.post(
+            f"/v1/subaccounts/{SUB}/users/{USER}/send",
+            json={**body, "to": ["Carla\r\nBcc: eve@example.org <carla@customer.example>"]},
+        )
+        assert bad.status_code == 422, bad.text
+        wrong = c.post(
+            f"/v1/subaccounts/{SUB}/users/{USER}/send",
+            json={**body, "to": ["Jörg <jörg@example.org>"]},
+        )
+        assert wrong.status_code == 422 and "non-ASCII local part" in wrong.json()["detail"]
+    (got,) = [m for m in world.submission.received if b"Subject: Names" in m.raw]
+    assert sorted(got.rcpt_tos) == ["carla@customer.example", "jo@example.org", "t15@example.org"]
+    parsed = message_from_bytes(got.raw, policy=default)
+    to = parsed["To"].addresses
+    assert [(a.display_name, a.addr_spec) for a in to] == [
+        ("Carla", "carla@customer.example"), ("Jörg Ü", "t15@example.org"),
+    ]  # fmt: skip
+    assert parsed["Cc"].addresses[0].display_name == "Doe, Jo"
+    assert got.raw.isascii() and b"=?utf-8?" in got.raw.lower()

@@ -12,7 +12,9 @@ from __future__ import annotations
 from threadsync.core.mime.build import (
     AttachmentIn,
     build_message,
+    addr_spec,
     check_address,
+    check_recipient,
     check_header_value,
 )
 from threadsync.core.mime.decode import parse_msgid_list
@@ -24,7 +26,9 @@ __all__ = [
     "ParsedAttachment",
     "ParsedMessage",
     "build_message",
+    "addr_spec",
     "check_address",
+    "check_recipient",
     "check_header_value",
     "parse_message",
     "parse_msgid_list",
