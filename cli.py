@@ -534,9 +534,8 @@ def thread(ctx: Ctx, thread_id: str) -> None:
         for m in r["messages"]:
             arrow = "<-" if m["direction"] == "inbound" else "->"
             state = m["state"] + (f" ({m['reason']})" if m["reason"] else "")
-            lines.append(
-                f"  {arrow} {m['from']} ({m['origin']}) {m['date']}: {m['subject']} [{state}]"
-            )
+            date = m["date"] or f"(no Date header; arrived {m.get('received_at')} UTC)"
+            lines.append(f"  {arrow} {m['from']} ({m['origin']}) {date}: {m['subject']} [{state}]")
             for a in m["attachments"]:
                 lines.append(f"     attachment {a['filename']} {a['size']} bytes")
         return "\n".join(lines)

@@ -1,22 +1,25 @@
 """The HTTP API where the command line and it must agree, through a real
 loopback server and the CLI as a subprocess on the same database: a sub-account
 threadsync has never seen is 404 on both (the CLI's exit 3); recipients
-written as ``Display Name <address>``."""
+written as ``Display Name <address>``; a message without a Date header; the
+wording of a reply that does not sync."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
 
-from tests.kernelfixtures import SUB, USER, World, write_config
+from tests.kernelfixtures import CONTACT, SUB, USER, World, write_config
 from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     Api,
     api_factory_fixture,
     api_fixture,
 )
+from threadsync.core.outbox.compose import Draft
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,3 +83,34 @@ async def test_display_name_addresses_over_http(api: Api, world: World) -> None:
     ]  # fmt: skip
     assert parsed["Cc"].addresses[0].display_name == "Doe, Jo"
     assert got.raw.isascii() and b"=?utf-8?" in got.raw.lower()
+
+
+async def test_thread_without_date_and_a_reply_over_the_limit(world: World, tmp_path: Path) -> None:
+    """``thread`` shows when a message without a Date header arrived, never "None";
+    a CRM reply whose attachment is over the limit says that this message does not
+    sync, not that the thread does not."""
+    config = write_config(world, tmp_path / "config.toml")
+    await world.connect()
+    sent = await world.ts.send(SUB, USER, Draft(to=[CONTACT], subject="Offer", text="hello"))
+    raw = (
+        f"From: {CONTACT}\r\nTo: {world.email}\r\nSubject: Re: Offer\r\n"
+        f"Message-ID: <no-date@customer.example>\r\nIn-Reply-To: {sent['message_id']}\r\n"
+        f"References: {sent['message_id']}\r\n\r\nNo date here.\r\n"
+    ).encode()
+    world.imap.deliver(world.email, raw, "INBOX")
+    assert (await world.ts.run_once()).stored == 1
+    text = cli(config, "thread", sent["thread_id"]).stdout
+    (line,) = [x for x in text.splitlines() if CONTACT in x and "<-" in x]
+    assert "None" not in line and "no Date header; arrived 20" in line, text
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (4 * 1024 * 1024))
+    proc = cli(config, "reply", sent["thread_id"], "--text", "the file", "--attach", str(big),
+               "--json")  # fmt: skip
+    replied = json.loads(proc.stdout)
+    assert (replied["synced"], replied["reason"]) == (False, "attachment_too_large")
+    words = cli(config, "reply", sent["thread_id"], "--text", "again", "--attach", str(big))
+    said = words.stdout
+    assert "this message not synced (attachment_too_large)" in said, said
+    assert f"thread {sent['thread_id']} not synced" not in said
+    assert world.ts.thread(sent["thread_id"])["state"] == "active"

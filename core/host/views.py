@@ -79,7 +79,10 @@ def thread(k: Kernel, thread_id: str, subaccount: str | None = None) -> dict[str
         ).all()
         return {
             **_thread_row(t, len(msgs)),
-            "messages": [message_json(m) for m in msgs],
+            "messages": [
+                {**message_json(m), "received_at": m.created_at.isoformat(timespec="seconds")}
+                for m in msgs
+            ],
         }
 
     return k.store.call(work)
