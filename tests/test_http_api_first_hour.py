@@ -114,3 +114,16 @@ async def test_thread_without_date_and_a_reply_over_the_limit(world: World, tmp_
     assert "this message not synced (attachment_too_large)" in said, said
     assert f"thread {sent['thread_id']} not synced" not in said
     assert world.ts.thread(sent["thread_id"])["state"] == "active"
+
+
+async def test_an_idempotent_replay_has_the_first_answers_location(api: Api, world: World) -> None:
+    await world.connect()
+    url = f"/v1/subaccounts/{SUB}/users/{USER}/send"
+    body = {"to": [CONTACT], "subject": "Offer", "text": "hello"}
+    with api.client(api.key) as c:
+        first = c.post(url, json=body, headers={"Idempotency-Key": "k-1"})
+        again = c.post(url, json=body, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == again.status_code == 201, (first.text, again.text)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert first.headers["location"] == f"/v1/threads/{first.json()['thread_id']}"
+    assert again.headers.get("location") == first.headers["location"]
