@@ -88,6 +88,50 @@ def thread(k: Kernel, thread_id: str, subaccount: str | None = None) -> dict[str
     return k.store.call(work)
 
 
+def recent_messages(
+    k: Kernel,
+    *,
+    subaccount: str | None = None,
+    state: str | None = None,
+    before: int | None = None,
+    limit: int = 50,
+) -> dict[str, Any]:
+    """The newest messages of every sub-account (or one), newest first, optionally
+    only ``synced`` or ``skipped`` ones, older than message row ``before``; the
+    status page's list. ``next_before`` continues the list (``None``: no more)."""
+
+    def work(session: Session) -> dict[str, Any]:
+        query = select(Message).order_by(Message.id.desc()).limit(limit + 1)
+        if subaccount:
+            query = query.where(Message.subaccount_id == subaccount)
+        if state:
+            query = query.where(Message.state == state)
+        if before is not None:
+            query = query.where(Message.id < before)
+        rows = session.scalars(query).all()
+        page = rows[:limit]
+        return {
+            "messages": [
+                {
+                    "id": m.id,
+                    "subaccount": m.subaccount_id,
+                    "thread_id": m.thread_id,
+                    "direction": m.direction,
+                    "origin": m.origin,
+                    "from": m.sender,
+                    "subject": m.subject,
+                    "state": m.state,
+                    "reason": m.reason,
+                    "at": m.created_at.isoformat(timespec="seconds"),
+                }
+                for m in page
+            ],
+            "next_before": page[-1].id if len(rows) > limit else None,
+        }
+
+    return k.store.call(work)
+
+
 def events(k: Kernel, subaccount: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
     """The event log of a sub-account, oldest first, after event id ``after``."""
 
