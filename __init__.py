@@ -42,6 +42,7 @@ _EXPORTS = {
     "ConfigError": "threadsync.core.errors",
     "InvalidInput": "threadsync.core.errors",
     "HeaderInjection": "threadsync.core.errors",
+    "MessageTooLarge": "threadsync.core.errors",
     "NotFound": "threadsync.core.errors",
     "Refused": "threadsync.core.errors",
     "LabsDisabled": "threadsync.core.errors",
@@ -53,6 +54,7 @@ _EXPORTS = {
     "AuthenticationFailed": "threadsync.core.errors",
     "TransientProviderError": "threadsync.core.errors",
     "ProviderProtocolError": "threadsync.core.errors",
+    "UnexpectedFailure": "threadsync.core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -479,6 +479,11 @@ def thread(ctx: Ctx, thread_id: str) -> None:
             lines.append(f"  {arrow} {m['from']} ({m['origin']}) {date}: {m['subject']} [{state}]")
             for a in m["attachments"]:
                 lines.append(f"     attachment {a['filename']} {a['size']} bytes")
+            if m.get("defects"):
+                lines.append(
+                    f"     parts of this message could not be read ({len(m['defects'])} "
+                    f"note(s)): {m['defects'][0]}"
+                )
         return "\n".join(lines)
 
     ctx.emit(ctx.threadsync().thread(thread_id), text)

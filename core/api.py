@@ -135,14 +135,18 @@ class Threadsync:
         options: Mapping[str, Any],
         notify: Callable[[str], None] = _log_notice,
         credentials: Mapping[str, str] | None = None,
+        tenant: bool = False,
     ) -> dict[str, Any]:
         """Connect a mailbox. ``notify`` shows what an interactive sign-in needs
         (a consent URL or a device code). ``credentials`` gives secrets directly,
         by name without ``_env`` (``{"password": ...}``), instead of naming
-        environment variables in ``options`` (``password_env``)."""
+        environment variables in ``options`` (``password_env``). ``tenant``: the
+        caller acts for a tenant, so the hosts it names are held to the
+        ``[network]`` policy (no internal addresses unless allowed)."""
         return await accounts.connect(
-            self.kernel, subaccount, user, provider, email, options, notify, credentials
-        )
+            self.kernel, subaccount, user, provider, email, options, notify, credentials,
+            tenant,
+        )  # fmt: skip
 
     async def update_email(
         self,
@@ -154,11 +158,14 @@ class Threadsync:
         options: Mapping[str, Any],
         notify: Callable[[str], None] = _log_notice,
         credentials: Mapping[str, str] | None = None,
+        tenant: bool = False,
     ) -> dict[str, Any]:
-        """Replace the user's connected address (R7); ``credentials`` as in :meth:`connect`."""
+        """Replace the user's connected address (R7); ``credentials`` and ``tenant``
+        as in :meth:`connect`."""
         return await accounts.update_email(
-            self.kernel, subaccount, user, provider, email, options, notify, credentials
-        )
+            self.kernel, subaccount, user, provider, email, options, notify, credentials,
+            tenant,
+        )  # fmt: skip
 
     async def begin_sign_in(
         self,

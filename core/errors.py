@@ -11,7 +11,8 @@ turns these into exit codes and messages for people.
     ThreadsyncError
     ├── ConfigError                 config.toml or a provider option is wrong
     ├── InvalidInput                a caller's argument is unusable
-    │   └── HeaderInjection         CR, LF or NUL in a header value from the CRM
+    │   ├── HeaderInjection         CR, LF or NUL in a header value from the CRM
+    │   └── MessageTooLarge         a CRM message over [sync] max_message_bytes
     ├── NotFound                    no such sub-account, user, connection or thread
     ├── Refused                     a rule (R1-R11) forbids the request
     │   ├── LabsDisabled            R1: the sub-account's Labs flag is off
@@ -22,7 +23,8 @@ turns these into exit codes and messages for people.
     └── ProviderError               a mailbox provider failed
         ├── AuthenticationFailed    credentials rejected -> connection needs_reauth
         ├── TransientProviderError  network, timeout, server busy -> retried with backoff
-        └── ProviderProtocolError   the server answered something we cannot use
+        ├── ProviderProtocolError   the server answered something we cannot use
+        └── UnexpectedFailure       a connection's work failed in a way nobody foresaw
 
 Messages never contain secrets (R11): callers pass addresses and host names,
 never passwords or tokens.
@@ -54,6 +56,12 @@ class HeaderInjection(InvalidInput):
     """A CRM-supplied header value carries CR, LF or NUL."""
 
     code = "header_injection"
+
+
+class MessageTooLarge(InvalidInput):
+    """A CRM message is larger than ``[sync] max_message_bytes`` once encoded."""
+
+    code = "message_too_large"
 
 
 class NotFound(ThreadsyncError):
@@ -130,6 +138,16 @@ class ProviderProtocolError(ProviderError):
     code = "provider_protocol_error"
 
 
+class UnexpectedFailure(ProviderError):
+    """A connection's work failed in a way no provider translated: its provider
+    plugin cannot be loaded, its stored credentials cannot be read, or a bug.
+    Recorded like any other provider failure (``error`` with backoff), so that it
+    shows wherever connections are shown; the message says what a person can do.
+    """
+
+    code = "unexpected_failure"
+
+
 __all__ = [
     "AlreadyConnected",
     "AuthenticationFailed",
@@ -139,6 +157,7 @@ __all__ = [
     "LabsDisabled",
     "LeaseLost",
     "MessageParseError",
+    "MessageTooLarge",
     "NotFound",
     "ProviderError",
     "ProviderProtocolError",
@@ -146,4 +165,5 @@ __all__ = [
     "StoreError",
     "ThreadsyncError",
     "TransientProviderError",
+    "UnexpectedFailure",
 ]

@@ -25,11 +25,17 @@ import aiosmtplib
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 #: A line that starts with a dot gets another one (RFC 5321, 4.5.2).
 _LEADING_DOT = re.compile(rb"(?m)^\.")
+#: Bytes of a message handed to the transport at a time.
+_WRITE_SLICE = 1024 * 1024
 
 
 def wire_form(raw: bytes) -> bytes:
     """The message as DATA carries it, without the terminating ``.`` line."""
-    body = _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", raw))
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:  # bare CR or LF: repair
+        raw = _LINE_END.sub(b"\r\n", raw)
+    # re.sub hands back its input when nothing matches: a big message is not copied.
+    body = _LEADING_DOT.sub(b"..", raw)
     return body if body.endswith(b"\r\n") else body + b"\r\n"
 
 
@@ -47,7 +53,12 @@ async def send_data(
     if start.code != aiosmtplib.SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
     try:
-        protocol.write(wire_form(raw))
+        body = memoryview(wire_form(raw))
+        # In slices, each written when the socket took the last: the transport
+        # never buffers a copy of a whole large message.
+        for offset in range(0, len(body), _WRITE_SLICE):
+            protocol.write(bytes(body[offset : offset + _WRITE_SLICE]))
+            await protocol._drain_helper()
         await checkpoint()
         protocol.write(b".\r\n")
         # No await between the write and this call: the answer cannot arrive first.

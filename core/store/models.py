@@ -41,11 +41,6 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-#: Connection states in which the connection still belongs to its user.
-LIVE_STATES = ("connected", "needs_reauth", "error")
-CONNECTION_STATES = (*LIVE_STATES, "disconnected", "replaced")
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -76,6 +71,7 @@ class Connection(Base):
 
     __tablename__ = "connections"
     __table_args__ = (
+        # The live states of ``rules.LIVE_STATES``, as the migration wrote them.
         Index(
             "uq_connection_live",
             "subaccount_id",
@@ -182,6 +178,8 @@ class Message(Base):
     provider_refs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     text: Mapped[str | None] = mapped_column(Text, nullable=True)
     html: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: What the MIME parser had to drop or repair, for people (empty: read whole).
+    defects: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     thread: Mapped[SyncedThread] = relationship(back_populates="messages")

@@ -8,6 +8,13 @@ it starts tasks for new connections, stops them for connections that were
 disconnected, replaced, left waiting for re-authorisation or paused by the Labs
 flag (R1), and respects the backoff of connections in ``error`` (R2).
 ``run --once`` is the same work done once for every connection, then exit.
+
+A failure nobody translated (a provider plugin that cannot be loaded, stored
+credentials that no longer decrypt, a bug) is recorded on its connection like
+any provider failure, as :class:`~threadsync.core.errors.UnexpectedFailure`: the
+connection shows ``error`` with a message a person can act on and backs off,
+and the other connections carry on. Its traceback is logged once per distinct
+failure, not at every retry.
 """
 
 from __future__ import annotations
@@ -21,12 +28,20 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from threadsync.core.errors import ProviderError
+from threadsync.core import rules
+from threadsync.core.errors import (
+    ConfigError,
+    ProviderError,
+    StoreError,
+    ThreadsyncError,
+    UnexpectedFailure,
+)
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import delivery
 from threadsync.core.provider import Provider
-from threadsync.core.store.models import LIVE_STATES, Connection, SubAccount, utcnow
+from threadsync.core.rules import LIVE_STATES, SendStatus
+from threadsync.core.store.models import Connection, utcnow
 from threadsync.core.sync.ingest import PassReport, sync_connection
 
 log = logging.getLogger(__name__)
@@ -44,44 +59,79 @@ class OnceReport:
     errors: list[str] = field(default_factory=list)
 
 
-def eligible_connections(k: Kernel) -> list[int]:
-    """Connections to work on now: live, not waiting for re-authorisation, Labs on
-    (R1), and past their backoff (R2)."""
+async def eligible_connections(k: Kernel) -> list[int]:
+    """Connections to work on now: worked on (live, not waiting for
+    re-authorisation, Labs on: R1) and past their backoff (R2)."""
     now = utcnow()
 
-    def work(session: Session) -> list[int]:
+    def work(session: Session, _events: EventBuffer) -> list[int]:
         rows = session.execute(
             select(Connection.id, Connection.next_attempt_at)
-            .join(SubAccount, SubAccount.id == Connection.subaccount_id)
-            .where(
-                Connection.state.in_(("connected", "error")),
-                SubAccount.two_way_email_sync.is_(True),
-            )
+            .where(rules.worked_connections())
             .order_by(Connection.id)
         ).all()
-        return [cid for cid, when in rows if when is None or when <= now]
+        return [cid for cid, when in rows if rules.due(when, now)]
 
-    return k.store.call(work)
+    return await k.unit_of_work(work)
 
 
-async def _fail(k: Kernel, conn_id: int, exc: ProviderError) -> bool:
+async def _fail(k: Kernel, conn_id: int, exc: ProviderError, *, logged: bool = False) -> bool:
     """Record a provider failure on the connection. ``False`` when the connection
-    was ended meanwhile: its credentials are gone, so the failure means nothing."""
-    events = EventBuffer()
-    state = await k.store.run(lambda s: k.record_failure(s, events, conn_id, exc))
-    events.announce(k.pm)
+    was ended meanwhile: its credentials are gone, so the failure means nothing.
+    ``logged``: the caller has logged the failure already."""
+    state = await k.unit_of_work(lambda s, events: k.record_failure(s, events, conn_id, exc))
     if state not in LIVE_STATES:
         log.info("connection ended; failure ignored", extra={"connection_id": conn_id})
         return False
-    log.warning("connection failed: %s", exc, extra={"connection_id": conn_id})
+    if not logged:
+        log.warning("connection failed: %s", exc, extra={"connection_id": conn_id})
     return True
+
+
+def unexpected_failure(exc: Exception) -> UnexpectedFailure:
+    """``exc``, raised by a connection's work and not a provider failure, as one:
+    its message says what a person can do. Messages of exceptions from outside
+    threadsync are not repeated (they may quote data); the log has them."""
+    if isinstance(exc, ConfigError):
+        hint = "install the provider's plugin or fix its settings; the connection retries"
+    elif isinstance(exc, StoreError):
+        hint = (
+            "restore the secret key file these credentials were stored with, "
+            "or reconnect the mailbox (update-email) to store them again"
+        )
+    else:
+        hint = ""
+    if isinstance(exc, ThreadsyncError):
+        message = f"{exc}: {hint}" if hint else str(exc)
+    else:
+        message = (
+            f"unexpected {type(exc).__name__} while syncing this connection; "
+            "the daemon's log has the details"
+        )
+    failure = UnexpectedFailure(message)
+    failure.__cause__ = exc
+    return failure
+
+
+def failure_signature(exc: BaseException) -> str:
+    """What makes two failures "the same" for logging: kind and message."""
+    return f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+
+
+def log_unexpected(conn_id: int, exc: Exception) -> None:
+    """Log an unexpected failure: one line for a threadsync error (its message
+    says it all), the traceback for anything else (a bug)."""
+    if isinstance(exc, ThreadsyncError):
+        log.error("connection failed: %s", exc, extra={"connection_id": conn_id})
+    else:
+        log.error("connection failed unexpectedly", exc_info=exc, extra={"connection_id": conn_id})
 
 
 async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[PassReport, int]:
     """Deliver the connection's due outbox entries, then read its folders."""
     sent = 0
-    for entry_id in await asyncio.to_thread(delivery.due_entries, k, conn_id):
-        if await delivery.deliver_entry(k, entry_id, provider) == "sent":
+    for entry_id in await delivery.due_entries(k, conn_id):
+        if await delivery.deliver_entry(k, entry_id, provider) == SendStatus.SENT:
             sent += 1
     report = await sync_connection(k, conn_id, provider)
     if not report.ended:
@@ -92,7 +142,7 @@ async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[
 async def _open(k: Kernel, conn_id: int) -> Provider | None:
     """The connection's provider, open; ``None`` when the connection was ended
     since it was chosen (its credentials are gone)."""
-    conn = await k.store.run(lambda s: k.get_connection(s, conn_id))
+    conn = await k.load_connection(conn_id)
     if conn.state not in LIVE_STATES:
         return None
     return await k.open_provider(conn)
@@ -100,8 +150,8 @@ async def _open(k: Kernel, conn_id: int) -> Provider | None:
 
 async def deliver_default_channel(k: Kernel) -> int:
     sent = 0
-    for entry_id in await asyncio.to_thread(delivery.due_entries, k, None):
-        if await delivery.deliver_entry(k, entry_id) == "sent":
+    for entry_id in await delivery.due_entries(k, None):
+        if await delivery.deliver_entry(k, entry_id) == SendStatus.SENT:
             sent += 1
     return sent
 
@@ -110,7 +160,7 @@ async def run_once(k: Kernel) -> OnceReport:
     """One full pass over every eligible connection and the default channel."""
     report = OnceReport()
     report.sent += await deliver_default_channel(k)
-    for conn_id in await asyncio.to_thread(eligible_connections, k):
+    for conn_id in await eligible_connections(k):
         report.connections += 1
         provider: Provider | None = None
         try:
@@ -125,6 +175,11 @@ async def run_once(k: Kernel) -> OnceReport:
         except ProviderError as exc:
             if await _fail(k, conn_id, exc):
                 report.errors.append(f"connection {conn_id}: {exc}")
+        except Exception as exc:  # one connection's failure must not stop the pass
+            log_unexpected(conn_id, exc)
+            failure = unexpected_failure(exc)
+            if await _fail(k, conn_id, failure, logged=True):
+                report.errors.append(f"connection {conn_id}: {failure}")
         finally:
             if provider is not None:
                 await provider.close()
@@ -151,6 +206,8 @@ class Daemon:
         self.supervise_seconds = supervise_seconds
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.providers: dict[int, Provider] = {}
+        #: The last unexpected failure logged with its traceback, per connection.
+        self.logged_failures: dict[int, str] = {}
         self.extra = tuple(extra)
         self._stop = asyncio.Event()
 
@@ -184,7 +241,7 @@ class Daemon:
     async def _supervise(self) -> None:
         try:
             await deliver_default_channel(self.k)
-            wanted = set(await asyncio.to_thread(eligible_connections, self.k))
+            wanted = set(await eligible_connections(self.k))
         except Exception:  # the supervisor must survive a database hiccup
             log.exception("supervisor pass failed")
             return
@@ -199,7 +256,7 @@ class Daemon:
         # CRM mail queued by another process (the CLI, the API) wakes its
         # connection from IDLE instead of waiting for the next poll.
         try:
-            waiting = await asyncio.to_thread(delivery.connections_with_due_mail, self.k)
+            waiting = await delivery.connections_with_due_mail(self.k)
         except Exception:
             log.exception("supervisor could not read the outbox")
             return
@@ -228,6 +285,7 @@ class Daemon:
             self.providers[conn_id] = provider
             while True:
                 report, sent = await work_connection(k, conn_id, provider)
+                self.logged_failures.pop(conn_id, None)
                 log.debug(
                     "pass done",
                     extra={
@@ -249,9 +307,25 @@ class Daemon:
             await _fail(k, conn_id, exc)
         except asyncio.CancelledError:
             raise
-        except Exception:  # one connection's bug must not stop the others
-            log.exception("connection task crashed", extra={"connection_id": conn_id})
+        except Exception as exc:  # one connection's failure must not stop the others
+            await self._unexpected(conn_id, exc)
         finally:
             self.providers.pop(conn_id, None)
             if provider is not None:
                 await asyncio.shield(provider.close())
+
+    async def _unexpected(self, conn_id: int, exc: Exception) -> None:
+        """Record an unexpected failure on its connection (error, backoff); the
+        traceback is logged the first time this failure is seen."""
+        signature = failure_signature(exc)
+        if self.logged_failures.get(conn_id) != signature:
+            self.logged_failures[conn_id] = signature
+            log_unexpected(conn_id, exc)
+        try:
+            await _fail(self.k, conn_id, unexpected_failure(exc), logged=True)
+        except Exception:  # the database itself failed: the next pass retries
+            log.warning(
+                "could not record a connection's failure",
+                exc_info=True,
+                extra={"connection_id": conn_id},
+            )

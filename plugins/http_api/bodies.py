@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -34,14 +35,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiProblem(413, f"request body larger than {limit} bytes", code="body_too_large")
-    chunks: list[bytes] = []
-    size = 0
+    # BytesIO hands its buffer over on getvalue(): a big body is held once.
+    body = io.BytesIO()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if body.tell() + len(chunk) > limit:
             raise ApiProblem(413, f"request body larger than {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body.write(chunk)
+    return body.getvalue()
 
 
 async def json_object(request: Request, limit: int) -> tuple[dict[str, Any], bytes]:
@@ -66,6 +66,8 @@ def _check_strings(value: Any, where: str) -> None:
     if isinstance(value, str):
         if "\x00" in value:
             raise invalid(where, "must not contain NUL characters")
+        if value.isascii():  # no copy of a big base64 string just to check it
+            return
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:

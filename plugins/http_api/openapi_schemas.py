@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from threadsync.core.host.webhooks import EVENT_TYPES, STATUSES
+from threadsync.core.rules import ConnectionState, MessageState, SendStatus, ThreadState
 
 Schema = dict[str, Any]
 
-CONNECTION_STATES = ["connected", "needs_reauth", "error", "disconnected", "replaced"]
+CONNECTION_STATES = [s.value for s in ConnectionState]
 
 
 def ref(name: str) -> Schema:
@@ -164,7 +165,7 @@ SCHEMAS: dict[str, Schema] = {
             "channel": {"type": "string", "enum": ["mailbox", "default"]},
             "synced": BOOL,
             "reason": _nullable("string"),
-            "status": {"type": "string", "enum": ["sent", "queued"]},
+            "status": {"type": "string", "enum": [s.value for s in SendStatus]},
         },
     ),
     "ThreadSummary": _obj(
@@ -183,7 +184,7 @@ SCHEMAS: dict[str, Schema] = {
             "subaccount": STR,
             "user": STR,
             "email": _nullable("string"),
-            "state": {"type": "string", "enum": ["active", "stopped", "unsynced"]},
+            "state": {"type": "string", "enum": [s.value for s in ThreadState]},
             "stop_reason": _nullable("string"),
             "subject": STR,
             "message_count": INT,
@@ -218,6 +219,7 @@ SCHEMAS: dict[str, Schema] = {
             "text",
             "html",
             "attachments",
+            "defects",
         ],
         {
             "message_id": STR,
@@ -233,11 +235,17 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "When threadsync stored the message (UTC); shown when it "
                 "has no Date header.",
             },
-            "state": {"type": "string", "enum": ["synced", "skipped"]},
+            "state": {"type": "string", "enum": [s.value for s in MessageState]},
             "reason": _nullable("string"),
             "text": _nullable("string"),
             "html": _nullable("string"),
             "attachments": {"type": "array", "items": ref("Attachment")},
+            "defects": {
+                "type": "array",
+                "items": STR,
+                "description": "What could not be read or had to be repaired when the "
+                "message was parsed; non-empty means parts of it may be missing.",
+            },
         },
     ),
     "Event": _obj(

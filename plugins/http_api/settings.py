@@ -9,7 +9,6 @@ and ``tls_key_file``) or an explicit ``behind_tls_proxy = true`` (R11).
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from urllib.parse import urlsplit
 
 from threadsync.core.config import Settings, is_loopback, typed
 from threadsync.core.errors import ConfigError
-from threadsync.core.host.webhook_targets import Network
 from threadsync.core.host.webhooks import WebhookSettings
+from threadsync.core.network import network_policy
 
 
 @dataclass(frozen=True)
@@ -29,6 +28,10 @@ class HttpSettings:
     rate_per_second: float = 50.0
     burst: int = 100
     max_body_bytes: int = 25 * 1024 * 1024
+    #: Requests in progress at once, and request body bytes being received or
+    #: worked on at once (:mod:`threadsync.plugins.http_api.limits`).
+    max_concurrent_requests: int = 64
+    max_inflight_body_bytes: int = 32 * 1024 * 1024
     metrics_public: bool = False
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -75,16 +78,6 @@ def _file(settings: Settings, value: str | None, key: str) -> str | None:
 _NOT_NUMBERS = ("allowed_networks", "allow_private_targets", "idempotency_hours")
 
 
-def _networks(raw: dict[str, Any]) -> tuple[Network, ...]:
-    value = raw.get("allowed_networks", [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError('[webhooks] allowed_networks must be a list like ["10.0.0.0/8"]')
-    try:
-        return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in value)
-    except ValueError as exc:
-        raise ConfigError(f"[webhooks] allowed_networks: {exc}") from None
-
-
 def webhook_settings(settings: Settings) -> WebhookSettings:
     raw = _section(settings, "webhooks")
     known = {f.name: f for f in fields(WebhookSettings) if f.name != "idempotency_hours"}
@@ -99,8 +92,10 @@ def webhook_settings(settings: Settings) -> WebhookSettings:
         values[name] = typed("webhooks", raw, name, kind, f.default)
         if values[name] <= 0:
             raise ConfigError(f"[webhooks] {name} must be positive")
-    values["allowed_networks"] = _networks(raw)
-    values["allow_private_targets"] = typed("webhooks", raw, "allow_private_targets", bool, False)
+    # The one network policy: [network] and, as before, [webhooks].
+    policy = network_policy(settings)
+    values["allowed_networks"] = policy.allowed_networks
+    values["allow_private_targets"] = policy.allow_private_targets
     hours = typed("http", _section(settings, "http"), "idempotency_hours", float, 24.0)
     if hours <= 0:
         raise ConfigError("[http] idempotency_hours must be positive")
@@ -135,6 +130,10 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
         rate_per_second=typed("http", raw, "rate_per_second", float, 50.0),
         burst=typed("http", raw, "burst", int, 100),
         max_body_bytes=typed("http", raw, "max_body_bytes", int, 25 * 1024 * 1024),
+        max_concurrent_requests=typed("http", raw, "max_concurrent_requests", int, 64),
+        max_inflight_body_bytes=typed(
+            "http", raw, "max_inflight_body_bytes", int, 32 * 1024 * 1024
+        ),
         metrics_public=typed("http", raw, "metrics_public", bool, False),
         tls_cert_file=_file(
             settings, typed("http", raw, "tls_cert_file", str, None), "tls_cert_file"
@@ -151,6 +150,10 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
         raise ConfigError("[http] rate_per_second and burst must be positive")
     if result.max_body_bytes < 1024:
         raise ConfigError("[http] max_body_bytes must be at least 1024")
+    if result.max_concurrent_requests < 1:
+        raise ConfigError("[http] max_concurrent_requests must be at least 1")
+    if result.max_inflight_body_bytes < result.max_body_bytes:
+        raise ConfigError("[http] max_inflight_body_bytes must be at least max_body_bytes")
     if (result.tls_cert_file is None) != (result.tls_key_file is None):
         raise ConfigError("[http] tls_cert_file and tls_key_file go together")
     if address is not None:
