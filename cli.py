@@ -23,6 +23,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 import pluggy
 
+from threadsync.cliconnect import ProviderCommand
+from threadsync.cliglobals import hoist_global_options, setup_logging
 from threadsync.core.config import Settings, check_sections, default_config_path, load
 from threadsync.core.errors import (
     ConfigError,
@@ -79,6 +81,7 @@ class Ctx:
         from threadsync.core.api import Threadsync
 
         if self._ts is None:
+            _check_database_file(self.settings.database_url)
             self._ts = Threadsync.from_settings(self.settings)
             self._ts.check_ready()
         return self._ts
@@ -106,6 +109,21 @@ class Ctx:
             click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _check_database_file(url: str) -> None:
+    """A SQLite file that is not there is not made here (connecting would make an
+    empty one): only ``init`` creates the database."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    name = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or name in ("", ":memory:"):
+        return
+    if name.startswith("file:"):
+        return  # a SQLite URI: its own rules
+    if not Path(name).exists():
+        raise StoreError(f"the database file {name} does not exist: run `threadsync init`")
+
+
 def fail(ctx: Ctx | None, exc: ThreadsyncError) -> NoReturn:
     code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
     if ctx is not None and ctx.as_json:
@@ -131,12 +149,25 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     help="Config file (default ./config.toml, or $THREADSYNC_CONFIG).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-@click.option("-v", "--verbose", count=True, help="More logging on stderr.")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv: debug).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Log lines on stderr as text, or one JSON object per line.",
+)
 @click.pass_context
-def cli(click_ctx: click.Context, config_path: Path | None, as_json: bool, verbose: int) -> None:
-    """threadsync: two-way email sync between a CRM and users' own mailboxes."""
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def cli(
+    click_ctx: click.Context,
+    config_path: Path | None,
+    as_json: bool,
+    verbose: int,
+    log_format: str,
+) -> None:
+    """threadsync: two-way email sync between a CRM and users' own mailboxes.
+
+    The global options may be written before or after the command name."""
+    setup_logging(verbose, log_format)
     click_ctx.obj = Ctx(config_path or default_config_path(), as_json)
 
 
@@ -226,7 +257,7 @@ def _provider_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _connect_command(name: str, doc: str, update: bool) -> click.Command:
+def _connect_command(name: str, doc: str, update: bool) -> ProviderCommand:
     @click.argument("subaccount")
     @click.argument("user")
     @click.option("--provider", required=True, help="Provider name (see `threadsync plugins`).")
@@ -235,6 +266,10 @@ def _connect_command(name: str, doc: str, update: bool) -> click.Command:
     def command(
         ctx: Ctx, /, subaccount: str, user: str, provider: str, email: str, **kw: Any
     ) -> None:
+        options = _provider_options(kw)
+        current = click.get_current_context().command
+        assert isinstance(current, ProviderCommand)
+        current.check_options(provider, options)
         ts = ctx.threadsync()
         fn = ts.update_email if update else ts.connect
         result = run_async(
@@ -243,28 +278,16 @@ def _connect_command(name: str, doc: str, update: bool) -> click.Command:
                 user,
                 provider,
                 email=email,
-                options=_provider_options(kw),
+                options=options,
                 notify=lambda text: click.echo(text, err=True),
             )
         )
         ctx.emit(result, _connection_text)
 
     command.__doc__ = doc
-    return click.command(name)(command)
-
-
-def _add_provider_options(command: click.Command, specs: dict[str, Any]) -> None:
-    for opt_name, spec in sorted(specs.items()):
-        flag = "--" + opt_name.replace("_", "-")
-        if spec.type is bool:  # a switch: `--device-code` alone means true
-            command.params.append(
-                click.Option([flag, opt_name], is_flag=True, default=None, help=spec.help)
-            )
-            continue
-        kind: Any = click.Choice(list(spec.choices)) if spec.choices else spec.type
-        command.params.append(
-            click.Option([flag, opt_name], type=kind, default=None, help=spec.help)
-        )
+    made = click.command(name, cls=ProviderCommand)(command)
+    assert isinstance(made, ProviderCommand)
+    return made
 
 
 # ---- mail ---------------------------------------------------------------------------
@@ -304,7 +327,29 @@ def _send_text(r: dict[str, Any]) -> str:
         "through the user's mailbox" if r["channel"] == "mailbox" else "through the default channel"
     )
     sync = "synced" if r["synced"] else f"not synced ({r['reason']})"
-    return f"{r['status']} {how}; thread {r['thread_id']} {sync}; message {r['message_id']}"
+    text = f"{r['status']} {how}; this message {sync}; message {r['message_id']}"
+    text += f" in thread {r['thread_id']}"
+    if r.get("subaccount_known") is False:
+        text += (
+            f"\nnote: sub-account {r['subaccount']!r} was unknown to threadsync until now "
+            "(no Labs flag set, no mail sent for it): check its spelling"
+        )
+    return text
+
+
+def _finish_send(ctx: Ctx, result: dict[str, Any], require_sync: bool) -> None:
+    """Print the outcome; with ``--require-sync`` a message that did not sync is exit 4."""
+    ctx.emit(result, _send_text)
+    if require_sync and not result["synced"]:
+        fail(ctx, Refused(f"the message did not sync ({result['reason']}); --require-sync"))
+
+
+_require_sync = click.option(
+    "--require-sync",
+    is_flag=True,
+    help="Exit 4 when the message does not sync (it still goes as routed; "
+    "the --json field `synced` says the same).",
+)
 
 
 _body_options = [
@@ -333,6 +378,7 @@ def body_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--cc", "cc", multiple=True, help="Copy recipient (repeatable).")
 @click.option("--subject", required=True)
 @body_options
+@_require_sync
 @pass_ctx
 def send(
     ctx: Ctx,
@@ -345,8 +391,13 @@ def send(
     text_file: Path | None,
     html_file: Path | None,
     attach: tuple[Path, ...],
+    require_sync: bool,
 ) -> None:
-    """Send a new email from the CRM; through the user's mailbox when possible."""
+    """Send a new email from the CRM; through the user's mailbox when possible.
+
+    Exit 0 whichever channel it took (see `synced` and `reason`), unless
+    --require-sync. A sub-account threadsync never saw is noted (a typo?)."""
+    from threadsync.core.host.views import subaccount_known
     from threadsync.core.outbox.compose import Draft
 
     draft = Draft(
@@ -357,12 +408,15 @@ def send(
         cc=list(cc),
         subject=subject,
     )
-    ctx.emit(ctx.run(lambda ts: ts.send(subaccount, user, draft)), _send_text)
+    known = subaccount_known(ctx.threadsync().kernel, subaccount)
+    result = ctx.run(lambda ts: ts.send(subaccount, user, draft))
+    _finish_send(ctx, {**result, "subaccount": subaccount, "subaccount_known": known}, require_sync)
 
 
 @cli.command()
 @click.argument("thread_id")
 @body_options
+@_require_sync
 @pass_ctx
 def reply(
     ctx: Ctx,
@@ -371,6 +425,7 @@ def reply(
     text_file: Path | None,
     html_file: Path | None,
     attach: tuple[Path, ...],
+    require_sync: bool,
 ) -> None:
     """Reply from the CRM in THREAD_ID."""
     from threadsync.core.outbox.compose import Draft
@@ -380,7 +435,7 @@ def reply(
         html=_read_text(html_file, "html file"),
         attachments=_attachments(attach),
     )
-    ctx.emit(ctx.run(lambda ts: ts.reply(thread_id, draft)), _send_text)
+    _finish_send(ctx, ctx.run(lambda ts: ts.reply(thread_id, draft)), require_sync)
 
 
 @cli.command()
@@ -435,9 +490,8 @@ def thread(ctx: Ctx, thread_id: str) -> None:
         for m in r["messages"]:
             arrow = "<-" if m["direction"] == "inbound" else "->"
             state = m["state"] + (f" ({m['reason']})" if m["reason"] else "")
-            lines.append(
-                f"  {arrow} {m['from']} ({m['origin']}) {m['date']}: {m['subject']} [{state}]"
-            )
+            date = m["date"] or f"(no Date header; arrived {m.get('received_at')} UTC)"
+            lines.append(f"  {arrow} {m['from']} ({m['origin']}) {date}: {m['subject']} [{state}]")
             for a in m["attachments"]:
                 lines.append(f"     attachment {a['filename']} {a['size']} bytes")
             if m.get("defects"):
@@ -528,16 +582,13 @@ def build() -> click.Group:
     from threadsync.core.registry import providers
 
     pm = plugin_manager()
-    specs: dict[str, Any] = {}
-    for reg in providers(pm).values():
-        for opt in reg.cls.options:
-            specs.setdefault(opt.name, opt)
+    found = providers(pm)
     for name, doc, update in (
         ("connect", "Connect USER's mailbox (Labs must be on).", False),
         ("update-email", "Replace USER's connected address without a gap.", True),
     ):
         command = _connect_command(name, doc, update)
-        _add_provider_options(command, specs)
+        command.add_providers(found)
         cli.add_command(command)
     pm.hook.register_commands(cli=cli)
     return cli
@@ -549,8 +600,9 @@ def main(argv: list[str] | None = None) -> None:
         group = build()
     except ThreadsyncError as exc:
         fail(None, exc)
+    args = hoist_global_options(group, sys.argv[1:] if argv is None else argv)
     try:
-        group.main(args=argv, prog_name="threadsync", standalone_mode=False)
+        group.main(args=args, prog_name="threadsync", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -558,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except ThreadsyncError as exc:
-        fail(_ctx_from_argv(argv), exc)
+        fail(_ctx_from_argv(args), exc)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # the last line of defence: no traceback reaches a user
@@ -567,9 +619,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(70)
 
 
-def _ctx_from_argv(argv: list[str] | None) -> Ctx:
-    args = sys.argv[1:] if argv is None else argv
-    return Ctx(default_config_path(), "--json" in args)
+def _ctx_from_argv(args: list[str]) -> Ctx:
+    """The output mode of ``args`` (global options already in front)."""
+    as_json = False
+    tokens = iter(args)
+    for token in tokens:
+        if token in ("--config", "--log-format"):
+            next(tokens, None)
+        elif token == "--json":
+            as_json = True
+        elif not token.startswith("-"):
+            break
+    return Ctx(default_config_path(), as_json)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,19 @@ class Kernel:
             conn.state = state
             conn.since = utcnow()
             events.connection(session, conn, previous, error_code=error_code)
+            log.info(
+                "connection %s -> %s",
+                previous,
+                state,
+                extra={
+                    "connection_id": conn.id,
+                    "subaccount": conn.subaccount_id,
+                    "user": conn.user_id,
+                    "state": state,
+                    "previous_state": previous,
+                    "error_code": error_code,
+                },
+            )
 
     def apply(
         self,

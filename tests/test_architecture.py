@@ -21,7 +21,10 @@ TREES = {"core": "threadsync.core", "plugins": "threadsync.plugins"}
 
 def package_modules() -> dict[str, Path]:
     """Every module of the package by its import name."""
-    found = {"threadsync": ROOT / "__init__.py", "threadsync.cli": ROOT / "cli.py"}
+    found = {"threadsync": ROOT / "__init__.py"}
+    for path in sorted(ROOT.glob("*.py")):  # cli.py and its helpers
+        if path.name != "__init__.py":
+            found[f"threadsync.{path.stem}"] = path
     for folder, prefix in TREES.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT / folder).with_suffix("")
@@ -121,7 +124,9 @@ def test_the_cycle_finder_sees_a_cycle() -> None:
 def test_the_kernel_imports_no_plugin_and_not_the_cli() -> None:
     graph = import_graph()
     offenders = {
-        name: sorted(t for t in targets if t.startswith(("threadsync.plugins", "threadsync.cli")))
+        name: sorted(
+            t for t in targets if t.startswith(("threadsync.plugins", "threadsync.cli"))
+        )
         for name, targets in graph.items()
         if name.startswith(("threadsync.core", "threadsync.testing"))
     }

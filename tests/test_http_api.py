@@ -248,6 +248,7 @@ async def test_concurrent_retries_send_once(api: Api, world: World) -> None:
 
 async def test_rate_limit_answers_429_with_retry_after(api_factory: Any) -> None:
     api = api_factory(rate_per_second=0.5, burst=3)
+    api.world.ts.labs(OTHER, enabled=False)  # a sub-account threadsync knows
     with api.client(api.key) as c, api.client(api.other) as other:
         codes = [c.get(f"/v1/subaccounts/{SUB}/threads").status_code for _ in range(4)]
         assert codes == [200, 200, 200, 429]
@@ -267,6 +268,7 @@ async def test_api_keys_over_http_and_cli(api: Api, world: World, tmp_path: Path
         key_id = made.json()["key_id"]
         listed = admin.get("/v1/api-keys", params={"subaccount": "beta"}).json()["keys"]
         assert [k["key_id"] for k in listed] == [key_id] and "key" not in listed[0]
+        world.ts.labs("beta", enabled=False)  # a sub-account threadsync knows
         with api.client(made.json()["key"]) as beta:
             assert beta.get("/v1/subaccounts/beta/threads").status_code == 200
             assert admin.delete(f"/v1/api-keys/{key_id}").json()["revoked_at"] is not None

@@ -4,8 +4,10 @@ rendered by headless Chromium (Debian package ``chromium``) to a screenshot."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
     synced_thread,
 )
 from threadsync.core.outbox.compose import Draft
+from threadsync.plugins.http_api.statuspage import PAGE_SIZE
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -86,3 +89,35 @@ async def test_rendered_in_headless_chromium(api: Api, world: World, tmp_path: P
     chromium(f"--screenshot={shot}", profile="shot")
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+async def test_thread_links_paging_and_filter(api: Api, world: World) -> None:
+    """Thread ids link to a page of the thread; the message list pages (older
+    messages behind a link) and filters by sub-account and state; pages refresh."""
+    await story(world)
+    for n in range(PAGE_SIZE + 3):  # more than a page, all skipped (no mailbox for OTHER)
+        await world.ts.send(OTHER, USER, Draft(to=[CONTACT], subject=f"Bulk {n}", text="x"))
+    with api.client() as browser:
+        assert browser.post("/login", data={"key": api.admin}).status_code == 303
+        first = browser.get("/")
+        assert first.headers["refresh"] == "30"
+        html = first.text
+        assert html.count("<tr class=message") == PAGE_SIZE
+        assert f"Bulk {PAGE_SIZE + 2}" in html and "Quarterly offer" not in html
+        older = re.search(r"<a id=older href='([^']+)'", html)
+        assert older is not None
+        second = browser.get(unescape(older.group(1))).text
+        assert "Quarterly offer" in second and f"Bulk {PAGE_SIZE + 2}" not in second
+        # Filter: only SUB's synced messages; the thread id is a link to the thread.
+        only = browser.get("/", params={"subaccount": SUB, "state": "synced"}).text
+        assert "Bulk" not in only and "Quarterly offer" in only
+        assert "data-state='skipped'" not in only.split("id=messages")[1]
+        link = re.search(r"<a href='(/threads/th_[^']+)'>(th_[^<]+)</a>", only)
+        assert link is not None
+        page = browser.get(link.group(1))
+        assert page.status_code == 200 and page.headers["refresh"] == "30"
+        assert link.group(2) in page.text and "Quarterly offer" in page.text
+        assert page.text.count("<tr class=message") == 2
+        assert browser.get("/threads/th_nope").status_code == 404
+        browser.post("/logout")
+        assert "id=login" in browser.get(link.group(1)).text

@@ -14,12 +14,14 @@ import imaplib
 import json
 import os
 import select
+import shlex
 import signal
 import smtplib
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -343,3 +345,33 @@ def test_settings_from_config_and_options(tmp_path: Path) -> None:
         with pytest.raises(InvalidInput):
             parse_user(bad)
     assert "ADDRESS:PASSWORD" in cli("mailserver", "--user", "nobody", expect=2).stderr
+
+
+def test_the_banner_says_how_to_log_in_and_how_a_contact_replies(tmp_path: Path) -> None:
+    """The text a person reads: the ``export MAILPW=...`` line the connect command
+    relies on (quoted for the shell) and the ``mailserver reply`` helper."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "mailserver", "--data-dir", str(tmp_path / "m"),
+         "--smtp-port", "0", "--imap-port", "0", "--user", f"{ALICE}:{PASSWORD}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    banner: list[str] = []
+    # Lines are read as they come (select would not see what the reader buffered);
+    # a timer ends a process that never prints the last line.
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        while not banner or banner[-1].strip() != "threadsync run":
+            line = proc.stdout.readline()
+            assert line, banner
+            banner.append(line.rstrip("\n"))
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    text = "\n".join(banner)
+    assert f"  export MAILPW={shlex.quote(PASSWORD)}" in banner, text
+    assert "--password-env MAILPW" in text
+    assert "threadsync mailserver reply --from" in text and "--thread-of MESSAGE_ID" in text

@@ -125,6 +125,8 @@ def test_the_api_answers_422_naming_the_reason(api_factory: Callable[..., Api]) 
             assert problem["code"] == "invalid_input"
             assert reason in problem["detail"], problem
             assert "internal address" in problem["detail"]
+            # ... and how to allow it: the setting is named.
+            assert "[webhooks] allowed_networks" in problem["detail"], problem
             assert problem["errors"][0]["field"] == "url"
         assert c.get(url).json() == {"webhooks": []}
     opened = api_factory(webhooks=WebhookSettings(allowed_networks=LOOPBACK))
@@ -290,3 +292,44 @@ def test_operator_settings_are_read_from_config(tmp_path: Path) -> None:
                 {"allow_private_targets": "yes"}):  # fmt: skip
         with pytest.raises(ConfigError):
             read(bad)
+
+
+async def test_an_unresolvable_host_names_the_url(
+    world: World, api_factory: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delivery to a host that does not resolve: the dead letter, as the HTTP API
+    lists it, and the log line say which URL failed and why."""
+    k = world.ts.kernel
+    url = "https://no-such-host.invalid/hook"
+    webhooks.create_endpoint(k, SUB, url)
+    k.store.call(
+        lambda s: s.add(
+            Event(subaccount_id=SUB, type="thread.stopped",
+                  payload={"event": "thread.stopped", "subaccount": SUB, "thread_id": "th"})
+        )
+    )  # fmt: skip
+    fast = WebhookSettings(
+        backoff_base_seconds=0.05, backoff_max_seconds=0.1, poll_seconds=0.05,
+        settle_seconds=0.01, retry_hours=0.5 / 3600,
+    )  # fmt: skip
+    dispatcher = Dispatcher(webhooks.Webhooks(k), fast)
+    task = asyncio.create_task(dispatcher.run())
+    api = api_factory()
+    listing = f"/v1/subaccounts/{SUB}/webhook-deliveries"
+
+    def dead() -> list[dict[str, Any]]:
+        with api.client(api.key) as c:
+            return list(c.get(listing, params={"status": "dead"}).json()["deliveries"])
+
+    with caplog.at_level("INFO", logger="threadsync"):
+        try:
+            await wait_for(lambda: len(dead()) == 1, 30, "the delivery to die")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    (letter,) = dead()
+    assert url in letter["last_error"] and "no-such-host.invalid" in letter["last_error"]
+    assert "no response" not in letter["last_error"], letter
+    logged = [r for r in caplog.records if "webhook delivery" in r.getMessage()]
+    assert logged and url in logged[0].getMessage(), [r.getMessage() for r in logged]

@@ -13,7 +13,13 @@ from sqlalchemy.orm import Session, selectinload
 from threadsync.core.errors import NotFound
 from threadsync.core.host.events import message_json
 from threadsync.core.kernel import Kernel
-from threadsync.core.store.models import Attachment, Event, Message, SyncedThread
+from threadsync.core.store.models import Attachment, Event, Message, SubAccount, SyncedThread
+
+#: How a sub-account comes into being, for the messages that say it does not exist.
+UNKNOWN_SUBACCOUNT = (
+    "sub-account {!r} not found (threadsync knows a sub-account once its Labs flag "
+    "was set, or the CRM sent mail for it)"
+)
 
 
 def _thread_row(t: SyncedThread, count: int) -> dict[str, Any]:
@@ -29,8 +35,17 @@ def _thread_row(t: SyncedThread, count: int) -> dict[str, Any]:
     }
 
 
+def subaccount_known(k: Kernel, subaccount: str) -> bool:
+    """Whether threadsync has seen ``subaccount`` (Labs set, or CRM mail sent)."""
+    return bool(k.store.call(lambda session: session.get(SubAccount, subaccount) is not None))
+
+
 def threads(k: Kernel, subaccount: str, user: str | None = None) -> dict[str, Any]:
+    """The threads of a sub-account; :class:`NotFound` for one never seen."""
+
     def work(session: Session) -> dict[str, Any]:
+        if session.get(SubAccount, subaccount) is None:
+            raise NotFound(UNKNOWN_SUBACCOUNT.format(subaccount))
         counts = (
             select(Message.thread_id, func.count(Message.id).label("n"))
             .group_by(Message.thread_id)
@@ -64,7 +79,54 @@ def thread(k: Kernel, thread_id: str, subaccount: str | None = None) -> dict[str
         ).all()
         return {
             **_thread_row(t, len(msgs)),
-            "messages": [message_json(m) for m in msgs],
+            "messages": [
+                {**message_json(m), "received_at": m.created_at.isoformat(timespec="seconds")}
+                for m in msgs
+            ],
+        }
+
+    return k.store.call(work)
+
+
+def recent_messages(
+    k: Kernel,
+    *,
+    subaccount: str | None = None,
+    state: str | None = None,
+    before: int | None = None,
+    limit: int = 50,
+) -> dict[str, Any]:
+    """The newest messages of every sub-account (or one), newest first, optionally
+    only ``synced`` or ``skipped`` ones, older than message row ``before``; the
+    status page's list. ``next_before`` continues the list (``None``: no more)."""
+
+    def work(session: Session) -> dict[str, Any]:
+        query = select(Message).order_by(Message.id.desc()).limit(limit + 1)
+        if subaccount:
+            query = query.where(Message.subaccount_id == subaccount)
+        if state:
+            query = query.where(Message.state == state)
+        if before is not None:
+            query = query.where(Message.id < before)
+        rows = session.scalars(query).all()
+        page = rows[:limit]
+        return {
+            "messages": [
+                {
+                    "id": m.id,
+                    "subaccount": m.subaccount_id,
+                    "thread_id": m.thread_id,
+                    "direction": m.direction,
+                    "origin": m.origin,
+                    "from": m.sender,
+                    "subject": m.subject,
+                    "state": m.state,
+                    "reason": m.reason,
+                    "at": m.created_at.isoformat(timespec="seconds"),
+                }
+                for m in page
+            ],
+            "next_before": page[-1].id if len(rows) > limit else None,
         }
 
     return k.store.call(work)

@@ -32,10 +32,21 @@ from threadsync.core.network import (
 __all__ = ["IPAddress", "Network", "TargetPolicy", "address_refusal", "check_url"]
 
 
+def _network_of(address: str) -> str:
+    try:
+        return str(ipaddress.ip_network(address.split("%", 1)[0]))
+    except ValueError:
+        return address
+
+
 def _check_target(host: str, settings: TargetPolicy, addresses: Sequence[str]) -> None:
     refusal = host_refusal(host, settings, addresses)
     if refusal is not None:
-        raise InvalidInput(f"webhook url must not point at an internal address: {refusal}")
+        raise InvalidInput(
+            f"webhook url must not point at an internal address: {refusal}; "
+            "to allow it, list its network in the config's [webhooks] allowed_networks "
+            f'(e.g. allowed_networks = ["{_network_of(refusal.split()[0])}"])'
+        )
 
 
 _LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")

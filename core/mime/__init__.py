@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from threadsync.core.mime.build import (
     AttachmentIn,
+    addr_spec,
     build_message,
     check_address,
     check_header_value,
+    check_recipient,
 )
 from threadsync.core.mime.decode import parse_msgid_list
 from threadsync.core.mime.headers import summarize_headers
@@ -23,9 +25,11 @@ __all__ = [
     "AttachmentIn",
     "ParsedAttachment",
     "ParsedMessage",
+    "addr_spec",
     "build_message",
     "check_address",
     "check_header_value",
+    "check_recipient",
     "parse_message",
     "parse_msgid_list",
     "summarize_headers",

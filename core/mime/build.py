@@ -19,7 +19,8 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.errors import MessageError
+from email.errors import HeaderParseError, MessageError
+from email.header import decode_header, make_header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP, EmailPolicy
@@ -85,6 +86,61 @@ def check_address(addr: str, what: str) -> str:
     return f"{local}@{_check_domain(domain, what, addr)}"
 
 
+#: ``display name <addr-spec>``: the name (quoted or not) before one angle-addr.
+_NAME_ADDR_RE = re.compile(r"^(?P<name>[^<>]*?)\s*<(?P<spec>[^<>]*)>$", re.S)
+#: Characters that make a display name a quoted-string (RFC 5322 specials).
+_SPECIALS_RE = re.compile(r'[()<>\[\]:;@\\,."]')
+
+
+def _split_name_addr(addr: str, what: str) -> tuple[str, str]:
+    """``(display name, addr-spec)`` of ``addr``; the name is ``""`` when absent.
+    A quoted name is unquoted; an RFC 2047 encoded one is decoded."""
+    text = addr.strip()
+    found = _NAME_ADDR_RE.match(text)
+    if found is None:
+        return "", text
+    name = found.group("name").strip()
+    if len(name) >= 2 and name.startswith('"') and name.endswith('"'):
+        name = re.sub(r"\\(.)", r"\1", name[1:-1])
+    elif '"' in name:
+        raise InvalidInput(f"{what} {addr[:80]!r} has an unbalanced quote in its name")
+    if "=?" in name:
+        try:
+            name = str(make_header(decode_header(name)))
+        except (HeaderParseError, LookupError, UnicodeError):
+            raise InvalidInput(f"{what} {addr[:80]!r} has a badly encoded name") from None
+    return " ".join(name.split()), found.group("spec").strip()
+
+
+def _name_addr(name: str, spec: str) -> str:
+    if not name:
+        return spec
+    if _SPECIALS_RE.search(name):
+        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+        name = f'"{escaped}"'
+    return f"{name} <{spec}>"
+
+
+def check_recipient(addr: str, what: str) -> str:
+    """A recipient as the CRM may write it: ``addr-spec`` or an RFC 5322 name-addr
+    (``Carla <carla@customer.example>``, ``"Doe, Jo" <jo@example.org>``, a non-ASCII
+    or RFC 2047 encoded name). Returned normalised, the name kept in Unicode (it
+    is RFC 2047 encoded when the header is written). CR, LF and NUL are refused
+    as by :func:`check_address`, which checks the address itself."""
+    check_header_value(addr, what)
+    name, spec = _split_name_addr(addr, what)
+    spec = check_address(spec, what)
+    if _HEADER_BREAKS_RE.search(name):
+        raise InvalidInput(f"{what} {addr[:80]!r} has control characters in its name")
+    return _name_addr(name, spec)
+
+
+def addr_spec(addr: str) -> str:
+    """The ``local@domain`` of a recipient checked by :func:`check_recipient` (for
+    the SMTP envelope)."""
+    return _split_name_addr(addr, "address")[1]
+
+
 def _check_domain(domain: str, what: str, addr: str) -> str:
     problem = InvalidInput(f"{what} {addr[:80]!r} has an invalid domain")
     if domain.startswith("[") and domain.endswith("]"):
@@ -107,8 +163,9 @@ def _check_domain(domain: str, what: str, addr: str) -> str:
 
 def _address(addr: str) -> Address:
     # Built from parts: the header registry would re-parse an addr-spec string.
-    local, _, domain = addr.rpartition("@")
-    return Address(username=local, domain=domain)
+    name, spec = _split_name_addr(addr, "address")
+    local, _, domain = spec.rpartition("@")
+    return Address(display_name=name, username=local, domain=domain)
 
 
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
@@ -337,8 +394,8 @@ def build_message(
         raise InvalidInput("text and html must be text")
     text, html = _text(text), (None if html is None else _text(html))
     from_addr = check_address(sender, "sender address")
-    to_addrs = [check_address(a, "to address") for a in to]
-    cc_addrs = [check_address(a, "cc address") for a in cc]
+    to_addrs = [check_recipient(a, "to address") for a in to]
+    cc_addrs = [check_recipient(a, "cc address") for a in cc]
     reply_addr = None if reply_to is None else check_address(reply_to, "reply-to address")
     display = "" if sender_name is None else _header_text(sender_name, "sender name").strip()
     subject_text = _header_text(subject, "subject")

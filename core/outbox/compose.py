@@ -22,7 +22,13 @@ from threadsync.core.accounts.connections import get_subaccount, labs_on, live_c
 from threadsync.core.errors import InvalidInput, MessageTooLarge, NotFound
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
-from threadsync.core.mime import AttachmentIn, build_message, check_address, check_header_value
+from threadsync.core.mime import (
+    AttachmentIn,
+    addr_spec,
+    build_message,
+    check_header_value,
+    check_recipient,
+)
 from threadsync.core.outbox import delivery
 from threadsync.core.rules import MessageState, OutboxStatus, SendStatus, ThreadState
 from threadsync.core.store.models import (
@@ -135,7 +141,7 @@ def _store_outgoing(
         channel=route.channel,
         status=OutboxStatus.PENDING,
         sender=sender,
-        recipients=[*draft.to, *draft.cc],
+        recipients=[addr_spec(a) for a in (*draft.to, *draft.cc)],
         raw=raw,
         attempts=0,
         request_key=request_key,
@@ -148,8 +154,8 @@ def _store_outgoing(
 
 
 def _validate(draft: Draft, *, need_recipients: bool) -> Draft:
-    to = [check_address(a, "to address") for a in draft.to]
-    cc = [check_address(a, "cc address") for a in draft.cc]
+    to = [check_recipient(a, "to address") for a in draft.to]
+    cc = [check_recipient(a, "cc address") for a in draft.cc]
     if need_recipients and not to:
         raise InvalidInput("at least one --to address is needed")
     if len(to) + len(cc) > 500:

@@ -364,6 +364,18 @@ async def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
                 events.record(session, subaccount, MESSAGE_SYNCED, payload)
 
     await k.unit_of_work(work)
+    thread_id = claim.synced_event[1]["thread_id"] if claim.synced_event else None
+    log.info(
+        "CRM message sent",
+        extra={
+            "outbox_id": claim.entry_id,
+            "channel": claim.channel,
+            "connection_id": claim.connection_id,
+            "thread_id": thread_id,
+            "message_id": claim.mail.message_id,
+            "direction": "outbound",
+        },
+    )
 
 
 async def _fail(k: Kernel, claim: Claim, error: str) -> None:

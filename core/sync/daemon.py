@@ -229,6 +229,7 @@ class Daemon:
             for task in extras:
                 task.cancel()
             await asyncio.gather(*extras, return_exceptions=True)
+            log.info("daemon stopped")
 
     async def _beside(self, fn: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -305,8 +306,19 @@ class Daemon:
                 return
             self.providers[conn_id] = provider
             while True:
-                report, _ = await work_connection(k, conn_id, provider)
+                report, sent = await work_connection(k, conn_id, provider)
                 self.logged_failures.pop(conn_id, None)
+                log.debug(
+                    "pass done",
+                    extra={
+                        "connection_id": conn_id,
+                        "seen": report.seen,
+                        "stored": report.stored,
+                        "skipped": report.skipped,
+                        "duplicates": report.duplicates,
+                        "sent": sent,
+                    },
+                )
                 if report.ended:
                     log.info("connection ended; task stops", extra={"connection_id": conn_id})
                     return

@@ -226,10 +226,12 @@ async def _store(
     limit = k.settings.sync.max_attachment_bytes
 
     counts = {"stored": 0, "skipped": 0, "duplicates": 0}
+    logged: list[dict[str, Any]] = []  # one INFO line per stored message, after commit
 
     def work(session: Session, events: EventBuffer) -> bool:
         for key in counts:
             counts[key] = 0
+        logged.clear()
         # Taken first: an end committed meanwhile is seen here, and one that comes
         # later waits for this transaction instead of deleting the cursor under it.
         conn = k.lock_live_connection(session, conn_id)
@@ -272,6 +274,17 @@ async def _store(
             existing[(thread.id, item.message_id)] = msg
             counts["stored" if msg.state == MessageState.SYNCED else "skipped"] += 1
             events.message(session, thread, msg)
+            logged.append(
+                {
+                    "connection_id": conn_id,
+                    "thread_id": thread.id,
+                    "message_id": msg.message_id,
+                    "direction": msg.direction,
+                    "folder": folder.role,
+                    "state": msg.state,
+                    "reason": msg.reason,
+                }
+            )
         row = session.scalar(
             select(Cursor).where(Cursor.connection_id == conn_id, Cursor.role == folder.role)
         )
@@ -298,6 +311,8 @@ async def _store(
             report.stored += counts["stored"]
             report.skipped += counts["skipped"]
             report.duplicates += counts["duplicates"]
+            for fields in logged:
+                log.info("message %s", fields["state"], extra=fields)
             return
         except IntegrityError:
             if attempt == 2:

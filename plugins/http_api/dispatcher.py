@@ -351,8 +351,16 @@ class Dispatcher:
             log.warning("webhook delivery refused: %s", exc, extra=extra)
             return Outcome(item.delivery_id, True, error=str(exc))
         except httpx.HTTPError as exc:
-            log.info("webhook delivery failed: %s", exc.__class__.__name__, extra=extra)
-            return Outcome(item.delivery_id, True, error=f"{exc.__class__.__name__}: no response")
+            # The URL without its query (which may hold a token of the receiver's).
+            where = item.url.split("?", 1)[0]
+            reason = str(exc) or "no response"
+            log.info(
+                "webhook delivery to %s failed: %s: %s", where, exc.__class__.__name__, reason,
+                extra={**extra, "url": where},
+            )  # fmt: skip
+            return Outcome(
+                item.delivery_id, True, error=f"{exc.__class__.__name__} for {where}: {reason}"
+            )
         except Exception as exc:  # a bug or a library surprise: recorded, backed off
             log.warning("webhook delivery failed unexpectedly", extra=extra, exc_info=True)
             error = f"internal error: {exc.__class__.__name__}"

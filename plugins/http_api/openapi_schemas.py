@@ -230,6 +230,11 @@ SCHEMAS: dict[str, Schema] = {
             "cc": {"type": "array", "items": STR},
             "subject": STR,
             "date": _nullable("string"),
+            "received_at": {
+                "type": "string",
+                "description": "When threadsync stored the message (UTC); shown when it "
+                "has no Date header.",
+            },
             "state": {"type": "string", "enum": [s.value for s in MessageState]},
             "reason": _nullable("string"),
             "text": _nullable("string"),

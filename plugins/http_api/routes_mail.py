@@ -81,7 +81,8 @@ async def _idempotent(
                 code="idempotency_key_reused",
             )
         if replay.status_code is not None and replay.response is not None:
-            return ok(replay.response, replay.status_code, {"Idempotent-Replayed": "true"})
+            headers = {"Idempotent-Replayed": "true", **_location(replay.response)}
+            return ok(replay.response, replay.status_code, headers)
     try:
         result = await run(key)
     except NOTHING_DONE:
@@ -91,9 +92,15 @@ async def _idempotent(
     return await _answer(ctx, result)
 
 
+def _location(result: dict[str, Any]) -> dict[str, str]:
+    """The ``Location`` of a send or reply answer: its thread (also on a replay)."""
+    thread_id = result.get("thread_id")
+    return {"Location": f"/v1/threads/{quote(thread_id)}"} if isinstance(thread_id, str) else {}
+
+
 async def _answer(ctx: ApiContext, result: dict[str, Any]) -> Response:
     ctx.wake_webhooks()
-    return ok(result, 201, {"Location": f"/v1/threads/{quote(result['thread_id'])}"})
+    return ok(result, 201, _location(result))
 
 
 async def send(ctx: ApiContext, request: Request, who: Principal) -> Response:

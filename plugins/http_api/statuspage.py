@@ -1,5 +1,7 @@
 """The operator's status page at ``/``: connections per sub-account with their
-state and last error, and the newest synced and skipped messages.
+state and last error, and the messages newest first, filtered by sub-account and
+state and paged (``?subaccount=&state=&before=``); each thread id links to
+``/threads/{id}``, the thread's messages. Pages refresh themselves every 30 s.
 
 Server-rendered HTML with inline CSS, no scripts and no build step. Behind the
 admin key: ``/login`` takes the key from a form (or ``/?key=...`` once, which
@@ -12,17 +14,22 @@ from __future__ import annotations
 
 from html import escape
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, urlencode
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from threadsync.core.errors import NotFound
+from threadsync.core.host import views
 from threadsync.core.host.apikeys import Principal
 from threadsync.core.rules import LIVE_STATES
 from threadsync.plugins.http_api import bodies
 from threadsync.plugins.http_api.auth import SESSION_COOKIE
 from threadsync.plugins.http_api.context import ApiContext, open_route
+
+#: Messages per page of the status page's list.
+PAGE_SIZE = 50
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
@@ -89,7 +96,81 @@ def login_page(message: str | None = None, status: int = 200) -> HTMLResponse:
     )
 
 
-def render(data: dict[str, Any], backlog: dict[str, Any]) -> str:
+def _thread_link(thread_id: str) -> str:
+    return f"<a href='/threads/{quote(thread_id)}'>{escape(thread_id)}</a>"
+
+
+def _message_table(
+    messages: list[dict[str, Any]], filters: dict[str, str], next_before: int | None
+) -> str:
+    """The message list with its filter form and a link to the older ones."""
+    rows = []
+    for m in messages:
+        arrow = "&larr; in" if m["direction"] == "inbound" else "&rarr; out"
+        reason = f" <span class=muted>{escape(m['reason'])}</span>" if m["reason"] else ""
+        rows.append(
+            f"<tr class=message data-state='{escape(m['state'])}'>"
+            f"<td>{_when(m['at'])}</td><td>{escape(m['subaccount'])}</td>"
+            f"<td>{_thread_link(m['thread_id'])}</td><td>{arrow} ({escape(m['origin'])})</td>"
+            f"<td>{escape(m['from'] or '')}</td><td>{escape(m['subject'] or '')}</td>"
+            f"<td>{_badge(m['state'])}{reason}</td></tr>"
+        )
+    options = "".join(
+        f"<option value='{v}'{' selected' if filters.get('state', '') == v else ''}>{label}"
+        "</option>"
+        for v, label in (("", "any state"), ("synced", "synced"), ("skipped", "skipped"))
+    )
+    form = (
+        "<form method=get action=/ id=message-filter class=summary>"
+        "<label>Sub-account <input name=subaccount "
+        f"value='{escape(filters.get('subaccount', ''))}'></label>"
+        f"<label>State <select name=state>{options}</select></label>"
+        "<button type=submit>Filter</button></form>"
+    )
+    table = (
+        "<table><thead><tr><th>At</th><th>Sub-account</th><th>Thread</th><th>Direction</th>"
+        "<th>From</th><th>Subject</th><th>State</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else "<p class=muted>No messages.</p>"
+    )
+    more = ""
+    if next_before is not None:
+        query = urlencode({**{k: v for k, v in filters.items() if v}, "before": next_before})
+        more = f"<p><a id=older href='/?{escape(query)}'>Older messages &rarr;</a></p>"
+    return form + table + more
+
+
+def render_thread(thread: dict[str, Any]) -> str:
+    """One thread with its messages (no bodies: the operator sees what happened)."""
+    rows = []
+    for m in thread["messages"]:
+        arrow = "&larr; in" if m["direction"] == "inbound" else "&rarr; out"
+        reason = f" <span class=muted>{escape(m['reason'])}</span>" if m["reason"] else ""
+        rows.append(
+            f"<tr class=message data-state='{escape(m['state'])}'>"
+            f"<td>{_when(m.get('received_at'))}</td><td>{arrow} ({escape(m['origin'])})</td>"
+            f"<td>{escape(m['from'] or '')}</td><td>{escape(m['message_id'])}</td>"
+            f"<td>{escape(m['subject'] or '')}</td><td>{_badge(m['state'])}{reason}</td></tr>"
+        )
+    stop = f" ({escape(thread['stop_reason'])})" if thread["stop_reason"] else ""
+    return (
+        "<header><h1>threadsync operator status</h1><a href='/' style='color:#fff'>"
+        "&larr; overview</a></header>"
+        f"<main><section id=thread><h2>{escape(thread['thread_id'])}: "
+        f"{escape(thread['subject'])}</h2><p>{escape(thread['subaccount'])}/"
+        f"{escape(thread['user'])} &lt;{escape(thread['email'])}&gt; "
+        f"{_badge(thread['state'])}{stop}</p>"
+        "<table><thead><tr><th>Arrived (UTC)</th><th>Direction</th><th>From</th>"
+        "<th>Message-ID</th><th>Subject</th><th>State</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></section></main>"
+    )
+
+
+def render(
+    data: dict[str, Any], backlog: dict[str, Any], filters: dict[str, str] | None = None
+) -> str:
+    filters = filters or {}
     conns = data["connections"]
     by_state: dict[str, int] = {}
     for c in conns:
@@ -120,30 +201,13 @@ def render(data: dict[str, Any], backlog: dict[str, Any]) -> str:
         if rows
         else "<p class=muted>No connections yet.</p>"
     )
-    msgs = []
-    for m in data["messages"]:
-        arrow = "&larr; in" if m["direction"] == "inbound" else "&rarr; out"
-        reason = f" <span class=muted>{escape(m['reason'])}</span>" if m["reason"] else ""
-        msgs.append(
-            f"<tr class=message data-state='{escape(m['state'])}'>"
-            f"<td>{_when(m['at'])}</td><td>{escape(m['subaccount'])}</td>"
-            f"<td>{escape(m['thread_id'])}</td><td>{arrow} ({escape(m['origin'])})</td>"
-            f"<td>{escape(m['from'] or '')}</td><td>{escape(m['subject'] or '')}</td>"
-            f"<td>{_badge(m['state'])}{reason}</td></tr>"
-        )
-    msg_table = (
-        "<table><thead><tr><th>At</th><th>Sub-account</th><th>Thread</th><th>Direction</th>"
-        "<th>From</th><th>Subject</th><th>State</th></tr></thead>"
-        f"<tbody>{''.join(msgs)}</tbody></table>"
-        if msgs
-        else "<p class=muted>No messages yet.</p>"
-    )
+    msg_table = _message_table(data["messages"], filters, data.get("next_before"))
     return (
         "<header><h1>threadsync operator status</h1>"
         "<form method=post action=/logout><button type=submit>Sign out</button></form></header>"
         f"<main><section id=summary><h2>Overview</h2><div class=summary>{summary}</div></section>"
         f"<section id=connections><h2>Connections</h2>{conn_table}</section>"
-        f"<section id=messages><h2>Recent messages</h2>{msg_table}</section></main>"
+        f"<section id=messages><h2>Messages, newest first</h2>{msg_table}</section></main>"
     )
 
 
@@ -180,9 +244,39 @@ def routes(ctx: ApiContext) -> list[Route]:
         principal = await ctx.auth.session(cookie) if cookie else None
         if principal is None or not principal.admin:
             return login_page()
-        data = await ctx.call(ctx.ts.overview)
+        filters = {
+            "subaccount": request.query_params.get("subaccount", "").strip()[:255],
+            "state": request.query_params.get("state", ""),
+        }
+        if filters["state"] not in ("", "synced", "skipped"):
+            filters["state"] = ""
+        before = request.query_params.get("before", "")
+        data = await ctx.call(ctx.ts.overview, 0)
+        listed = await ctx.call(
+            lambda: views.recent_messages(
+                ctx.ts.kernel,
+                subaccount=filters["subaccount"] or None,
+                state=filters["state"] or None,
+                before=int(before) if before.isdigit() else None,
+                limit=PAGE_SIZE,
+            )
+        )
         backlog = await ctx.call(ctx.ts.webhooks.backlog)
-        page = _page("threadsync status", render(data, backlog))
+        page = _page("threadsync status", render({**data, **listed}, backlog, filters))
+        page.headers["Refresh"] = "30"
+        return page
+
+    async def thread(request: Request) -> Response:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        principal = await ctx.auth.session(cookie) if cookie else None
+        if principal is None or not principal.admin:
+            return login_page()
+        thread_id = str(request.path_params["thread_id"])
+        try:
+            found = await ctx.call(ctx.ts.thread, thread_id)
+        except NotFound:
+            return _page("threadsync - not found", "<main><p>No such thread.</p></main>", 404)
+        page = _page(f"threadsync {thread_id}", render_thread(found))
         page.headers["Refresh"] = "30"
         return page
 
@@ -201,6 +295,7 @@ def routes(ctx: ApiContext) -> list[Route]:
 
     return [
         open_route("/", index, ["GET"]),
+        open_route("/threads/{thread_id}", thread, ["GET"]),
         open_route("/login", login, ["POST"]),
         open_route("/logout", logout, ["POST"]),
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import tempfile
 from collections.abc import Callable, Sequence
@@ -65,8 +66,9 @@ def run(settings: MailserverSettings, on_ready: Callable[[dict[str, Any]], None]
     asyncio.run(serve(settings, on_ready))
 
 
-def describe(info: dict[str, Any]) -> str:
-    """What a person needs to use the running system."""
+def describe(info: dict[str, Any], password: str | None = None) -> str:
+    """What a person needs to use the running system; ``password`` is the first
+    user's, as given to ``--user``, for the ``export MAILPW=...`` line."""
     host, smtp, imap = info["host"], info["smtp_port"], info["imap_port"]
     relay = ", ".join(info["relay_senders"]) or "nobody"
     users = ", ".join(info["users"]) or "none yet (start with --user ADDRESS:PASSWORD)"
@@ -81,14 +83,21 @@ def describe(info: dict[str, Any]) -> str:
         f"  TLS    CA certificate {info['ca_file']}",
     ]
     example = info["users"][0] if info["users"] else "ADDRESS"
+    secret = shlex.quote(password) if password else f"'the password of {example}'"
+    where = f"--smtp-port {smtp} --data-dir {shlex.quote(str(info['data_dir']))}"
     lines += [
         "",
-        "try threadsync with it, in another terminal (the mailbox password in MAILPW):",
+        "try threadsync with it, in another terminal:",
+        f"  export MAILPW={secret}",
         "  threadsync init && threadsync labs enable acme",
         f"  threadsync connect acme u1 --provider imap_smtp --email {example} \\",
         f"      --imap-host {host} --imap-port {imap} --smtp-host {host} --smtp-port {smtp} \\",
         "      --security none --password-env MAILPW",
-        "  threadsync send acme u1 --to someone@example.org --subject Hello --text Hi",
+        "  threadsync send acme u1 --to carla@customer.example --subject Hello --text Hi",
+        "  threadsync mailserver reply --from carla@customer.example --text 'Thanks!' \\",
+        f"      {where}",
+        "      (the contact answers the newest message it received; "
+        "--thread-of MESSAGE_ID for another)",
         "  threadsync run",
     ]
     return "\n".join(lines)
