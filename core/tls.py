@@ -26,6 +26,17 @@ def client_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
+def plaintext_hint(exc: BaseException) -> str:
+    """Advice to add to a TLS failure where the server answered in plain text
+    (``WRONG_VERSION_NUMBER``: it did not start TLS on this port)."""
+    if "WRONG_VERSION_NUMBER" in str(getattr(exc, "reason", "") or exc):
+        return (
+            "; the server did not start TLS on this port: try --security starttls "
+            "(or none, on loopback), or the server's TLS port"
+        )
+    return ""
+
+
 def certificate_error(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
     """The certificate verification failure in ``exc``'s cause chain, if any."""
     seen = 0

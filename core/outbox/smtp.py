@@ -37,7 +37,7 @@ from threadsync.core.errors import (
 from threadsync.core.network import NetworkPolicy, open_socket
 from threadsync.core.outbox.smtp_data import send_data
 from threadsync.core.provider import Checkpoint, OutgoingMail
-from threadsync.core.tls import certificate_error, certificate_failure
+from threadsync.core.tls import certificate_error, certificate_failure, plaintext_hint
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,13 @@ def translate(exc: BaseException, endpoint: SmtpEndpoint, stage: str) -> Provide
         return error(f"SMTP login{who} at {where} was rejected ({code} {detail})")
     if kind == "auth-4xx":
         return error(f"{where} cannot authenticate now ({getattr(exc, 'code', '')})")
+    if kind.startswith("reply") and str(getattr(exc, "message", "")).startswith(
+        "Malformed SMTP response line: * "
+    ):
+        answered = _short(str(exc.message).split(": ", 1)[1])[:80]  # type: ignore[attr-defined]
+        return ProviderProtocolError(
+            f"{where} speaks IMAP, not SMTP (it answered {answered!r}); check the SMTP port"
+        )
     if kind.startswith("reply"):
         code, message = getattr(exc, "code", ""), _short(getattr(exc, "message", ""))
         return error(f"SMTP {stage} at {where}: {code} {message}")
@@ -368,7 +375,7 @@ def translate(exc: BaseException, endpoint: SmtpEndpoint, stage: str) -> Provide
         return certificate_failure(endpoint.host, endpoint.port, cert)
     if kind == "tls":
         reason = getattr(exc, "reason", None) or _short(str(exc))
-        return error(f"TLS with {where} failed: {reason}")
+        return error(f"TLS with {where} failed: {reason}{plaintext_hint(exc)}")
     return error(f"SMTP {stage} at {where} failed: {_short(str(exc)) or exc.__class__.__name__}")
 
 

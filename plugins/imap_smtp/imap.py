@@ -38,7 +38,7 @@ from threadsync.core.errors import (
     TransientProviderError,
 )
 from threadsync.core.network import NetworkPolicy, open_socket
-from threadsync.core.tls import certificate_error, certificate_failure
+from threadsync.core.tls import certificate_error, certificate_failure, plaintext_hint
 from threadsync.plugins.imap_smtp import imap_syntax as syntax
 from threadsync.plugins.imap_smtp import wire
 
@@ -164,8 +164,10 @@ class ImapSession:
             await session._run("greeting", protocol.wait("AUTH|NONAUTH"))
             if endpoint.security == "starttls":
                 await session._starttls()
-        except BaseException:
+        except BaseException as exc:
             await session._dispose()
+            if protocol.foreign_greeting is not None and isinstance(exc, Exception):
+                raise _not_imap(endpoint, protocol.foreign_greeting) from None
             raise
         return session
 
@@ -568,6 +570,19 @@ def _response_code(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _not_imap(endpoint: ImapEndpoint, greeting: bytes) -> ProviderProtocolError:
+    """The port answered, but not in IMAP: say what answered."""
+    text = greeting.decode("utf-8", "replace").strip()
+    where = f"{endpoint.host}:{endpoint.port}"
+    if text[:4] in ("220 ", "220-") or text.startswith(("421 ", "554 ")):
+        return ProviderProtocolError(
+            f"{where} speaks SMTP, not IMAP (it answered {text[:80]!r}); check --imap-port"
+        )
+    return ProviderProtocolError(
+        f"{where} does not speak IMAP (it answered {text[:80]!r}); check --imap-port"
+    )
+
+
 def _connect_error(
     endpoint: ImapEndpoint, exc: BaseException
 ) -> TransientProviderError | ProviderProtocolError:
@@ -577,6 +592,7 @@ def _connect_error(
     if isinstance(exc, ssl.SSLError):
         return ProviderProtocolError(
             f"TLS with IMAP server {endpoint.host}:{endpoint.port} failed: {exc.reason}"
+            + plaintext_hint(exc)
         )
     if isinstance(exc, TimeoutError):
         return TransientProviderError(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from aioimaplib import aioimaplib as _imap
@@ -51,6 +52,10 @@ STATE_NONAUTH: str = _imap.NONAUTH
 _imap.Commands.setdefault("UNSELECT", _imap.Cmd("UNSELECT", (_imap.SELECTED,), _imap.Exec.is_sync))
 
 
+#: How an IMAP server greets (RFC 9051, 7.1): OK, PREAUTH or BYE.
+_IMAP_GREETING = re.compile(rb"\* (OK|PREAUTH|BYE)\b", re.IGNORECASE)
+
+
 class ImapProtocol(_imap.IMAP4ClientProtocol):  # type: ignore[misc]
     """An ``IMAP4ClientProtocol`` with the fixes listed in the module docstring."""
 
@@ -65,6 +70,8 @@ class ImapProtocol(_imap.IMAP4ClientProtocol):  # type: ignore[misc]
         self.sasl_responses: list[bytes] = []
         #: Continuation texts the server sent during AUTHENTICATE (error details).
         self.sasl_challenges: list[bytes] = []
+        #: The first line, when it is not an IMAP greeting (another protocol answered).
+        self.foreign_greeting: bytes | None = None
 
     # ---- receiving ------------------------------------------------------------------
 
@@ -122,6 +129,17 @@ class ImapProtocol(_imap.IMAP4ClientProtocol):  # type: ignore[misc]
             else:
                 current_cmd = None
             data = tail
+
+    def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
+        # Before the greeting, aioimaplib hands the line to a task that raises on
+        # anything but an IMAP greeting, where nobody retrieves the error, and the
+        # caller waits out its timeout. Another protocol's greeting ends it at once.
+        if self.state == _imap.CONNECTED and line and not _IMAP_GREETING.match(line):
+            self.foreign_greeting = line[:200]
+            if self.transport is not None:
+                self.transport.abort()
+            return None
+        return super()._handle_line(line, current_cmd)
 
     def _untagged_response(self, line: bytes) -> Any:
         line = line[2:] if line.startswith(b"* ") else line[1:]
