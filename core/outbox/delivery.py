@@ -37,6 +37,7 @@ from threadsync.core.kernel import Kernel, worker_is_dead
 from threadsync.core.outbox.relay import send_via_relay
 from threadsync.core.provider import Checkpoint, OutgoingMail, Provider
 from threadsync.core.store.models import Connection, Message, OutboxEntry, utcnow
+from threadsync.core.sync import workers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +78,10 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
     if entry.channel == "mailbox":
         conn = _mailbox_ready(session, entry.connection_id, provider_open, now)
         if conn is None:
+            return None
+        if workers.holder_elsewhere(session, k, conn.id) is not None:
+            # The worker that holds the mailbox sends it: woken now, not at its poll.
+            workers.notify(session, conn.id)
             return None
     if entry.status == "sent":
         if entry.channel == "mailbox" and not entry.sent_copy_stored:

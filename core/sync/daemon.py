@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from threadsync.core.outbox import delivery
 from threadsync.core.provider import Provider
 from threadsync.core.store.models import LIVE_STATES, Connection, SubAccount, utcnow
 from threadsync.core.sync.ingest import PassReport, sync_connection
+from threadsync.core.sync.workers import WorkerLeases
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +155,17 @@ class Daemon:
         self.providers: dict[int, Provider] = {}
         self.extra = tuple(extra)
         self._stop = asyncio.Event()
+        #: This process's share of the connections among the workers on the database.
+        self.leases = WorkerLeases(k)
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
-        extras = [asyncio.create_task(self._beside(fn)) for fn in self.extra]
+        await asyncio.to_thread(self.leases.register)
+        self.k.connection_guard = self.leases.guard
+        listen = functools.partial(self.leases.listen, self._wake)
+        extras = [asyncio.create_task(self._beside(fn)) for fn in (*self.extra, listen)]
         try:
             while not self._stop.is_set():
                 await self._supervise()
@@ -169,6 +176,10 @@ class Daemon:
             for task in extras:
                 task.cancel()
             await asyncio.gather(*extras, return_exceptions=True)
+            try:
+                await asyncio.to_thread(self.leases.leave)
+            except Exception:  # the leases run out on their own
+                log.exception("could not give up the connection leases")
 
     async def _beside(self, fn: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -186,7 +197,9 @@ class Daemon:
             wanted = set(await asyncio.to_thread(eligible_connections, self.k))
         except Exception:  # the supervisor must survive a database hiccup
             log.exception("supervisor pass failed")
+            await self._cancel([c for c in self.tasks if not self.leases.holds(c)])
             return
+        wanted &= await self.leases.share(self._cancel)
         for conn_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[conn_id]
@@ -207,6 +220,11 @@ class Daemon:
             if provider is not None:
                 provider.wake()
 
+    def _wake(self, conn_id: int) -> None:
+        provider = self.providers.get(conn_id)
+        if provider is not None:
+            provider.wake()
+
     async def _cancel(self, conn_ids: list[int]) -> None:
         tasks = [self.tasks.pop(c) for c in conn_ids if c in self.tasks]
         for task in tasks:
@@ -226,6 +244,9 @@ class Daemon:
                 return
             self.providers[conn_id] = provider
             while True:
+                if not self.leases.holds(conn_id):
+                    log.info("connection lease ended; task stops", extra={"connection_id": conn_id})
+                    return
                 report, _ = await work_connection(k, conn_id, provider)
                 if report.ended:
                     log.info("connection ended; task stops", extra={"connection_id": conn_id})
