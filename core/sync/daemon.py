@@ -164,7 +164,7 @@ class Daemon:
     async def run(self) -> None:
         await asyncio.to_thread(self.leases.register)
         self.k.connection_guard = self.leases.guard
-        listen = functools.partial(self.leases.listen, self._wake)
+        listen: Callable[[], Awaitable[None]] = functools.partial(self.leases.listen, self._wake)
         extras = [asyncio.create_task(self._beside(fn)) for fn in (*self.extra, listen)]
         try:
             while not self._stop.is_set():
