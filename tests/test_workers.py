@@ -278,11 +278,56 @@ async def test_two_workers_share_the_mailboxes_and_take_over_after_sigkill(
         assert len(fleet.submission.by_message_id(mid)) == 1
         survivors = [w for w in fleet.ts.workers()["workers"] if w["live"]]
         assert [(w["pid"], w["connections"]) for w in survivors] == [(survivor.pid, MAILBOXES)]
+
+        # A new worker joins and takes its share from the survivor.
+        joiner = fleet.start_worker()
+        procs.append(joiner)
+        took = await until(shared, 60, "a new worker taking its share")
+        print(f"a new worker had its share {took:.1f} s after it was started")
+
+        # The new worker pauses (SIGSTOP: alive but silent, like a machine cut
+        # off): its leases run out and the survivor takes its mailboxes over.
+        # Resumed, it stops working on them before anything else, then takes a
+        # share again.
+        paused = [u for u, h in fleet.holders().items() if h and h.endswith(f":{joiner.pid}")]
+        assert len(paused) == MAILBOXES // 2
+        joiner.send_signal(signal.SIGSTOP)
+        paused_at = time.monotonic()
+        more = await asyncio.to_thread(
+            lambda: [fleet.contact_replies(u, "while paused") for u in paused]
+        )
+
+        def all_with_survivor() -> bool:
+            return all(h and h.endswith(f":{survivor.pid}") for h in fleet.holders().values())
+
+        await until(all_with_survivor, 60, "takeover of a silent worker's mailboxes")
+        expiry = time.monotonic() - paused_at
+        await until(
+            lambda: sum(fleet.count_stored(more).values()) >= len(more), 60, "replies stored"
+        )
+        print(f"silent worker's mailboxes taken over by lease expiry after {expiry:.1f} s")
+        joiner.send_signal(signal.SIGCONT)
+        took = await until(shared, 60, "the resumed worker sharing again")
+        print(f"the resumed worker had its share again after {took:.1f} s")
+        assert "connection leases lost" in fleet.logs()
+        final = await asyncio.to_thread(
+            lambda: [fleet.contact_replies(u, "after resume") for u in fleet.emails]
+        )
+        everything = replies + more + final
+        await until(
+            lambda: sum(fleet.count_stored(everything).values()) >= len(everything),
+            60,
+            "replies after the resume stored",
+        )
+        await asyncio.sleep(1.0)
+        counts = fleet.count_stored(everything)
+        assert [m for m in everything if counts[m] != 1] == []
     finally:
         for proc in procs:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
                 terminate(proc, 20)
-    assert survivor.returncode == 0
+    assert survivor.returncode == 0 and joiner.returncode == 0
     assert "Traceback" not in fleet.logs(), fleet.logs()[-3000:]
     assert fleet.ts.workers() == {"workers": []}, "a stopped worker leaves"
 
