@@ -78,3 +78,15 @@ def test_reply_subject_and_reference_trimming() -> None:
     chain = [f"<{i}@x>" for i in range(30)]
     refs = rules.references_for_reply(chain, limit=5)
     assert refs == ["<0@x>", "<26@x>", "<27@x>", "<28@x>", "<29@x>"]
+
+
+def test_fair_share_covers_every_connection_and_is_equal_rounded_up() -> None:
+    assert rules.fair_share(20, 2) == 10
+    assert rules.fair_share(21, 2) == 11
+    assert rules.fair_share(3, 5) == 1
+    assert rules.fair_share(0, 3) == 0
+    assert rules.fair_share(7, 0) == 7  # no live worker counted yet: this one takes all
+    for connections in range(0, 50):
+        for workers in range(1, 8):
+            assert rules.fair_share(connections, workers) * workers >= connections
+            assert (rules.fair_share(connections, workers) - 1) * workers < connections
