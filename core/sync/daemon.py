@@ -169,8 +169,10 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 await self._supervise()
+                # Never slower than the lease heartbeat, or held leases would lapse.
+                pause = min(self.supervise_seconds, self.leases.heartbeat_seconds)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.supervise_seconds)
+                    await asyncio.wait_for(self._stop.wait(), pause)
         finally:
             await self._cancel(list(self.tasks))
             for task in extras:
