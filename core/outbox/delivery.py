@@ -90,7 +90,13 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         else:
             return None
     elif entry.status in ("claimed", "transmitting"):
-        if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
+        if not _lease_is_dead(entry.lease_owner, entry.lease_until, now) and not (
+            # Safe to take before the lease ends: the old owner can no longer
+            # move it to "transmitting" once the lease is ours.
+            entry.status == "claimed"
+            and conn is not None
+            and workers.left_by_gone_worker(session, k, conn.id, entry.lease_owner)
+        ):
             return None
     elif entry.status == "pending":
         if entry.next_attempt_at and entry.next_attempt_at > now:

@@ -72,6 +72,28 @@ def holder_elsewhere(session: Session, k: Kernel, conn_id: int) -> str | None:
     return str(holder)
 
 
+def left_by_gone_worker(session: Session, k: Kernel, conn_id: int, owner: str | None) -> bool:
+    """Whether an outbox entry of ``conn_id`` claimed by ``owner`` was left by a
+    worker that is gone, while this worker holds the connection: the outbox
+    follows the connection's holder, whatever the entry's own lease says."""
+    if owner is None or owner == k.worker:
+        return False
+    mine = session.scalar(
+        select(ConnectionLease.connection_id).where(
+            ConnectionLease.connection_id == conn_id,
+            ConnectionLease.worker_id == k.worker,
+            ConnectionLease.lease_until > utcnow(),
+        )
+    )
+    if mine is None:
+        return False
+    fresh = utcnow() - timedelta(seconds=k.settings.sync.worker_lease_seconds)
+    alive = session.scalar(
+        select(Worker.id).where(Worker.id == owner, Worker.heartbeat_at > fresh)
+    )
+    return alive is None
+
+
 def notify(session: Session, conn_id: int) -> None:
     """Announce, when ``session`` commits, that ``conn_id`` has CRM mail to send."""
     if _is_postgres(session):
