@@ -6,7 +6,9 @@ entries, reads its folders, then waits for a push (IMAP IDLE) or the poll
 interval, and repeats. A supervisor re-reads the connections every few seconds:
 it starts tasks for new connections, stops them for connections that were
 disconnected, replaced, left waiting for re-authorisation or paused by the Labs
-flag (R1), and respects the backoff of connections in ``error`` (R2).
+flag (R1), and respects the backoff of connections in ``error`` (R2). When
+several daemons share a database it works only on the connections whose lease
+it holds (:mod:`.workers`), and checks the lease before each pass.
 ``run --once`` is the same work done once for every connection, then exit.
 """
 
