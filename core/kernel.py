@@ -1,22 +1,30 @@
 """The kernel's shared context: settings, store, vault, plugins and live provider
-sessions, plus the connection state machine (R2) that every other kernel module
-uses when a provider succeeds or fails.
+sessions, plus the applying of connection state changes (R2) that every other
+kernel module uses when a provider succeeds or fails.
+
+Kernel work done on the event loop reaches the database through one door,
+:meth:`Kernel.unit_of_work`: a function run in a worker thread inside one
+transaction, whose events are announced to the host once that transaction has
+committed, and never when it rolled back. (Synchronous readers, such as the
+API's views and reports, use :meth:`Store.call <threadsync.core.store.database.Store.call>`.)
 
 Nothing outside ``core`` changes a connection's state; providers only raise
-:mod:`threadsync.core.errors` exceptions, and :meth:`Kernel.record_failure` decides what
-they mean. A connection can be ended by another process (disconnect,
-update-email) at any moment, so every write made on behalf of a live connection
-first takes :meth:`Kernel.lock_live_connection` in its own transaction.
+:mod:`threadsync.core.errors` exceptions, :mod:`threadsync.core.rules` decides what
+they mean and :meth:`Kernel.record_failure` writes it. A connection can be ended
+by another process (disconnect, update-email) at any moment, so every write made
+on behalf of a live connection first takes :meth:`Kernel.lock_live_connection` in
+its own transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 from sqlalchemy import update
@@ -40,11 +48,13 @@ from threadsync.core.registry import (
     get_plugin_manager,
     providers,
 )
+from threadsync.core.rules import LIVE_STATES
 from threadsync.core.store.database import Store
-from threadsync.core.store.models import LIVE_STATES, Connection, utcnow
+from threadsync.core.store.models import Connection, utcnow
 from threadsync.core.store.vault import Vault
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _with_env_secrets(section: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -108,9 +118,29 @@ class Kernel:
                 after_use=self.keep_refreshed_secrets,
             )
 
+    async def unit_of_work(self, fn: Callable[[Session, EventBuffer], T]) -> T:
+        """Run ``fn(session, events)`` in one transaction, in a worker thread (the
+        event loop never waits on the database), and return what it returns.
+
+        The events ``fn`` records in ``events`` are announced to the host hooks,
+        in order, after the transaction has committed. When ``fn`` or the commit
+        raises, the transaction is rolled back, nothing is announced and the
+        error propagates; a retry runs ``fn`` again with a fresh buffer.
+        """
+
+        def run() -> tuple[T, EventBuffer]:
+            events = EventBuffer()
+            with self.store.session_scope() as session:
+                result = fn(session, events)
+            return result, events
+
+        result, events = await asyncio.to_thread(run)
+        events.announce(self.pm)
+        return result
+
     async def load_connection(self, conn_id: int) -> Connection:
         """A connection's row, read in its own transaction (``NotFound`` if gone)."""
-        return await self.store.run(lambda s: self.get_connection(s, conn_id))
+        return await self.unit_of_work(lambda s, _: self.get_connection(s, conn_id))
 
     @classmethod
     def build(
@@ -166,7 +196,7 @@ class Kernel:
             raise
         return provider
 
-    # ---- the connection state machine (R2) ---------------------------------------------
+    # ---- applying connection state changes (R2) -----------------------------------------
 
     def set_state(
         self,
@@ -186,55 +216,62 @@ class Kernel:
         """
         previous = conn.state
         conn.last_error = error
-        if state == "connected":
-            conn.failures = 0
-            conn.next_attempt_at = None
         if previous != state:
             conn.state = state
             conn.since = utcnow()
             events.connection(session, conn, previous, error_code=error_code)
 
+    def apply(
+        self,
+        session: Session,
+        events: EventBuffer,
+        conn: Connection,
+        change: rules.ConnectionChange,
+        *,
+        error: str | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        """Write a change decided by :mod:`~threadsync.core.rules` onto ``conn``."""
+        conn.failures = change.failures
+        conn.next_attempt_at = change.next_attempt_at
+        self.set_state(session, events, conn, change.state, error=error, error_code=error_code)
+
     def record_failure(
         self, session: Session, events: EventBuffer, conn_id: int, exc: ProviderError
     ) -> str:
-        """What a provider failure means for the connection; returns the new state.
-
-        Rejected credentials -> ``needs_reauth`` (nothing is lost; cursors stay, so
-        re-authorising catches up). Anything else -> ``error`` with backoff.
-        """
+        """Record a provider failure on the connection, as
+        :func:`~threadsync.core.rules.after_failure` decides; returns the new state."""
         conn = self.lock_live_connection(session, conn_id)
         if conn is None:
             ended = session.get(Connection, conn_id)
             return ended.state if ended is not None else "gone"
-        message = str(exc) or exc.__class__.__name__
-        if isinstance(exc, AuthenticationFailed):
-            self.set_state(
-                session, events, conn, "needs_reauth", error=message, error_code=exc.code
-            )
-            return conn.state
-        conn.failures = (conn.failures or 0) + 1
         sync = self.settings.sync
-        when = rules.backoff(
-            conn.failures, sync.backoff_base_seconds, sync.backoff_max_seconds, utcnow()
+        change = rules.after_failure(
+            failures=conn.failures or 0,
+            next_attempt_at=conn.next_attempt_at,
+            credentials_rejected=isinstance(exc, AuthenticationFailed),
+            retry_after=exc.retry_after if isinstance(exc, TransientProviderError) else None,
+            base=sync.backoff_base_seconds,
+            cap=sync.backoff_max_seconds,
+            now=utcnow(),
         )
-        if isinstance(exc, TransientProviderError) and exc.retry_after:
-            when = max(when, rules.backoff(1, exc.retry_after, exc.retry_after, utcnow()))
-        conn.next_attempt_at = when
-        self.set_state(session, events, conn, "error", error=message, error_code=exc.code)
+        message = str(exc) or exc.__class__.__name__
+        self.apply(session, events, conn, change, error=message, error_code=exc.code)
         return conn.state
 
     def record_success(self, session: Session, events: EventBuffer, conn_id: int) -> bool:
-        """A pass completed; ``False`` (and nothing written) when the connection
-        is no longer live."""
+        """A pass completed (what it means is :func:`~threadsync.core.rules.after_success`);
+        ``False`` (and nothing written) when the connection is no longer live."""
         conn = self.lock_live_connection(session, conn_id)
         if conn is None:
             return False
         now = utcnow()
         conn.last_sync_at = now
-        # A failure recorded in this same pass (e.g. SMTP down while IMAP works)
-        # keeps the connection in ``error`` until its backoff has passed.
-        if conn.state == "error" and (conn.next_attempt_at is None or conn.next_attempt_at <= now):
-            self.set_state(session, events, conn, "connected")
+        change = rules.after_success(
+            state=conn.state, next_attempt_at=conn.next_attempt_at, now=now
+        )
+        if change is not None:
+            self.apply(session, events, conn, change)
         return True
 
     async def keep_refreshed_secrets(self, conn_id: int, provider: Provider) -> None:
@@ -244,13 +281,13 @@ class Kernel:
             return
         sealed = self.vault.seal(account.secrets)
 
-        def work(session: Session) -> None:
+        def work(session: Session, _events: EventBuffer) -> None:
             # Never write credentials back into a connection ended meanwhile (R6).
             conn = self.lock_live_connection(session, conn_id)
             if conn is not None and conn.secrets is not None:
                 conn.secrets = sealed
 
-        await self.store.run(work)
+        await self.unit_of_work(work)
         account.secrets_changed = False
 
     def lock_live_connection(self, session: Session, conn_id: int) -> Connection | None:

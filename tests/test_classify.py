@@ -13,6 +13,7 @@ query per kind of id, none for a batch that refers to nothing.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,7 +113,7 @@ def header(ref: str, own: str | None, *refs: str, replied: str | None = None) ->
 
 
 def classify(k: Kernel, headers: list[HeaderSummary]) -> list[tuple[str, str]]:
-    return [(h.ref, thread) for h, thread in _classify(k, OURS, headers)]
+    return [(h.ref, thread) for h, thread in asyncio.run(_classify(k, OURS, headers))]
 
 
 def test_membership_cases(kernel: Kernel) -> None:
@@ -249,7 +250,7 @@ def statements_of(k: Kernel, headers: list[HeaderSummary]) -> list[str]:
 
     event.listen(k.store.engine, "before_cursor_execute", count)
     try:
-        _classify(k, OURS, headers)
+        asyncio.run(_classify(k, OURS, headers))
     finally:
         event.remove(k.store.engine, "before_cursor_execute", count)
     return seen

@@ -80,6 +80,82 @@ def test_reply_subject_and_reference_trimming() -> None:
     assert refs == ["<0@x>", "<26@x>", "<27@x>", "<28@x>", "<29@x>"]
 
 
+def test_state_names_are_the_strings_stored_and_shown() -> None:
+    assert [s.value for s in rules.ConnectionState] == [
+        "connected", "needs_reauth", "error", "disconnected", "replaced",
+    ]  # fmt: skip
+    assert [s.value for s in rules.ThreadState] == ["active", "stopped", "unsynced"]
+    assert [s.value for s in rules.MessageState] == ["synced", "skipped"]
+    assert [s.value for s in rules.OutboxStatus] == [
+        "pending", "claimed", "transmitting", "sent", "failed",
+    ]  # fmt: skip
+    # A string read back from the database is equal to its name, also as a key.
+    assert "error" in rules.WORKING_STATES and "needs_reauth" not in rules.WORKING_STATES
+    assert {rules.ConnectionState.ERROR: 1}["error"] == 1
+    assert f"{rules.OutboxStatus.SENT}" == "sent"
+
+
+def test_the_one_live_connection_index_covers_exactly_the_live_states() -> None:
+    from threadsync.core.store.models import Connection
+
+    index = next(i for i in Connection.__table__.indexes if i.name == "uq_connection_live")
+    expected = "state IN (" + ", ".join(f"'{s}'" for s in rules.LIVE_STATES) + ")"
+    for dialect in ("sqlite", "postgresql"):
+        assert str(index.dialect_options[dialect]["where"]) == expected
+
+
+NOW = datetime(2026, 1, 1, 12, 0)
+
+
+def failure(failures: int, *, rejected: bool = False, retry_after: float | None = None):  # type: ignore[no-untyped-def]
+    return rules.after_failure(
+        failures=failures,
+        next_attempt_at=NOW - timedelta(minutes=1),
+        credentials_rejected=rejected,
+        retry_after=retry_after,
+        base=5,
+        cap=60,
+        now=NOW,
+    )
+
+
+def test_rejected_credentials_wait_for_the_user_and_keep_everything() -> None:
+    change = failure(3, rejected=True)
+    assert change == rules.ConnectionChange(
+        rules.ConnectionState.NEEDS_REAUTH, 3, NOW - timedelta(minutes=1)
+    )
+
+
+def test_a_transient_failure_backs_off_and_honours_retry_after() -> None:
+    assert failure(0) == rules.ConnectionChange(
+        rules.ConnectionState.ERROR, 1, NOW + timedelta(seconds=5)
+    )
+    assert failure(3).next_attempt_at == NOW + timedelta(seconds=40)
+    assert failure(0, retry_after=30).next_attempt_at == NOW + timedelta(seconds=30)
+    # A Retry-After shorter than the backoff does not shorten it.
+    assert failure(5, retry_after=1).next_attempt_at == NOW + timedelta(seconds=60)
+
+
+@pytest.mark.parametrize(
+    ("state", "wait", "recovers"),
+    [
+        ("error", None, True),
+        ("error", -1, True),
+        ("error", 0, True),
+        ("error", 1, False),  # failed again in this same pass: backoff first
+        ("connected", None, False),
+        ("needs_reauth", None, False),
+    ],
+)
+def test_a_completed_pass_recovers_an_error_past_its_backoff(  # type: ignore[no-untyped-def]
+    state, wait, recovers
+) -> None:
+    when = None if wait is None else NOW + timedelta(seconds=wait)
+    change = rules.after_success(state=state, next_attempt_at=when, now=NOW)
+    assert change == (rules.connected() if recovers else None)
+    assert rules.connected() == rules.ConnectionChange(rules.ConnectionState.CONNECTED, 0, None)
+
+
 def test_fair_share_covers_every_connection_and_is_equal_rounded_up() -> None:
     assert rules.fair_share(20, 2) == 10
     assert rules.fair_share(21, 2) == 11

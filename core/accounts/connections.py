@@ -27,8 +27,14 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.mime import check_address
 from threadsync.core.provider import Account, Provider, resolve_credentials
-from threadsync.core.store.models import (
+from threadsync.core.rules import (
     LIVE_STATES,
+    ConnectionState,
+    MessageState,
+    OutboxStatus,
+    ThreadState,
+)
+from threadsync.core.store.models import (
     Connection,
     Cursor,
     Message,
@@ -151,7 +157,7 @@ def _connect_precheck(
         live = live_connection(session, subaccount, user)
         if live is None:
             return None
-        if live.state == "connected":
+        if live.state == ConnectionState.CONNECTED:
             raise AlreadyConnected(
                 f"user {user!r} already has {live.email} connected; "
                 f"use update-email to change the address"
@@ -192,10 +198,12 @@ async def precheck(
     k: Kernel, subaccount: str, user: str, provider: str, email: str, *, update: bool
 ) -> None:
     """Raise what connect (or update-email) would refuse before any sign-in."""
-    if update:
-        await k.store.run(_update_precheck(subaccount, user))
-    else:
-        await k.store.run(_connect_precheck(subaccount, user, provider, email))
+    check: Callable[[Session], object] = (
+        _update_precheck(subaccount, user)
+        if update
+        else _connect_precheck(subaccount, user, provider, email)
+    )
+    await k.unit_of_work(lambda session, _: check(session))
 
 
 def resolve_secrets(
@@ -266,12 +274,11 @@ async def connect_with(
     """Connect (or re-authorise) with the account that ``authorize()`` signs in."""
     cls = k.provider_class(provider)
     precheck = _connect_precheck(subaccount, user, provider, email)
-    existing = await k.store.run(precheck)
+    existing = await k.unit_of_work(lambda session, _: precheck(session))
     account = await authorize()
     placed = await _verified(k, cls, account)
-    events = EventBuffer()
 
-    def record(session: Session) -> dict[str, Any]:
+    def record(session: Session, events: EventBuffer) -> dict[str, Any]:
         precheck(session)  # the world may have changed while we logged in
         if existing is not None:
             conn = k.get_connection(session, existing.id)
@@ -283,15 +290,12 @@ async def connect_with(
                     session.add(
                         Cursor(connection_id=conn.id, role=role, folder=folder, data=cursor)
                     )
-            k.set_state(session, events, conn, "connected")
-            conn.next_attempt_at = None
+            k.apply(session, events, conn, rules.connected())
         else:
             conn = _new_connection(session, k, events, subaccount, user, provider, account, placed)
         return connection_json(conn, paused=False)
 
-    result = await k.store.run(record)
-    events.announce(k.pm)
-    return result
+    return await k.unit_of_work(record)
 
 
 def _new_connection(
@@ -309,7 +313,7 @@ def _new_connection(
         user_id=user,
         provider=provider,
         email=account.email,
-        state="connected",
+        state=ConnectionState.CONNECTED,
         settings=account.settings,
         secrets=k.vault.seal(account.secrets),
         failures=0,
@@ -335,16 +339,17 @@ def _end(session: Session, k: Kernel, events: EventBuffer, conn: Connection, sta
         session.delete(cursor)
     threads = session.scalars(
         select(SyncedThread).where(
-            SyncedThread.connection_id == conn.id, SyncedThread.state == "active"
+            SyncedThread.connection_id == conn.id, SyncedThread.state == ThreadState.ACTIVE
         )
     ).all()
     for thread in threads:
-        thread.state = "stopped"
+        thread.state = ThreadState.STOPPED
         thread.stop_reason = state
         events.thread_stopped(session, thread)
     queued = session.scalars(
         select(OutboxEntry).where(
-            OutboxEntry.connection_id == conn.id, OutboxEntry.status.in_(("pending", "claimed"))
+            OutboxEntry.connection_id == conn.id,
+            OutboxEntry.status.in_((OutboxStatus.PENDING, OutboxStatus.CLAIMED)),
         )
     ).all()
     for entry in queued:
@@ -353,14 +358,14 @@ def _end(session: Session, k: Kernel, events: EventBuffer, conn: Connection, sta
         entry.sender = k.settings.default_channel.from_address
         msg = session.get(Message, entry.message_pk)
         if msg is not None:
-            msg.state = "skipped"
+            msg.state = MessageState.SKIPPED
             msg.reason = state
             events.message(session, msg.thread, msg)
 
 
 async def _forget(k: Kernel, subaccount: str, user: str) -> None:
     """Let the live connection's provider release its server-side state (R6)."""
-    conn = await k.store.run(lambda s: live_connection(s, subaccount, user))
+    conn = await k.unit_of_work(lambda s, _: live_connection(s, subaccount, user))
     if conn is None or conn.secrets is None:
         return
     cls = k.provider_class(conn.provider)
@@ -378,18 +383,15 @@ async def _forget(k: Kernel, subaccount: str, user: str) -> None:
 
 async def disconnect(k: Kernel, subaccount: str, user: str) -> dict[str, Any]:
     await _forget(k, subaccount, user)
-    events = EventBuffer()
 
-    def work(session: Session) -> dict[str, Any]:
+    def work(session: Session, events: EventBuffer) -> dict[str, Any]:
         conn = live_connection(session, subaccount, user)
         if conn is None:
             raise NotFound(f"user {user!r} of sub-account {subaccount!r} has no connected mailbox")
         _end(session, k, events, conn, rules.DISCONNECTED)
         return connection_json(conn, paused=not labs_on(session, subaccount))
 
-    result = await k.store.run(work)
-    events.announce(k.pm)
-    return result
+    return await k.unit_of_work(work)
 
 
 async def update_email(
@@ -421,22 +423,19 @@ async def update_email_with(
     """Update-email with the account that ``authorize()`` signs in."""
     cls = k.provider_class(provider)
     precheck = _update_precheck(subaccount, user)
-    await k.store.run(precheck)
+    await k.unit_of_work(lambda session, _: precheck(session))
     account = await authorize()
     placed = await _verified(k, cls, account)
     await _forget(k, subaccount, user)
-    events = EventBuffer()
 
-    def record(session: Session) -> dict[str, Any]:
+    def record(session: Session, events: EventBuffer) -> dict[str, Any]:
         old = precheck(session)
         _end(session, k, events, old, rules.REPLACED)
         session.flush()
         conn = _new_connection(session, k, events, subaccount, user, provider, account, placed)
         return connection_json(conn, paused=False)
 
-    result = await k.store.run(record)
-    events.announce(k.pm)
-    return result
+    return await k.unit_of_work(record)
 
 
 # ---- status ------------------------------------------------------------------------------

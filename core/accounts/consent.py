@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from threadsync.core.accounts import connections as accounts
 from threadsync.core.errors import NotFound, Refused, ThreadsyncError
+from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.store.models import PendingSignIn, iso, utcnow
 
@@ -127,13 +128,13 @@ async def begin(
         expires_at=now + timedelta(seconds=request.expires_in),
     )
 
-    def work(session: Session) -> dict[str, Any]:
+    def work(session: Session, _events: EventBuffer) -> dict[str, Any]:
         _prune(session, now)
         session.add(row)
         session.flush()
         return sign_in_json(row, now)
 
-    return await k.store.run(work)
+    return await k.unit_of_work(work)
 
 
 def _prune(session: Session, now: datetime) -> None:
@@ -170,7 +171,7 @@ async def finish(k: Kernel, params: Mapping[str, str]) -> dict[str, Any]:
         raise NotFound("no sign-in is waiting for this redirect")
     digest = state_hash(state)
 
-    def take(session: Session) -> tuple[PendingSignIn, dict[str, str]]:
+    def take(session: Session, _events: EventBuffer) -> tuple[PendingSignIn, dict[str, str]]:
         row = session.scalars(
             select(PendingSignIn).where(PendingSignIn.state_hash == digest)
         ).first()
@@ -193,7 +194,7 @@ async def finish(k: Kernel, params: Mapping[str, str]) -> dict[str, Any]:
             return row, {}  # another request took it first
         return row, k.vault.open(row.flow)
 
-    row, sealed = await k.store.run(take)
+    row, sealed = await k.unit_of_work(take)
     if not sealed:
         if row.status == "expired":
             raise Refused(f"the sign-in for {row.email} expired; connect again")
@@ -231,7 +232,7 @@ async def _record(
     connection: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    def work(session: Session) -> dict[str, Any]:
+    def work(session: Session, _events: EventBuffer) -> dict[str, Any]:
         row = session.get(PendingSignIn, sign_in_id)
         if row is None:  # deleted meanwhile: report what happened anyway
             return {"id": sign_in_id, "state": status, "connection": connection, "error": error}
@@ -239,4 +240,4 @@ async def _record(
         row.finished_at = utcnow()
         return sign_in_json(row)
 
-    return await k.store.run(work)
+    return await k.unit_of_work(work)

@@ -18,6 +18,7 @@ from typing import Any
 import pluggy
 from sqlalchemy.orm import Session
 
+from threadsync.core.rules import MessageState
 from threadsync.core.store.models import Attachment, Connection, Event, Message, SyncedThread
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class EventBuffer:
         self.pending.append((kind, body))
 
     def message(self, session: Session, thread: SyncedThread, m: Message) -> None:
-        kind = MESSAGE_SYNCED if m.state == "synced" else MESSAGE_SKIPPED
+        kind = MESSAGE_SYNCED if m.state == MessageState.SYNCED else MESSAGE_SKIPPED
         self.record(
             session,
             thread.subaccount_id,

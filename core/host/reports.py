@@ -12,7 +12,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from threadsync.core import rules
 from threadsync.core.kernel import Kernel
+from threadsync.core.rules import ConnectionState, OutboxStatus
 from threadsync.core.store.models import (
     Connection,
     Event,
@@ -92,7 +94,10 @@ class Numbers:
 
 
 #: Kinds of provider errors as the connection state they caused.
-_ERROR_KIND = {"needs_reauth": "authentication_failed", "error": "provider_error"}
+_ERROR_KIND: dict[str, str] = {
+    ConnectionState.NEEDS_REAUTH: "authentication_failed",
+    ConnectionState.ERROR: "provider_error",
+}
 
 
 def numbers(k: Kernel) -> Numbers:
@@ -110,12 +115,7 @@ def numbers(k: Kernel) -> Numbers:
             out.connections[state] = int(n)
         now = utcnow()
         for (last,) in session.execute(
-            select(Connection.last_sync_at)
-            .join(SubAccount, SubAccount.id == Connection.subaccount_id)
-            .where(
-                Connection.state.in_(("connected", "error")),
-                SubAccount.two_way_email_sync.is_(True),
-            )
+            select(Connection.last_sync_at).where(rules.worked_connections())
         ):
             lag = (now - last).total_seconds() if last is not None else 0.0
             out.sync_lag_max = max(out.sync_lag_max, lag)
@@ -123,7 +123,7 @@ def numbers(k: Kernel) -> Numbers:
             out.sync_lag_count += 1
         for status, channel, n in session.execute(
             select(OutboxEntry.status, OutboxEntry.channel, func.count())
-            .where(OutboxEntry.status != "sent")
+            .where(OutboxEntry.status != OutboxStatus.SENT)
             .group_by(OutboxEntry.status, OutboxEntry.channel)
         ):
             out.outbox[(status, channel)] = int(n)

@@ -24,6 +24,7 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.mime import AttachmentIn, build_message, check_address, check_header_value
 from threadsync.core.outbox import delivery
+from threadsync.core.rules import MessageState, OutboxStatus, SendStatus, ThreadState
 from threadsync.core.store.models import (
     Attachment,
     Connection,
@@ -69,7 +70,7 @@ def _result(thread: SyncedThread, msg: Message, route: rules.Route) -> dict[str,
         "channel": route.channel,
         "synced": route.synced,
         "reason": route.reason,
-        "status": "queued",
+        "status": SendStatus.QUEUED,
     }
 
 
@@ -113,7 +114,7 @@ def _store_outgoing(
         message_id=message_id,
         direction="outbound",
         origin="crm",
-        state="synced" if route.synced else "skipped",
+        state=MessageState.SYNCED if route.synced else MessageState.SKIPPED,
         reason=route.reason,
         sender=sender,
         to=list(draft.to),
@@ -132,7 +133,7 @@ def _store_outgoing(
         message_pk=msg.id,
         connection_id=conn.id if mailbox and conn is not None else None,
         channel=route.channel,
-        status="pending",
+        status=OutboxStatus.PENDING,
         sender=sender,
         recipients=[*draft.to, *draft.cc],
         raw=raw,
@@ -200,25 +201,26 @@ def _earlier(session: Session, k: Kernel, key: str | None) -> Outcome | None:
         "thread_id": msg.thread_id,
         "message_id": msg.message_id,
         "channel": channel,
-        "synced": msg.state == "synced",
+        "synced": msg.state == MessageState.SYNCED,
         "reason": msg.reason,
-        "status": "sent" if status == "sent" else "queued",
+        "status": SendStatus.SENT if status == OutboxStatus.SENT else SendStatus.QUEUED,
     }
-    claim = None if status == "sent" else delivery.claim_in(session, k, entry_id, False)
+    claim = None if status == OutboxStatus.SENT else delivery.claim_in(session, k, entry_id, False)
     return result, claim
 
 
 async def _store_once(
-    k: Kernel, key: str | None, work: Callable[[Session], Outcome]
+    k: Kernel, key: str | None, work: Callable[[Session, EventBuffer], Outcome]
 ) -> Outcome:
-    """Run ``work``; when a concurrent request with the same idempotency key won
-    the insert, run it again, and it finds that request's message."""
+    """Run ``work`` as a unit of work (its events announced once it committed);
+    when a concurrent request with the same idempotency key won the insert, run
+    it again, and it finds that request's message."""
     try:
-        return await k.store.run(work)
+        return await k.unit_of_work(work)
     except IntegrityError:
         if key is None:
             raise
-        return await k.store.run(work)
+        return await k.unit_of_work(work)
 
 
 async def send(
@@ -230,11 +232,9 @@ async def send(
     (delivering it if it still waits) instead of sending another."""
     draft = _validate(draft, need_recipients=True)
     key = request_key(idempotency_key, "send", subaccount, user)
-    events = EventBuffer()
     limit = k.settings.sync.max_attachment_bytes
 
-    def work(session: Session) -> Outcome:
-        events.pending.clear()
+    def work(session: Session, events: EventBuffer) -> Outcome:
         earlier = _earlier(session, k, key)
         if earlier is not None:
             return earlier
@@ -254,7 +254,7 @@ async def send(
             user_id=user,
             connection_id=conn.id if synced and conn else None,
             email=conn.email if conn else None,
-            state="active" if synced else "unsynced",
+            state=ThreadState.ACTIVE if synced else ThreadState.UNSYNCED,
             stop_reason=None if synced else route.reason,
             subject=draft.subject,
         )
@@ -267,7 +267,6 @@ async def send(
         return _result(thread, msg, route), delivery.claim_in(session, k, entry_id, False)
 
     result, claim = await _store_once(k, key, work)
-    events.announce(k.pm)
     if claim is not None:
         result["status"] = await delivery.deliver_claim(k, claim)
     return result
@@ -279,11 +278,9 @@ async def reply(
     """Reply from the CRM in an existing thread (R4), threaded for mail clients.
     ``idempotency_key`` as for :func:`send`."""
     draft = _validate(draft, need_recipients=False)
-    events = EventBuffer()
     limit = k.settings.sync.max_attachment_bytes
 
-    def work(session: Session) -> Outcome:
-        events.pending.clear()
+    def work(session: Session, events: EventBuffer) -> Outcome:
         thread = session.get(SyncedThread, thread_id)
         if thread is None:
             raise NotFound(f"thread {thread_id!r} not found")
@@ -346,7 +343,6 @@ async def reply(
         return _result(thread, msg, route), delivery.claim_in(session, k, entry_id, False)
 
     result, claim = await _store_once(k, idempotency_key, work)
-    events.announce(k.pm)
     # The entry is claimed with its message, in the same transaction; one not
     # claimable now (its mailbox in backoff, say) waits for the daemon.
     if claim is not None:

@@ -15,32 +15,37 @@ After a crash:
   message rather than doubling it, the one case R9's two demands conflict.
 
 A failure before the checkpoint returns the entry to ``pending`` with backoff.
+Each step is its own :meth:`Kernel.unit_of_work`: a worker thread, one
+transaction, its events announced after the commit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, undefer
 
 from threadsync.core import rules
-from threadsync.core.accounts.connections import labs_on
 from threadsync.core.errors import LeaseLost, ProviderError, ProviderProtocolError
 from threadsync.core.host.events import MESSAGE_SYNCED, EventBuffer, message_json
 from threadsync.core.kernel import Kernel, worker_is_dead
 from threadsync.core.outbox.relay import send_via_relay
 from threadsync.core.provider import Checkpoint, OutgoingMail, Provider
+from threadsync.core.rules import (
+    LEASED,
+    ConnectionState,
+    MessageState,
+    OutboxStatus,
+    SendStatus,
+)
 from threadsync.core.store.models import Connection, Message, OutboxEntry, utcnow
 from threadsync.core.sync import workers
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,28 +88,28 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
             # The worker that holds the mailbox sends it: woken now, not at its poll.
             workers.notify(session, conn.id)
             return None
-    if entry.status == "sent":
+    if entry.status == OutboxStatus.SENT:
         if entry.channel == "mailbox" and not entry.sent_copy_stored:
             if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
                 return None
         else:
             return None
-    elif entry.status in ("claimed", "transmitting"):
+    elif entry.status in LEASED:
         if not _lease_is_dead(entry.lease_owner, entry.lease_until, now) and not (
             # Safe to take before the lease ends: the old owner can no longer
             # move it to "transmitting" once the lease is ours.
-            entry.status == "claimed"
+            entry.status == OutboxStatus.CLAIMED
             and conn is not None
             and workers.left_by_gone_worker(session, k, conn.id, entry.lease_owner)
         ):
             return None
-    elif entry.status == "pending":
+    elif entry.status == OutboxStatus.PENDING:
         if entry.next_attempt_at and entry.next_attempt_at > now:
             return None
     else:
         return None
-    was_transmitting = entry.status == "transmitting"
-    already_sent = entry.status == "sent"
+    was_transmitting = entry.status == OutboxStatus.TRANSMITTING
+    already_sent = entry.status == OutboxStatus.SENT
     # Compare-and-set, so that two workers never both win the same entry.
     won = session.execute(
         update(OutboxEntry)
@@ -116,7 +121,11 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
             else OutboxEntry.lease_owner == entry.lease_owner,
         )
         .values(
-            status="claimed" if entry.status in ("pending", "claimed") else entry.status,
+            status=(
+                OutboxStatus.CLAIMED
+                if entry.status in (OutboxStatus.PENDING, OutboxStatus.CLAIMED)
+                else entry.status
+            ),
             lease_owner=k.worker,
             lease_until=now + timedelta(seconds=k.settings.sync.lease_seconds),
         )
@@ -127,7 +136,7 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
     msg = session.get(Message, entry.message_pk)
     assert msg is not None
     synced_event = None
-    if entry.channel == "mailbox" and msg.state == "synced" and not already_sent:
+    if entry.channel == "mailbox" and msg.state == MessageState.SYNCED and not already_sent:
         thread = msg.thread
         synced_event = (
             thread.subaccount_id,
@@ -152,12 +161,12 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
     )
 
 
-def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
-    return k.store.call(lambda session: claim_in(session, k, entry_id, provider_open))
+async def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
+    return await k.unit_of_work(lambda session, _: claim_in(session, k, entry_id, provider_open))
 
 
-def _update(k: Kernel, entry_id: int, **values: object) -> None:
-    def work(session: Session) -> None:
+async def _update(k: Kernel, entry_id: int, **values: object) -> None:
+    def work(session: Session, _events: EventBuffer) -> None:
         session.execute(
             update(OutboxEntry)
             .where(OutboxEntry.id == entry_id)
@@ -165,10 +174,10 @@ def _update(k: Kernel, entry_id: int, **values: object) -> None:
             .execution_options(synchronize_session=False)
         )
 
-    k.store.call(work)
+    await k.unit_of_work(work)
 
 
-def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
+async def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
     when = rules.backoff(
         failures,
         k.settings.sync.backoff_base_seconds,
@@ -176,33 +185,33 @@ def _release(k: Kernel, claim: Claim, error: str, *, failures: int = 1) -> None:
         utcnow(),
     )
 
-    def work(session: Session) -> None:
+    def work(session: Session, _events: EventBuffer) -> None:
         entry = session.get(OutboxEntry, claim.entry_id)
         if entry is None:
             return
-        entry.status = "pending"
+        entry.status = OutboxStatus.PENDING
         entry.lease_owner = None
         entry.lease_until = None
         entry.attempts = (entry.attempts or 0) + 1
         entry.last_error = error
         entry.next_attempt_at = when
 
-    k.store.call(work)
+    await k.unit_of_work(work)
 
 
-async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = None) -> str:
-    """Try to deliver one entry; returns ``"sent"`` or ``"queued"``.
+async def deliver_entry(k: Kernel, entry_id: int, provider: Provider | None = None) -> SendStatus:
+    """Try to deliver one entry; returns ``sent`` or ``queued``.
 
     ``provider`` is an open provider of the entry's connection (the daemon's), or
     ``None`` to open one for this delivery only.
     """
-    claim = await _run(k, _claim, entry_id, provider is not None)
+    claim = await _claim(k, entry_id, provider is not None)
     if claim is None:
         return await _status(k, entry_id)
     return await deliver_claim(k, claim, provider)
 
 
-async def deliver_claim(k: Kernel, claim: Claim, provider: Provider | None = None) -> str:
+async def deliver_claim(k: Kernel, claim: Claim, provider: Provider | None = None) -> SendStatus:
     """Deliver an entry whose lease this worker holds (see :func:`deliver_entry`)."""
     try:
         if claim.channel == "default":
@@ -213,78 +222,73 @@ async def deliver_claim(k: Kernel, claim: Claim, provider: Provider | None = Non
         return await _status(k, claim.entry_id)
 
 
-async def _run(k: Kernel, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a database step in a worker thread (the loop never waits on the DB)."""
-    return await asyncio.to_thread(fn, k, *args, **kwargs)
-
-
-async def _status(k: Kernel, entry_id: int) -> str:
-    def work(session: Session) -> str:
+async def _status(k: Kernel, entry_id: int) -> SendStatus:
+    def work(session: Session, _events: EventBuffer) -> SendStatus:
         entry = session.get(OutboxEntry, entry_id)
-        return "sent" if entry is not None and entry.status == "sent" else "queued"
+        sent = entry is not None and entry.status == OutboxStatus.SENT
+        return SendStatus.SENT if sent else SendStatus.QUEUED
 
-    return await k.store.run(work)
+    return await k.unit_of_work(work)
 
 
 def _checkpoint(k: Kernel, claim: Claim) -> Checkpoint:
     async def checkpoint() -> None:
-        await _run(k, _to_transmitting, claim)
+        await _to_transmitting(k, claim)
 
     return checkpoint
 
 
-def _to_transmitting(k: Kernel, claim: Claim) -> None:
+async def _to_transmitting(k: Kernel, claim: Claim) -> None:
     """Commit "transmitting" only while this worker still holds the lease: if it
     ran out (a server slower than ``lease_seconds`` before DATA) and another
     worker took the entry, sending here as well would duplicate the message."""
 
-    def work(session: Session) -> int:
+    def work(session: Session, _events: EventBuffer) -> int:
         moved = session.execute(
             update(OutboxEntry)
             .where(
                 OutboxEntry.id == claim.entry_id,
-                OutboxEntry.status == "claimed",
+                OutboxEntry.status == OutboxStatus.CLAIMED,
                 OutboxEntry.lease_owner == k.worker,
             )
-            .values(status="transmitting")
+            .values(status=OutboxStatus.TRANSMITTING)
             .execution_options(synchronize_session=False)
         )
         return int(moved.rowcount)  # type: ignore[attr-defined]
 
-    if k.store.call(work) != 1:
+    if await k.unit_of_work(work) != 1:
         raise LeaseLost(f"outbox entry {claim.entry_id} was taken over by another worker")
 
 
-async def _deliver_default(k: Kernel, claim: Claim) -> str:
+async def _deliver_default(k: Kernel, claim: Claim) -> SendStatus:
     if claim.was_transmitting:
-        await _run(k, _mark_sent, claim, True)
-        return "sent"
+        await _mark_sent(k, claim, True)
+        return SendStatus.SENT
     channel = k.settings.default_channel
     password = k.environ.get(channel.password_env) if channel.password_env else None
     try:
         await send_via_relay(channel, claim.mail, password, _checkpoint(k, claim))
     except ProviderProtocolError as exc:
-        await _run(k, _fail, claim, str(exc))
-        return "queued"
+        await _fail(k, claim, str(exc))
+        return SendStatus.QUEUED
     except ProviderError as exc:
         log.warning("default channel failed: %s", exc, extra={"outbox_id": claim.entry_id})
-        await _run(k, _release, claim, str(exc))
-        return "queued"
-    await _run(k, _mark_sent, claim, True)
-    return "sent"
+        await _release(k, claim, str(exc))
+        return SendStatus.QUEUED
+    await _mark_sent(k, claim, True)
+    return SendStatus.SENT
 
 
-def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
+async def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
     """Record that the message left, with its ``message.synced`` event unless a
     disconnect turned it into a skipped one meanwhile."""
-    events = EventBuffer()
 
-    def work(session: Session) -> None:
+    def work(session: Session, events: EventBuffer) -> None:
         session.execute(
             update(OutboxEntry)
             .where(OutboxEntry.id == claim.entry_id)
             .values(
-                status="sent",
+                status=OutboxStatus.SENT,
                 sent_at=utcnow(),
                 sent_copy_stored=copy_stored,
                 lease_owner=None if copy_stored else k.worker,
@@ -294,88 +298,88 @@ def _mark_sent(k: Kernel, claim: Claim, copy_stored: bool) -> None:
         )
         if claim.synced_event is not None:
             state = session.scalar(select(Message.state).where(Message.id == claim.message_pk))
-            if state == "synced":
+            if state == MessageState.SYNCED:
                 subaccount, payload = claim.synced_event
                 events.record(session, subaccount, MESSAGE_SYNCED, payload)
 
-    k.store.call(work)
-    events.announce(k.pm)
+    await k.unit_of_work(work)
 
 
-def _fail(k: Kernel, claim: Claim, error: str) -> None:
-    _update(k, claim.entry_id, status="failed", last_error=error, lease_owner=None)
+async def _fail(k: Kernel, claim: Claim, error: str) -> None:
+    await _update(k, claim.entry_id, status=OutboxStatus.FAILED, last_error=error, lease_owner=None)
 
 
 def _mailbox_ready(
     session: Session, conn_id: int | None, provider_open: bool, now: datetime
 ) -> Connection | None:
-    """The connection when its mailbox may be used now. With a provider the daemon
+    """The connection when its mailbox may be used now: one that is worked on
+    (:func:`~threadsync.core.rules.worked_connections`). With a provider the daemon
     just opened, a connection in ``error`` is usable (it is recovering); for a
     one-off delivery it must be ``connected`` and past any backoff."""
-    conn = session.get(Connection, conn_id) if conn_id else None
-    if conn is None or not labs_on(session, conn.subaccount_id):
+    if not conn_id:
+        return None
+    conn = session.scalar(
+        select(Connection).where(Connection.id == conn_id, rules.worked_connections())
+    )
+    if conn is None:
         return None
     if provider_open:
-        return conn if conn.state in ("connected", "error") else None
-    ready = conn.state == "connected" and (
-        conn.next_attempt_at is None or conn.next_attempt_at <= now
-    )
+        return conn
+    ready = conn.state == ConnectionState.CONNECTED and rules.due(conn.next_attempt_at, now)
     return conn if ready else None
 
 
-async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -> str:
+async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -> SendStatus:
     try:
         if provider is not None:
             return await _transmit(k, claim, provider)
         async with k.pool.borrow(claim.connection_id or 0, claim.connection) as pooled:
             return await _transmit(k, claim, pooled)
     except ProviderError as exc:
-        await _run(k, _connection_failed, claim, exc)
+        await _connection_failed(k, claim, exc)
         return await _status(k, claim.entry_id)
 
 
-async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> str:
+async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> SendStatus:
     """Send (unless a crash may already have sent it), then file the Sent copy."""
     if not (claim.was_transmitting or claim.already_sent):
         try:
             await provider.send(claim.mail, _checkpoint(k, claim))
         except ProviderProtocolError as exc:
-            await _run(k, _fail, claim, str(exc))
-            return "queued"
+            await _fail(k, claim, str(exc))
+            return SendStatus.QUEUED
         if provider.files_sent_copy:
-            await _run(k, _mark_sent, claim, True)
-            return "sent"
+            await _mark_sent(k, claim, True)
+            return SendStatus.SENT
         # Filed in Sent first, then one commit records both; a crash in between
         # leaves "transmitting", which never sends again and checks Sent.
         try:
             await provider.store_sent_copy(claim.mail)
         except ProviderError:
-            await _run(k, _mark_sent, claim, False)
+            await _mark_sent(k, claim, False)
             raise
-        await _run(k, _mark_sent, claim, True)
-        return "sent"
+        await _mark_sent(k, claim, True)
+        return SendStatus.SENT
     elif claim.was_transmitting:
         # It may have left before the crash: never send again (R9).
-        await _run(k, _mark_sent, claim, provider.files_sent_copy)
+        await _mark_sent(k, claim, provider.files_sent_copy)
     if not provider.files_sent_copy and not claim.sent_copy_stored:
         # Only a recovery can find a copy already filed; a fresh send skips the search.
         recovering = claim.was_transmitting or claim.already_sent
         if not recovering or not await provider.find_sent(claim.mail.message_id):
             await provider.store_sent_copy(claim.mail)
-        await _run(k, _update, claim.entry_id, sent_copy_stored=True, lease_owner=None)
-    return "sent"
+        await _update(k, claim.entry_id, sent_copy_stored=True, lease_owner=None)
+    return SendStatus.SENT
 
 
-def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
-    events = EventBuffer()
-
-    def work(session: Session) -> None:
+async def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
+    def work(session: Session, events: EventBuffer) -> None:
         entry = session.get(OutboxEntry, claim.entry_id)
         if entry is not None and entry.lease_owner != k.worker:
             entry = None  # another worker holds it now: its state is not ours to change
-        if entry is not None and entry.status in ("claimed", "transmitting"):
+        if entry is not None and entry.status in LEASED:
             # An error raised by the provider means the server did not take it.
-            entry.status = "pending"
+            entry.status = OutboxStatus.PENDING
             entry.attempts = (entry.attempts or 0) + 1
             entry.last_error = str(exc)
         if entry is not None:
@@ -384,26 +388,25 @@ def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> None:
         if claim.connection_id is not None:
             k.record_failure(session, events, claim.connection_id, exc)
 
-    k.store.call(work)
-    events.announce(k.pm)
+    await k.unit_of_work(work)
 
 
 def _due_clause(now: datetime) -> Any:
     return or_(
-        (OutboxEntry.status == "pending")
+        (OutboxEntry.status == OutboxStatus.PENDING)
         & (or_(OutboxEntry.next_attempt_at.is_(None), OutboxEntry.next_attempt_at <= now)),
-        OutboxEntry.status.in_(("claimed", "transmitting")),
-        (OutboxEntry.status == "sent")
+        OutboxEntry.status.in_(LEASED),
+        (OutboxEntry.status == OutboxStatus.SENT)
         & (OutboxEntry.channel == "mailbox")
         & (OutboxEntry.sent_copy_stored.is_(False)),
     )
 
 
-def connections_with_due_mail(k: Kernel) -> list[int]:
+async def connections_with_due_mail(k: Kernel) -> list[int]:
     """Connections that have outbox entries to work on now."""
     now = utcnow()
 
-    def work(session: Session) -> list[int]:
+    def work(session: Session, _events: EventBuffer) -> list[int]:
         query = (
             select(OutboxEntry.connection_id)
             .where(_due_clause(now), OutboxEntry.connection_id.is_not(None))
@@ -411,14 +414,14 @@ def connections_with_due_mail(k: Kernel) -> list[int]:
         )
         return [c for c in session.scalars(query).all() if c is not None]
 
-    return k.store.call(work)
+    return await k.unit_of_work(work)
 
 
-def due_entries(k: Kernel, connection_id: int | None) -> list[int]:
+async def due_entries(k: Kernel, connection_id: int | None) -> list[int]:
     """Entries to try now: pending and due, stale leases, sent copies not filed."""
     now = utcnow()
 
-    def work(session: Session) -> list[int]:
+    def work(session: Session, _events: EventBuffer) -> list[int]:
         query = select(OutboxEntry.id).where(_due_clause(now))
         if connection_id is None:
             query = query.where(OutboxEntry.channel == "default")
@@ -426,4 +429,4 @@ def due_entries(k: Kernel, connection_id: int | None) -> list[int]:
             query = query.where(OutboxEntry.connection_id == connection_id)
         return list(session.scalars(query.order_by(OutboxEntry.id)).all())
 
-    return k.store.call(work)
+    return await k.unit_of_work(work)

@@ -1,14 +1,14 @@
 """The one Store over SQLAlchemy 2.0: engine, sessions and schema upgrades.
 
 ``Store.session_scope()`` is the only way code opens a session; it commits on
-success and rolls back on any error. ``Store.run(fn)`` runs a unit of work in a
-worker thread so that the event loop never blocks on the database. SQLAlchemy
+success and rolls back on any error. Work done on the event loop goes through
+``Kernel.unit_of_work``, which runs it in a worker thread in one such scope so
+that the loop never blocks on the database. SQLAlchemy
 errors are translated into :class:`threadsync.core.errors.StoreError` here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -135,7 +135,3 @@ class Store:
         """Run ``fn(session)`` in one transaction."""
         with self.session_scope() as session:
             return fn(session)
-
-    async def run(self, fn: Callable[[Session], T]) -> T:
-        """Run ``fn(session)`` in one transaction in a worker thread."""
-        return await asyncio.to_thread(self.call, fn)

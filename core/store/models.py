@@ -41,11 +41,6 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-#: Connection states in which the connection still belongs to its user.
-LIVE_STATES = ("connected", "needs_reauth", "error")
-CONNECTION_STATES = (*LIVE_STATES, "disconnected", "replaced")
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -76,6 +71,7 @@ class Connection(Base):
 
     __tablename__ = "connections"
     __table_args__ = (
+        # The live states of ``rules.LIVE_STATES``, as the migration wrote them.
         Index(
             "uq_connection_live",
             "subaccount_id",

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from threadsync.core import rules
 from threadsync.core.errors import ProviderError
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import delivery
 from threadsync.core.provider import Provider
-from threadsync.core.store.models import LIVE_STATES, Connection, SubAccount, utcnow
+from threadsync.core.rules import LIVE_STATES, SendStatus
+from threadsync.core.store.models import Connection, utcnow
 from threadsync.core.sync.ingest import PassReport, sync_connection
 from threadsync.core.sync.workers import WorkerLeases
 
@@ -48,32 +50,26 @@ class OnceReport:
     errors: list[str] = field(default_factory=list)
 
 
-def eligible_connections(k: Kernel) -> list[int]:
-    """Connections to work on now: live, not waiting for re-authorisation, Labs on
-    (R1), and past their backoff (R2)."""
+async def eligible_connections(k: Kernel) -> list[int]:
+    """Connections to work on now: worked on (live, not waiting for
+    re-authorisation, Labs on: R1) and past their backoff (R2)."""
     now = utcnow()
 
-    def work(session: Session) -> list[int]:
+    def work(session: Session, _events: EventBuffer) -> list[int]:
         rows = session.execute(
             select(Connection.id, Connection.next_attempt_at)
-            .join(SubAccount, SubAccount.id == Connection.subaccount_id)
-            .where(
-                Connection.state.in_(("connected", "error")),
-                SubAccount.two_way_email_sync.is_(True),
-            )
+            .where(rules.worked_connections())
             .order_by(Connection.id)
         ).all()
-        return [cid for cid, when in rows if when is None or when <= now]
+        return [cid for cid, when in rows if rules.due(when, now)]
 
-    return k.store.call(work)
+    return await k.unit_of_work(work)
 
 
 async def _fail(k: Kernel, conn_id: int, exc: ProviderError) -> bool:
     """Record a provider failure on the connection. ``False`` when the connection
     was ended meanwhile: its credentials are gone, so the failure means nothing."""
-    events = EventBuffer()
-    state = await k.store.run(lambda s: k.record_failure(s, events, conn_id, exc))
-    events.announce(k.pm)
+    state = await k.unit_of_work(lambda s, events: k.record_failure(s, events, conn_id, exc))
     if state not in LIVE_STATES:
         log.info("connection ended; failure ignored", extra={"connection_id": conn_id})
         return False
@@ -84,8 +80,8 @@ async def _fail(k: Kernel, conn_id: int, exc: ProviderError) -> bool:
 async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[PassReport, int]:
     """Deliver the connection's due outbox entries, then read its folders."""
     sent = 0
-    for entry_id in await asyncio.to_thread(delivery.due_entries, k, conn_id):
-        if await delivery.deliver_entry(k, entry_id, provider) == "sent":
+    for entry_id in await delivery.due_entries(k, conn_id):
+        if await delivery.deliver_entry(k, entry_id, provider) == SendStatus.SENT:
             sent += 1
     report = await sync_connection(k, conn_id, provider)
     if not report.ended:
@@ -96,7 +92,7 @@ async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[
 async def _open(k: Kernel, conn_id: int) -> Provider | None:
     """The connection's provider, open; ``None`` when the connection was ended
     since it was chosen (its credentials are gone)."""
-    conn = await k.store.run(lambda s: k.get_connection(s, conn_id))
+    conn = await k.load_connection(conn_id)
     if conn.state not in LIVE_STATES:
         return None
     return await k.open_provider(conn)
@@ -104,8 +100,8 @@ async def _open(k: Kernel, conn_id: int) -> Provider | None:
 
 async def deliver_default_channel(k: Kernel) -> int:
     sent = 0
-    for entry_id in await asyncio.to_thread(delivery.due_entries, k, None):
-        if await delivery.deliver_entry(k, entry_id) == "sent":
+    for entry_id in await delivery.due_entries(k, None):
+        if await delivery.deliver_entry(k, entry_id) == SendStatus.SENT:
             sent += 1
     return sent
 
@@ -114,7 +110,7 @@ async def run_once(k: Kernel) -> OnceReport:
     """One full pass over every eligible connection and the default channel."""
     report = OnceReport()
     report.sent += await deliver_default_channel(k)
-    for conn_id in await asyncio.to_thread(eligible_connections, k):
+    for conn_id in await eligible_connections(k):
         report.connections += 1
         provider: Provider | None = None
         try:
@@ -198,7 +194,7 @@ class Daemon:
     async def _supervise(self) -> None:
         try:
             await deliver_default_channel(self.k)
-            wanted = set(await asyncio.to_thread(eligible_connections, self.k))
+            wanted = set(await eligible_connections(self.k))
         except Exception:  # the supervisor must survive a database hiccup
             log.exception("supervisor pass failed")
             await self._cancel([c for c in self.tasks if not self.leases.holds(c)])
@@ -215,7 +211,7 @@ class Daemon:
         # CRM mail queued by another process (the CLI, the API) wakes its
         # connection from IDLE instead of waiting for the next poll.
         try:
-            waiting = await asyncio.to_thread(delivery.connections_with_due_mail, self.k)
+            waiting = await delivery.connections_with_due_mail(self.k)
         except Exception:
             log.exception("supervisor could not read the outbox")
             return

@@ -11,6 +11,8 @@ race or a folder is rescanned after a UIDVALIDITY reset. That transaction first
 holds the connection's row (:meth:`Kernel.lock_live_connection`): when another
 process ended the connection while a batch was being read, the batch is dropped
 and the pass stops (R6) instead of writing a cursor that no longer exists.
+Every step reaches the database through :meth:`Kernel.unit_of_work`, so the
+events of a batch are announced only once it has committed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.mime import ParsedMessage, parse_message
 from threadsync.core.provider import ChangeBatch, Folder, HeaderSummary, Provider
+from threadsync.core.rules import MessageState, ThreadState
 from threadsync.core.store.models import Attachment, Cursor, Message, SyncedThread
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ def _candidate_ids(h: HeaderSummary) -> list[str]:
     return list(dict.fromkeys([*h.in_reply_to, *h.references]))
 
 
-def _classify(
+async def _classify(
     k: Kernel, conn_id: int, headers: list[HeaderSummary]
 ) -> list[tuple[HeaderSummary, str]]:
     """Which headers belong to an active thread of this connection: (header, thread).
@@ -77,6 +80,13 @@ def _classify(
     Message-ID is already stored (the CRM's sent copy, INBOX+Sent) are left out.
     """
     domain = k.settings.sync.message_id_domain
+    return await k.unit_of_work(lambda session, _: _members(session, domain, conn_id, headers))
+
+
+def _members(
+    session: Session, domain: str, conn_id: int, headers: list[HeaderSummary]
+) -> list[tuple[HeaderSummary, str]]:
+    """:func:`_classify`'s work, inside its transaction."""
     # Only a header that refers to other messages can be a member, and only then
     # does its own Message-ID matter: the other headers are not looked up.
     candidates = [(h, _candidate_ids(h)) for h in headers if h.in_reply_to or h.references]
@@ -92,7 +102,7 @@ def _classify(
         if h.message_id:
             wanted.add(h.message_id)
     tokens = {token for token in token_of.values() if token}
-    by_token, by_mid = k.store.call(lambda session: _stored(session, conn_id, tokens, wanted))
+    by_token, by_mid = _stored(session, conn_id, tokens, wanted)
     members: list[tuple[HeaderSummary, str]] = []
     for h, ids in candidates:
         if h.message_id and h.message_id in by_mid:
@@ -134,7 +144,7 @@ _MESSAGES_IN_ACTIVE_THREADS = (
         .where(
             SyncedThread.id == Message.thread_id,
             SyncedThread.connection_id == bindparam("conn_id"),
-            SyncedThread.state == "active",
+            SyncedThread.state == ThreadState.ACTIVE,
         )
         .exists(),
     )
@@ -152,7 +162,7 @@ def _stored(
     by_token: dict[str, str] = {}
     for chunk in _chunks(sorted(tokens), _LOOKUP_CHUNK):
         for token, thread_id, owner, state in session.execute(_THREADS_BY_TOKEN, {"tokens": chunk}):
-            if owner == conn_id and state == "active":
+            if owner == conn_id and state == ThreadState.ACTIVE:
                 by_token[token] = thread_id
     by_mid: dict[str, str] = {}
     for chunk in _chunks(sorted(mids), _LOOKUP_CHUNK):
@@ -196,16 +206,16 @@ def _synthetic_id(raw_ref: str, h: HeaderSummary, conn_id: int) -> str:
     return f"<missing-{hashlib.sha256(basis.encode()).hexdigest()[:32]}@threadsync.invalid>"
 
 
-def _store(
+async def _store(
     k: Kernel,
     conn_id: int,
     folder: Folder,
     accepted: list[Accepted],
     cursor: dict[str, Any],
-    events: EventBuffer,
     report: PassReport,
 ) -> None:
-    """Store accepted messages and the folder cursor in one transaction.
+    """Store accepted messages and the folder cursor in one transaction; their
+    events are announced once it has committed.
 
     Sets ``report.ended`` and stores nothing when the connection was ended since
     the batch was read (R6): its cursors are gone and must stay gone.
@@ -214,7 +224,7 @@ def _store(
 
     counts = {"stored": 0, "skipped": 0, "duplicates": 0}
 
-    def work(session: Session) -> bool:
+    def work(session: Session, events: EventBuffer) -> bool:
         for key in counts:
             counts[key] = 0
         # Taken first: an end committed meanwhile is seen here, and one that comes
@@ -229,7 +239,7 @@ def _store(
             t.id: t
             for t in session.scalars(
                 select(SyncedThread).where(
-                    SyncedThread.id.in_(thread_ids), SyncedThread.state == "active"
+                    SyncedThread.id.in_(thread_ids), SyncedThread.state == ThreadState.ACTIVE
                 )
             )
         }
@@ -257,7 +267,7 @@ def _store(
             msg = _message_row(thread, item, folder, own_address, limit)
             session.add(msg)
             existing[(thread.id, item.message_id)] = msg
-            counts["stored" if msg.state == "synced" else "skipped"] += 1
+            counts["stored" if msg.state == MessageState.SYNCED else "skipped"] += 1
             events.message(session, thread, msg)
         row = session.scalar(
             select(Cursor).where(Cursor.connection_id == conn_id, Cursor.role == folder.role)
@@ -275,7 +285,7 @@ def _store(
     # and our insert: the unique constraint refuses it, and the retry skips it.
     for attempt in range(3):
         try:
-            if not k.store.call(work):
+            if not await k.unit_of_work(work):
                 report.ended = True
                 log.info(
                     "connection ended during a pass; batch dropped",
@@ -289,7 +299,6 @@ def _store(
         except IntegrityError:
             if attempt == 2:
                 raise
-            events.pending.clear()
             log.info("batch raced another worker; retrying", extra={"connection_id": conn_id})
 
 
@@ -317,10 +326,10 @@ def _message_row(
         provider_refs={folder.role: h.ref},
     )
     if p is None:
-        msg.state, msg.reason = "skipped", rules.UNPARSEABLE
+        msg.state, msg.reason = MessageState.SKIPPED, rules.UNPARSEABLE
         return msg
     too_large = rules.over_limit((a.size for a in p.attachments), limit)
-    msg.state = "skipped" if too_large else "synced"
+    msg.state = MessageState.SKIPPED if too_large else MessageState.SYNCED
     msg.reason = rules.ATTACHMENT_TOO_LARGE if too_large else None
     if not too_large:
         msg.text, msg.html = p.text, p.html
@@ -343,7 +352,7 @@ async def sync_folder(
 ) -> None:
     """Read one folder up to its current end, batch by batch."""
 
-    def load(session: Session) -> dict[str, Any] | None:
+    def load(session: Session, _events: EventBuffer) -> dict[str, Any] | None:
         row = session.scalar(
             select(Cursor).where(Cursor.connection_id == conn_id, Cursor.role == folder.role)
         )
@@ -351,7 +360,7 @@ async def sync_folder(
             return None
         return dict(row.data)
 
-    cursor = await k.store.run(load)
+    cursor = await k.unit_of_work(load)
     size = k.settings.sync.batch_size
     ahead: asyncio.Task[ChangeBatch] | None = None
     try:
@@ -361,18 +370,14 @@ async def sync_folder(
             else:
                 batch = await provider.changes(folder, cursor, size)
             report.seen += len(batch.headers)
-            members = await asyncio.to_thread(_classify, k, conn_id, batch.headers)
+            members = await _classify(k, conn_id, batch.headers)
             accepted = await _fetch_members(provider, folder, conn_id, members)
             if batch.more:
                 # The next headers are read while this batch is stored; each cursor
                 # is still stored with its own batch, so a crash replays at most one.
                 ahead = asyncio.ensure_future(provider.changes(folder, batch.cursor, size))
             if accepted or batch.cursor != cursor:
-                events = EventBuffer()
-                await asyncio.to_thread(
-                    _store, k, conn_id, folder, accepted, batch.cursor, events, report
-                )
-                events.announce(k.pm)
+                await _store(k, conn_id, folder, accepted, batch.cursor, report)
                 if report.ended:
                     return
             report.folders[folder.role] = report.folders.get(folder.role, 0) + len(batch.headers)
@@ -430,10 +435,7 @@ async def sync_connection(k: Kernel, conn_id: int, provider: Provider) -> PassRe
         await sync_folder(k, conn_id, provider, folder, report)
         if report.ended:
             return report
-    events = EventBuffer()
-    live = await k.store.run(lambda s: k.record_success(s, events, conn_id))
-    report.ended = not live
-    events.announce(k.pm)
+    report.ended = not await k.unit_of_work(lambda s, events: k.record_success(s, events, conn_id))
     return report
 
 

@@ -41,7 +41,6 @@ from threadsync.core.kernel import Kernel, worker_is_dead
 from threadsync.core.store.models import (
     Connection,
     ConnectionLease,
-    SubAccount,
     Worker,
     iso,
     utcnow,
@@ -148,17 +147,9 @@ def list_workers(k: Kernel) -> list[dict[str, Any]]:
 
 
 def _leasable() -> Any:
-    """Connections a worker may hold: live and working (not waiting for
-    re-authorisation), Labs on. Backoff does not matter: a connection in
-    backoff stays with its worker."""
-    return (
-        select(Connection.id)
-        .join(SubAccount, SubAccount.id == Connection.subaccount_id)
-        .where(
-            Connection.state.in_(("connected", "error")),
-            SubAccount.two_way_email_sync.is_(True),
-        )
-    )
+    """Connections a worker may hold: those worked on (R1, R2). Backoff does not
+    matter: a connection in backoff stays with its worker."""
+    return select(Connection.id).where(rules.worked_connections())
 
 
 class WorkerLeases:

@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from threadsync.core.host.webhooks import EVENT_TYPES, STATUSES
+from threadsync.core.rules import ConnectionState, MessageState, SendStatus, ThreadState
 
 Schema = dict[str, Any]
 
-CONNECTION_STATES = ["connected", "needs_reauth", "error", "disconnected", "replaced"]
+CONNECTION_STATES = [s.value for s in ConnectionState]
 
 
 def ref(name: str) -> Schema:
@@ -165,7 +166,7 @@ SCHEMAS: dict[str, Schema] = {
             "channel": {"type": "string", "enum": ["mailbox", "default"]},
             "synced": BOOL,
             "reason": _nullable("string"),
-            "status": {"type": "string", "enum": ["sent", "queued"]},
+            "status": {"type": "string", "enum": [s.value for s in SendStatus]},
         },
     ),
     "ThreadSummary": _obj(
@@ -184,7 +185,7 @@ SCHEMAS: dict[str, Schema] = {
             "subaccount": STR,
             "user": STR,
             "email": _nullable("string"),
-            "state": {"type": "string", "enum": ["active", "stopped", "unsynced"]},
+            "state": {"type": "string", "enum": [s.value for s in ThreadState]},
             "stop_reason": _nullable("string"),
             "subject": STR,
             "message_count": INT,
@@ -229,7 +230,7 @@ SCHEMAS: dict[str, Schema] = {
             "cc": {"type": "array", "items": STR},
             "subject": STR,
             "date": _nullable("string"),
-            "state": {"type": "string", "enum": ["synced", "skipped"]},
+            "state": {"type": "string", "enum": [s.value for s in MessageState]},
             "reason": _nullable("string"),
             "text": _nullable("string"),
             "html": _nullable("string"),

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from threadsync.core.errors import ConfigError, InvalidInput, NotFound, Refused
 from threadsync.core.host.apikeys import Principal
 from threadsync.core.outbox.compose import Draft
+from threadsync.core.rules import MessageState
 from threadsync.plugins.http_api import bodies
 from threadsync.plugins.http_api.auth import require_subaccount
 from threadsync.plugins.http_api.context import ApiContext, api_route, ok
@@ -123,7 +124,7 @@ async def threads(ctx: ApiContext, request: Request, who: Principal) -> Response
 
 def _with_links(thread_id: str, message: dict[str, Any]) -> dict[str, Any]:
     base = f"/v1/threads/{quote(thread_id)}/messages/{quote(message['message_id'], safe='')}"
-    stored = message.get("state") == "synced"
+    stored = message.get("state") == MessageState.SYNCED
     message["attachments"] = [
         {**a, "index": i, "download_url": f"{base}/attachments/{i}" if stored else None}
         for i, a in enumerate(message.get("attachments") or [])

@@ -19,6 +19,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from threadsync.core.host.apikeys import Principal
+from threadsync.core.rules import LIVE_STATES
 from threadsync.plugins.http_api import bodies
 from threadsync.plugins.http_api.auth import SESSION_COOKIE
 from threadsync.plugins.http_api.context import ApiContext, open_route
@@ -103,11 +104,7 @@ def render(data: dict[str, Any], backlog: dict[str, Any]) -> str:
     )
     rows = []
     for c in conns:
-        paused = (
-            " " + _badge("paused")
-            if c["paused"] and c["state"] in ("connected", "needs_reauth", "error")
-            else ""
-        )
+        paused = " " + _badge("paused") if c["paused"] and c["state"] in LIVE_STATES else ""
         err = escape(c["last_error"] or "")
         rows.append(
             f"<tr class=connection data-state='{escape(c['state'])}'>"
