@@ -42,17 +42,21 @@ _EXPORTS = {
     "ConfigError": "threadsync.core.errors",
     "InvalidInput": "threadsync.core.errors",
     "HeaderInjection": "threadsync.core.errors",
+    "MessageTooLarge": "threadsync.core.errors",
     "NotFound": "threadsync.core.errors",
     "Refused": "threadsync.core.errors",
     "LabsDisabled": "threadsync.core.errors",
     "AlreadyConnected": "threadsync.core.errors",
     "StoreError": "threadsync.core.errors",
+    "SecretsUnreadable": "threadsync.core.errors",
     "LeaseLost": "threadsync.core.errors",
     "MessageParseError": "threadsync.core.errors",
     "ProviderError": "threadsync.core.errors",
     "AuthenticationFailed": "threadsync.core.errors",
     "TransientProviderError": "threadsync.core.errors",
     "ProviderProtocolError": "threadsync.core.errors",
+    "UnexpectedFailure": "threadsync.core.errors",
+    "DeliveryUnconfirmed": "threadsync.core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

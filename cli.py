@@ -160,6 +160,21 @@ def init(ctx: Ctx) -> None:
     )
 
 
+@cli.command("rotate-key")
+@pass_ctx
+def rotate_key(ctx: Ctx) -> None:
+    """Re-encrypt every stored secret under a new secret key, in one transaction.
+
+    Stop the daemon and the API first: they hold the old key in memory."""
+    from threadsync.core.api import Threadsync
+
+    ctx.emit(
+        Threadsync.rotate_key(ctx.settings),
+        lambda r: f"secret key rotated at {r['secret_key_file']}; "
+        f"{r['total']} stored secrets re-encrypted",
+    )
+
+
 # ---- Labs ---------------------------------------------------------------------------
 
 
@@ -426,6 +441,11 @@ def thread(ctx: Ctx, thread_id: str) -> None:
             )
             for a in m["attachments"]:
                 lines.append(f"     attachment {a['filename']} {a['size']} bytes")
+            if m.get("defects"):
+                lines.append(
+                    f"     parts of this message could not be read ({len(m['defects'])} "
+                    f"note(s)): {m['defects'][0]}"
+                )
         return "\n".join(lines)
 
     ctx.emit(ctx.threadsync().thread(thread_id), text)

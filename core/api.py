@@ -25,14 +25,14 @@ from typing import Any
 from threadsync.core.accounts import connections as accounts
 from threadsync.core.accounts import consent
 from threadsync.core.config import Settings, load
-from threadsync.core.host import apikeys, reports, views, webhooks
+from threadsync.core.host import apikeys, ratelimits, reports, views, webhooks
 from threadsync.core.host.routes import PluginRoute
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import compose
 from threadsync.core.outbox.compose import Draft
 from threadsync.core.provider import ProviderOption
+from threadsync.core.store import keys
 from threadsync.core.store.database import Store
-from threadsync.core.store.vault import Vault
 from threadsync.core.sync import daemon, workers
 
 
@@ -47,6 +47,7 @@ class Threadsync:
         self.kernel = kernel
         #: API keys and idempotency records (the HTTP API's).
         self.api_keys = apikeys.ApiKeys(kernel.store)
+        self.rate_limits = ratelimits.RateLimits(kernel.store)
         #: Webhook endpoints, deliveries and the queue.
         self.webhooks = webhooks.Webhooks(kernel)
 
@@ -78,12 +79,13 @@ class Threadsync:
 
     @staticmethod
     def init(settings: Settings) -> dict[str, Any]:
-        """Create or upgrade the database and the secret key; idempotent."""
-        made_key = Vault.create_key_file(settings.secret_key_file)
+        """Create or upgrade the database and the secret key; idempotent. Never
+        makes a new key while secrets encrypted with a lost one are stored."""
         store = Store(settings.database_url)
         try:
             store.upgrade()
             revision = store.current_revision()
+            made_key = keys.ensure_key(store, settings.secret_key_file)
         finally:
             store.dispose()
         return {
@@ -92,6 +94,17 @@ class Threadsync:
             "secret_key_file": str(settings.secret_key_file),
             "secret_key_created": made_key,
         }
+
+    @staticmethod
+    def rotate_key(settings: Settings) -> dict[str, Any]:
+        """Re-encrypt every stored secret under a new secret key, in one
+        transaction, then keep only the new key. Stop other processes first:
+        they hold the old key in memory."""
+        store = Store(settings.database_url)
+        try:
+            return keys.rotate(store, settings.secret_key_file)
+        finally:
+            store.dispose()
 
     def check_ready(self) -> None:
         self.kernel.store.check_ready()
@@ -135,14 +148,18 @@ class Threadsync:
         options: Mapping[str, Any],
         notify: Callable[[str], None] = _log_notice,
         credentials: Mapping[str, str] | None = None,
+        tenant: bool = False,
     ) -> dict[str, Any]:
         """Connect a mailbox. ``notify`` shows what an interactive sign-in needs
         (a consent URL or a device code). ``credentials`` gives secrets directly,
         by name without ``_env`` (``{"password": ...}``), instead of naming
-        environment variables in ``options`` (``password_env``)."""
+        environment variables in ``options`` (``password_env``). ``tenant``: the
+        caller acts for a tenant, so the hosts it names are held to the
+        ``[network]`` policy (no internal addresses unless allowed)."""
         return await accounts.connect(
-            self.kernel, subaccount, user, provider, email, options, notify, credentials
-        )
+            self.kernel, subaccount, user, provider, email, options, notify, credentials,
+            tenant,
+        )  # fmt: skip
 
     async def update_email(
         self,
@@ -154,11 +171,14 @@ class Threadsync:
         options: Mapping[str, Any],
         notify: Callable[[str], None] = _log_notice,
         credentials: Mapping[str, str] | None = None,
+        tenant: bool = False,
     ) -> dict[str, Any]:
-        """Replace the user's connected address (R7); ``credentials`` as in :meth:`connect`."""
+        """Replace the user's connected address (R7); ``credentials`` and ``tenant``
+        as in :meth:`connect`."""
         return await accounts.update_email(
-            self.kernel, subaccount, user, provider, email, options, notify, credentials
-        )
+            self.kernel, subaccount, user, provider, email, options, notify, credentials,
+            tenant,
+        )  # fmt: skip
 
     async def begin_sign_in(
         self,

@@ -45,6 +45,11 @@ class DefaultChannel:
 class SyncSettings:
     poll_interval_seconds: float = 30.0
     max_attachment_bytes: int = 3_145_728
+    #: A message's whole size as transmitted (inbound and CRM-written). 25 MiB is
+    #: the common sending limit of the big mailbox services (Gmail, Exchange Online
+    #: by default): larger mail rarely arrives anywhere, and holding it would cost
+    #: the shared process its memory.
+    max_message_bytes: int = 26_214_400
     message_id_domain: str = "threadsync.local"
     batch_size: int = 250
     backoff_base_seconds: float = 5.0
@@ -84,6 +89,13 @@ KERNEL_SECTIONS: dict[str, frozenset[str]] = {
 }
 
 
+#: Sections the kernel reads as written, in another module (``[network]``: the
+#: policy for hosts a tenant names, :mod:`threadsync.core.network`).
+KERNEL_RAW_SECTIONS: dict[str, frozenset[str]] = {
+    "network": frozenset({"allowed_networks", "allow_private_targets"}),
+}
+
+
 def _closest(word: str, choices: Iterable[str]) -> str:
     found = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
     return f"; did you mean {found[0]!r}?" if found else ""
@@ -103,6 +115,7 @@ def check_keys(section: str, data: Mapping[str, Any], known: Collection[str]) ->
 def check_sections(settings: Settings, known: Mapping[str, Collection[str]]) -> None:
     """Refuse a plugin section or key that no plugin declared (``known``: section
     -> keys, gathered from the ``config_sections`` hook)."""
+    known = {**KERNEL_RAW_SECTIONS, **known}
     for name, data in settings.sections.items():
         if name not in known:
             valid = sorted({*KERNEL_SECTIONS, *known} - {"outbound"})
@@ -194,6 +207,7 @@ def from_mapping(raw: dict[str, Any], *, base: Path, path: Path | None = None) -
     sync = SyncSettings(
         poll_interval_seconds=typed("sync", s, "poll_interval_seconds", float, 30.0),
         max_attachment_bytes=typed("sync", s, "max_attachment_bytes", int, 3_145_728),
+        max_message_bytes=typed("sync", s, "max_message_bytes", int, 26_214_400),
         message_id_domain=typed("sync", s, "message_id_domain", str, "threadsync.local"),
         batch_size=typed("sync", s, "batch_size", int, 250),
         backoff_base_seconds=typed("sync", s, "backoff_base_seconds", float, 5.0),
@@ -212,6 +226,8 @@ def from_mapping(raw: dict[str, Any], *, base: Path, path: Path | None = None) -
         )
     if sync.max_attachment_bytes < 0:
         raise ConfigError("[sync] max_attachment_bytes must not be negative")
+    if sync.max_message_bytes < 1024:
+        raise ConfigError("[sync] max_message_bytes must be at least 1024")
     if not 1 <= sync.batch_size <= 1000:
         raise ConfigError("[sync] batch_size must be between 1 and 1000")
     if "@" in sync.message_id_domain or not sync.message_id_domain.strip():

@@ -11,18 +11,22 @@ turns these into exit codes and messages for people.
     ThreadsyncError
     ├── ConfigError                 config.toml or a provider option is wrong
     ├── InvalidInput                a caller's argument is unusable
-    │   └── HeaderInjection         CR, LF or NUL in a header value from the CRM
+    │   ├── HeaderInjection         CR, LF or NUL in a header value from the CRM
+    │   └── MessageTooLarge         a CRM message over [sync] max_message_bytes
     ├── NotFound                    no such sub-account, user, connection or thread
     ├── Refused                     a rule (R1-R11) forbids the request
     │   ├── LabsDisabled            R1: the sub-account's Labs flag is off
     │   └── AlreadyConnected        R2a: use update-email instead
     ├── StoreError                  the database failed or is not initialised
+    │   └── SecretsUnreadable       stored credentials do not decrypt with this key
     ├── LeaseLost                   another worker holds the work now; stop touching it
     ├── MessageParseError           a message could not be parsed at all
     └── ProviderError               a mailbox provider failed
         ├── AuthenticationFailed    credentials rejected -> connection needs_reauth
         ├── TransientProviderError  network, timeout, server busy -> retried with backoff
-        └── ProviderProtocolError   the server answered something we cannot use
+        │   └── DeliveryUnconfirmed the line failed after a message may have left: not resent
+        ├── ProviderProtocolError   the server answered something we cannot use
+        └── UnexpectedFailure       a connection's work failed in a way nobody foresaw
 
 Messages never contain secrets (R11): callers pass addresses and host names,
 never passwords or tokens.
@@ -56,6 +60,12 @@ class HeaderInjection(InvalidInput):
     code = "header_injection"
 
 
+class MessageTooLarge(InvalidInput):
+    """A CRM message is larger than ``[sync] max_message_bytes`` once encoded."""
+
+    code = "message_too_large"
+
+
 class NotFound(ThreadsyncError):
     """The named sub-account, user, connection or thread does not exist."""
 
@@ -84,6 +94,14 @@ class StoreError(ThreadsyncError):
     """The database could not be reached, is not initialised, or failed."""
 
     code = "store_error"
+
+
+class SecretsUnreadable(StoreError):
+    """Stored credentials cannot be decrypted with the secret key at hand (the key
+    file was replaced, or the value is damaged): that connection's problem, not
+    the database's."""
+
+    code = "secrets_unreadable"
 
 
 class LeaseLost(ThreadsyncError):
@@ -124,26 +142,49 @@ class TransientProviderError(ProviderError):
         self.retry_after = retry_after
 
 
+class DeliveryUnconfirmed(TransientProviderError):
+    """The connection failed after the end of a message was written and before
+    the server's answer (SMTP after the final dot): the server may have accepted
+    it. The kernel never sends it again (a duplicate is worse than a gap) and
+    records the message with reason ``delivery_unconfirmed``."""
+
+    code = "delivery_unconfirmed"
+
+
 class ProviderProtocolError(ProviderError):
     """The server answered something the provider cannot use (not retried soon)."""
 
     code = "provider_protocol_error"
 
 
+class UnexpectedFailure(ProviderError):
+    """A connection's work failed in a way no provider translated: its provider
+    plugin cannot be loaded, its stored credentials cannot be read, or a bug.
+    Recorded like any other provider failure (``error`` with backoff), so that it
+    shows wherever connections are shown; the message says what a person can do.
+    """
+
+    code = "unexpected_failure"
+
+
 __all__ = [
     "AlreadyConnected",
     "AuthenticationFailed",
     "ConfigError",
+    "DeliveryUnconfirmed",
     "HeaderInjection",
     "InvalidInput",
     "LabsDisabled",
     "LeaseLost",
     "MessageParseError",
+    "MessageTooLarge",
     "NotFound",
     "ProviderError",
     "ProviderProtocolError",
     "Refused",
+    "SecretsUnreadable",
     "StoreError",
     "ThreadsyncError",
     "TransientProviderError",
+    "UnexpectedFailure",
 ]

@@ -40,6 +40,7 @@ from threadsync.core.errors import (
     TransientProviderError,
 )
 from threadsync.core.host.events import EventBuffer
+from threadsync.core.network import NetworkPolicy, network_policy
 from threadsync.core.outbox.pool import ProviderPool
 from threadsync.core.provider import Account, Provider
 from threadsync.core.registry import (
@@ -49,12 +50,17 @@ from threadsync.core.registry import (
     providers,
 )
 from threadsync.core.rules import LIVE_STATES
+from threadsync.core.store import keys
 from threadsync.core.store.database import Store
 from threadsync.core.store.models import Connection, utcnow
 from threadsync.core.store.vault import Vault
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: Key of a connection's stored settings marking hosts named by a tenant: they are
+#: held to the network policy at every connect (:mod:`threadsync.core.network`).
+TENANT_HOSTS = "tenant_hosts"
 
 
 def _with_env_secrets(section: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -102,6 +108,8 @@ class Kernel:
     worker: str = field(default_factory=worker_id)
     #: Provider kernel-wide settings (timeouts), per provider name, from config.
     provider_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The network policy hosts named by a tenant are held to (``[network]``).
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
     #: Open providers reused by one-off deliveries (``send`` / ``reply``).
     #: A copy made with ``dataclasses.replace`` shares it with the original.
     pool: ProviderPool = field(default_factory=ProviderPool)
@@ -155,12 +163,14 @@ class Kernel:
         check_sections(settings, config_sections(pm))
         registry = providers(pm)
         env = dict(os.environ) if environ is None else dict(environ)
+        store = Store(settings.database_url)
         return cls(
             settings=settings,
-            store=Store(settings.database_url),
-            vault=Vault.from_file(settings.secret_key_file),
+            store=store,
+            vault=keys.open_vault(store, settings.secret_key_file),
             pm=pm,
             registry=registry,
+            network=network_policy(settings),
             environ=env,
             provider_settings={
                 name: _with_env_secrets(dict(settings.section(name)), env) for name in registry
@@ -177,14 +187,26 @@ class Kernel:
             raise ConfigError(f"unknown provider {name!r} (registered: {known})") from None
 
     def provider_for(self, conn: Connection) -> Provider:
-        """A new (unopened) provider instance for a stored connection."""
+        """A new (unopened) provider instance for a stored connection; hosts a
+        tenant named are held to the network policy of this moment's config."""
         cls = self.provider_class(conn.provider)
+        settings = dict(conn.settings or {})
         account = Account(
             email=conn.email,
-            settings=dict(conn.settings or {}),
+            settings=settings,
             secrets=self.vault.open(conn.secrets),
+            network=self.network if settings.pop(TENANT_HOSTS, False) else None,
         )
         return cls(account, self.provider_settings.get(conn.provider, {}))
+
+    def hold_to_policy(self, account: Account, tenant: bool) -> Account:
+        """For a ``tenant`` (the HTTP API with a sub-account's key), hold
+        ``account``'s hosts to the network policy, now and (by marking its
+        settings, :data:`TENANT_HOSTS`) at every later connect."""
+        if tenant:
+            account.network = self.network
+            account.settings = {**account.settings, TENANT_HOSTS: True}
+        return account
 
     async def open_provider(self, conn: Connection) -> Provider:
         """:meth:`provider_for`, logged in; closed again when the login fails."""

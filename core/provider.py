@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from threadsync.core.errors import ConfigError
+from threadsync.core.network import NetworkPolicy
 
 FolderRole = Literal["inbox", "sent"]
 
@@ -120,6 +121,12 @@ class Account:
     settings: dict[str, Any] = field(default_factory=dict)
     secrets: dict[str, str] = field(default_factory=dict)
     secrets_changed: bool = False
+    #: The network policy the hosts of this account are held to at every connect,
+    #: set by the kernel when a tenant named them (:mod:`threadsync.core.network`);
+    #: ``None`` when the operator did. A provider that opens sockets to hosts from
+    #: ``settings`` connects through :func:`threadsync.core.network.open_socket`
+    #: with it, and tells the tenant no more than that it could not connect.
+    network: NetworkPolicy | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
@@ -23,6 +24,7 @@ from threadsync.core.provider import Provider
 BUILTIN = (
     "threadsync.plugins.imap_smtp",
     "threadsync.plugins.outlook",
+    "threadsync.plugins.exchange",
     "threadsync.plugins.http_api",
     "threadsync.plugins.localmail",
 )
@@ -61,8 +63,15 @@ def get_plugin_manager(
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     """Load every plugin of the ``threadsync`` group; a plugin that cannot be
-    imported is a ``ConfigError`` naming it, not a traceback."""
+    imported is a ``ConfigError`` naming it, not a traceback. A package installed
+    twice on the path (a virtual environment over the system's site-packages)
+    counts once, as the one that imports first."""
+    seen: set[str] = set()
     for dist in importlib.metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", str(dist.metadata["name"] or "")).lower()
+        if name in seen:
+            continue
+        seen.add(name)
         for ep in dist.entry_points:
             if ep.group != hookspecs.PROJECT or pm.get_plugin(ep.name) is not None:
                 continue

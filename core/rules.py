@@ -116,6 +116,7 @@ class SendStatus(StrEnum):
 # Reasons a message did not sync; shown to users and stored with messages.
 ATTACHMENT_TOO_LARGE = "attachment_too_large"
 LABS_DISABLED = "labs_disabled"
+MESSAGE_TOO_LARGE = "message_too_large"
 NO_CONNECTION = "no_connection"
 #: A connection's end is the reason of what it stopped.
 DISCONNECTED: Final = ConnectionState.DISCONNECTED
@@ -140,6 +141,21 @@ class Route:
 def over_limit(sizes: Iterable[int], limit: int) -> bool:
     """R8: any attachment of more than ``limit`` decoded bytes (exactly ``limit`` syncs)."""
     return any(size > limit for size in sizes)
+
+
+def message_too_large(size: int | None, limit: int) -> bool:
+    """A message of ``size`` bytes as transmitted (RFC 5322, encoded) is over the
+    message limit; exactly ``limit`` passes. An unknown size is not over: the
+    caller measures the message once it has it."""
+    return size is not None and size > limit
+
+
+def encoded_size(text_bytes: int, html_bytes: int, attachment_bytes: Iterable[int]) -> int:
+    """A lower bound on the size of a CRM message once built: bodies as they are,
+    attachments in base64 (4 bytes per 3, 76-character lines). Headers and
+    quoted-printable add a little; the limit is meant for megabytes, not bytes."""
+    encoded = sum((size + 2) // 3 * 4 * 78 // 76 for size in attachment_bytes)
+    return text_bytes + html_bytes + encoded
 
 
 def route_first_message(

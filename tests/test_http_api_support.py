@@ -25,6 +25,7 @@ import pytest
 from tests.kernelfixtures import CONTACT, SUB, USER, World
 from threadsync.core.host import apikeys
 from threadsync.core.host.webhooks import WebhookSettings
+from threadsync.core.network import NetworkPolicy
 from threadsync.core.outbox.compose import Draft
 from threadsync.plugins.http_api.app import create_app
 from threadsync.plugins.http_api.server import ThreadedServer
@@ -67,6 +68,10 @@ def http_settings(**over: Any) -> HttpSettings:
 @pytest.fixture(name="api_factory")
 def api_factory_fixture(world: World) -> Iterator[Callable[..., Api]]:
     servers: list[ThreadedServer] = []
+
+    # The mailbox servers of these tests are on loopback too: the operator opens it
+    # for hosts that tenants name (threadsync.core.network).
+    world.ts.kernel.network = NetworkPolicy(allowed_networks=LOOPBACK)
 
     def make(**over: Any) -> Api:
         app, _ = create_app(world.ts, http_settings(**over))

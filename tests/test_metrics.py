@@ -44,6 +44,7 @@ async def test_provider_errors_by_kind_from_error_codes(api: Api, world: World) 
         "provider_error": 0,
         "provider_protocol_error": 0,
         "transient_provider_error": 0,
+        "unexpected_failure": 0,
     }
 
     sent = await synced_thread(world)
@@ -81,6 +82,7 @@ async def test_provider_errors_by_kind_from_error_codes(api: Api, world: World) 
         "provider_error": 1,
         "provider_protocol_error": 0,
         "transient_provider_error": 1,
+        "unexpected_failure": 0,
     }
     with api.client(api.admin) as admin:
         assert provider_errors(admin.get("/metrics").text) == expected

@@ -31,6 +31,10 @@ def test_every_hook_is_typed_documented_and_exercised_by_a_test() -> None:
     names = hook_names()
     assert set(names) == {
         "register_providers",
+        "config_sections",
+        "register_commands",
+        "register_routes",
+        "daemon_services",
         "message_synced",
         "message_skipped",
         "connection_state_changed",
@@ -133,3 +137,29 @@ def test_public_exports_resolve() -> None:
         assert getattr(threadsync, name) is not None
     with pytest.raises(AttributeError):
         threadsync.no_such_name  # noqa: B018
+
+
+def test_a_package_installed_twice_on_the_path_counts_once(tmp_path: Path) -> None:
+    """A virtual environment over the system's site-packages can see two installs of
+    one package; the one that imports first wins, like its modules."""
+    import subprocess
+    import sys
+
+    # The older install elsewhere on the path still names a plugin module that the
+    # newer one no longer has.
+    for folder, entries in (("first", "dup = json"), ("second", "gone = no_such_module_here")):
+        info = tmp_path / folder / "threadsync_dup-1.0.dist-info"
+        info.mkdir(parents=True)
+        metadata = "Metadata-Version: 2.1\nName: threadsync-dup\nVersion: 1.0\n"
+        (info / "METADATA").write_text(metadata)
+        (info / "entry_points.txt").write_text(f"[threadsync]\n{entries}\n")
+    code = (
+        "import sys; sys.path[:0] = sys.argv[1:]\n"
+        "from threadsync.core.registry import get_plugin_manager\n"
+        "print(get_plugin_manager().get_plugin('dup').__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "first"), str(tmp_path / "second")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (out.returncode, out.stdout.strip()) == (0, "json"), out.stderr

@@ -166,3 +166,12 @@ def test_fair_share_covers_every_connection_and_is_equal_rounded_up() -> None:
         for workers in range(1, 8):
             assert rules.fair_share(connections, workers) * workers >= connections
             assert (rules.fair_share(connections, workers) - 1) * workers < connections
+
+
+def test_message_size_limit() -> None:
+    assert not rules.message_too_large(1000, 1000)  # exactly the limit passes
+    assert rules.message_too_large(1001, 1000)
+    assert not rules.message_too_large(None, 1000)  # unknown: measured once fetched
+    # Attachments count base64-encoded, with line breaks.
+    assert rules.encoded_size(10, 0, [3_000_000]) > 4_000_000
+    assert rules.encoded_size(10, 5, []) == 15

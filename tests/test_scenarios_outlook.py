@@ -428,3 +428,45 @@ async def test_crm_headers_with_line_breaks_are_refused(outlook_world: OutlookWo
     with pytest.raises(HeaderInjection):
         await world.ts.send(SUB, USER, offer(to=["a@example.org\r\nX: y"]))
     assert world.ts.threads(SUB)["threads"] == [] and world.ms.sent() == []
+
+
+async def test_r9_lost_send_answer_then_restart_sends_once_and_keeps_it(
+    outlook_world: OutlookWorld,
+) -> None:
+    """Graph answers /send with 202 before sending and Sent Items lags. The
+    answer is lost and the process dies while it waits for the copy; after the
+    restart the message is neither sent again nor given up."""
+    world = outlook_world
+    thread_id, _ = await start_thread(world)
+    world.ms.graph.sent_items_lag = 1.0
+    world.ms.graph.lose_answer(1, when=lambda c: c.path.endswith("/send"))
+    replying = asyncio.create_task(world.ts.reply(thread_id, Draft(text="Lost answer")))
+    for _ in range(200):
+        if len(world.ms.sent()) == 2:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # the answer is lost; the copy has not landed yet
+    replying.cancel()  # the process dies while it watches the draft
+    with pytest.raises(asyncio.CancelledError):
+        await replying
+    mid = world.ms.sent()[-1].message_id
+
+    def restart(session):  # type: ignore[no-untyped-def]
+        # The dead process's lease ends; the entry says the send may have left.
+        entry = session.scalars(select(OutboxEntry).order_by(OutboxEntry.id.desc())).first()
+        assert entry.status == "transmitting"
+        entry.lease_until = entry.created_at
+
+    world.ts.kernel.store.call(restart)
+    await world.ts.run_once()
+    await asyncio.sleep(1.1)  # the copy lands in Sent Items
+    await world.ts.run_once()
+
+    def statuses(session):  # type: ignore[no-untyped-def]
+        return [e.status for e in session.scalars(select(OutboxEntry))]
+
+    assert world.ts.kernel.store.call(statuses) == ["sent", "sent"]
+    assert len(world.ms.sent(mid)) == 1
+    assert world.ms.message_ids(world.email, "sentitems").count(mid) == 1
+    assert world.count_messages(mid) == 1
+    assert world.ts.thread(thread_id)["message_count"] == 2

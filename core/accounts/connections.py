@@ -226,14 +226,18 @@ async def connect(
     options: Mapping[str, Any],
     notify: Callable[[str], None] = log.info,
     credentials: Mapping[str, str] | None = None,
+    tenant: bool = False,
 ) -> dict[str, Any]:
     """Connect a user's mailbox, or re-authorise one in ``needs_reauth``/``error``.
 
     ``notify`` shows the user what an interactive sign-in needs (a consent URL);
-    ``credentials`` are secrets given directly instead of through ``*_env`` options."""
+    ``credentials`` are secrets given directly instead of through ``*_env`` options;
+    ``tenant``: a tenant named the hosts, so they are held to the network policy
+    (:meth:`Kernel.hold_to_policy`), now and at every later connect."""
     return await _authorized(
-        connect_with, k, subaccount, user, provider, email, options, notify, credentials or {}
-    )
+        connect_with, k, subaccount, user, provider, email, options, notify,
+        credentials or {}, tenant,
+    )  # fmt: skip
 
 
 Finish = Callable[
@@ -251,16 +255,19 @@ async def _authorized(
     options: Mapping[str, Any],
     notify: Callable[[str], None],
     credentials: Mapping[str, str],
+    tenant: bool,
 ) -> dict[str, Any]:
     """``finish`` (connect or update-email) with the account the provider's
     :meth:`~threadsync.core.provider.Provider.authorize` signs in."""
     email, cls = checked_request(k, subaccount, user, provider, email)
     settings = k.provider_settings.get(cls.name, {})
     secrets = resolve_secrets(k, cls, options, credentials)
-    return await finish(
-        k, subaccount, user, provider, email,
-        lambda: cls.authorize(email, options, secrets, notify, settings),
-    )  # fmt: skip
+
+    async def signed_in() -> Account:
+        account = await cls.authorize(email, options, secrets, notify, settings)
+        return k.hold_to_policy(account, tenant)
+
+    return await finish(k, subaccount, user, provider, email, signed_in)
 
 
 async def connect_with(
@@ -403,12 +410,14 @@ async def update_email(
     options: Mapping[str, Any],
     notify: Callable[[str], None] = log.info,
     credentials: Mapping[str, str] | None = None,
+    tenant: bool = False,
 ) -> dict[str, Any]:
     """Replace the connected address without a gap: the new connection is verified
-    first, then in one transaction the old one becomes ``replaced``."""
+    first, then in one transaction the old one becomes ``replaced``. ``credentials``
+    and ``tenant`` as for :func:`connect`."""
     return await _authorized(
         update_email_with, k, subaccount, user, provider, email, options, notify,
-        credentials or {},
+        credentials or {}, tenant,
     )  # fmt: skip
 
 

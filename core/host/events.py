@@ -56,6 +56,9 @@ def message_json(m: Message) -> dict[str, Any]:
         "text": m.text,
         "html": m.html,
         "attachments": [attachment_json(a) for a in m.attachments],
+        # What the parser dropped or repaired: non-empty means parts of this
+        # message could not be read and the CRM should say so.
+        "defects": list(m.defects or []),
     }
 
 

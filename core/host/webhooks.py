@@ -36,7 +36,7 @@ import functools
 import json
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -82,6 +82,9 @@ class WebhookSettings:
     settle_seconds: float = 60.0
     poll_seconds: float = 1.0
     concurrency: int = 16
+    #: Chains in flight for one sub-account at most: its slow endpoints never take
+    #: every slot (fair scheduling across tenants).
+    per_subaccount_concurrency: int = 4
     batch_size: int = 200
     chain_max: int = 10
     delivered_retention_days: float = 7.0
@@ -389,6 +392,7 @@ class Outgoing:
     delivery_id: int
     endpoint_id: int
     ordering_key: str
+    subaccount: str
     url: str
     secret: str
     event_id: int
@@ -403,9 +407,22 @@ def event_body(event: Event) -> bytes:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
-def claim(k: Kernel, settings: WebhookSettings, limit: int) -> list[Outgoing]:
+def claim(
+    k: Kernel,
+    settings: WebhookSettings,
+    limit: int,
+    in_flight: Mapping[str, int] | None = None,
+) -> list[Outgoing]:
     """Lease up to ``limit`` due deliveries, each the earliest pending of its
-    ordering key or following it in a chain (at most ``chain_max`` per key)."""
+    ordering key or following it in a chain (at most ``chain_max`` per key).
+
+    ``in_flight`` counts the caller's chains still running per sub-account; new
+    chains are given to a sub-account only up to ``per_subaccount_concurrency``
+    in all, so one tenant's slow endpoints cannot hold every slot while another
+    tenant's deliveries wait."""
+    running = dict(in_flight or {})
+    cap = settings.per_subaccount_concurrency
+    full = sorted(sub for sub, n in running.items() if n >= cap)
 
     def idle(session: Session) -> bool:
         now = utcnow()
@@ -428,16 +445,19 @@ def claim(k: Kernel, settings: WebhookSettings, limit: int) -> list[Outgoing]:
             d.event_id < w.event_id,
             or_(d.next_attempt_at > now, and_(d.lease_until.is_not(None), d.lease_until > now)),
         )
-        rows = session.scalars(
-            select(w)
-            .where(w.status == "pending", w.next_attempt_at <= now, free, ~blocked)
-            .order_by(w.event_id, w.id)
-            .limit(limit)
-        ).all()
+        query = select(w).where(w.status == "pending", w.next_attempt_at <= now, free, ~blocked)
+        if full:
+            query = query.where(w.subaccount_id.not_in(full))
+        rows = session.scalars(query.order_by(w.event_id, w.id).limit(limit)).all()
         per_key: dict[tuple[int, str], int] = {}
+        chains = dict(running)
         chosen: list[WebhookDelivery] = []
         for row in rows:
             key = (row.endpoint_id, row.ordering_key)
+            if key not in per_key:
+                if chains.get(row.subaccount_id, 0) >= cap:
+                    continue  # this tenant has its share of chains; others go first
+                chains[row.subaccount_id] = chains.get(row.subaccount_id, 0) + 1
             if per_key.get(key, 0) < settings.chain_max:
                 per_key[key] = per_key.get(key, 0) + 1
                 chosen.append(row)
@@ -466,6 +486,7 @@ def claim(k: Kernel, settings: WebhookSettings, limit: int) -> list[Outgoing]:
                 delivery_id=r.id,
                 endpoint_id=r.endpoint_id,
                 ordering_key=r.ordering_key,
+                subaccount=r.subaccount_id,
                 url=eps[r.endpoint_id].url,
                 secret=secrets_by_ep[r.endpoint_id],
                 event_id=r.event_id,

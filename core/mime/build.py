@@ -12,8 +12,10 @@ envelope carries Bcc recipients).
 from __future__ import annotations
 
 import base64
+import io
 import ipaddress
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -252,19 +254,58 @@ def _seven_bit_clean(data: bytes) -> bool:
     )
 
 
-def _add_attachment(msg: EmailMessage, attachment: AttachmentIn) -> None:
+def _add_attachment(
+    msg: EmailMessage, attachment: AttachmentIn, placeholders: dict[bytes, bytes]
+) -> None:
+    """Add ``attachment`` to ``msg``. A base64 one gets a placeholder body, noted in
+    ``placeholders`` (token -> content) and replaced by :func:`_spliced`."""
     filename = _header_text(attachment.filename, "attachment filename").strip() or None
     maintype, subtype, params = _attachment_type(attachment.content_type)
-    data = bytes(attachment.data)
-    cte = "base64"
+    data = attachment.data
     if maintype == "message":
         # RFC 2046 allows only 7bit/8bit/binary for message/*; 8bit would need
         # 8BITMIME, so an attached message that is not 7-bit clean goes as a file.
         if _seven_bit_clean(data):
-            cte = "7bit"
-        else:
-            maintype, subtype = "application", "octet-stream"
-    msg.add_attachment(data, maintype, subtype, cte=cte, filename=filename, params=params)
+            msg.add_attachment(
+                bytes(data), maintype, subtype, cte="7bit", filename=filename, params=params
+            )
+            return
+        maintype, subtype = "application", "octet-stream"
+    msg.add_attachment(b"", maintype, subtype, cte="base64", filename=filename, params=params)
+    token = f"threadsync-attachment-{secrets.token_hex(16)}"
+    parts = msg.get_payload()
+    part = parts[-1] if isinstance(parts, list) else None
+    if not isinstance(part, EmailMessage):
+        raise InvalidInput("message could not be built: the attachment was not added")
+    part.set_payload(token)
+    placeholders[token.encode("ascii")] = bytes(data)
+
+
+def _spliced(out: bytes, placeholders: dict[bytes, bytes]) -> bytes:
+    """``out`` with each placeholder replaced by its content in base64 (RFC 2045:
+    76-character lines, CRLF). Done here rather than by the ``email`` generator,
+    which holds several copies of every attachment on the way: a message near the
+    size limit then costs about two copies of itself instead of four."""
+    if not placeholders:
+        return out
+    # BytesIO hands its buffer over on getvalue(): the message is made once.
+    result = io.BytesIO()
+    rest = out
+    for token, data in placeholders.items():
+        before, found, rest = rest.partition(token)
+        if not found:
+            raise InvalidInput("message could not be built: an attachment went missing")
+        result.write(before)
+        view = memoryview(data)
+        for start in range(0, len(view), _B64_CHUNK):
+            lines = base64.encodebytes(view[start : start + _B64_CHUNK])
+            result.write(lines.replace(b"\n", b"\r\n"))
+    result.write(rest)
+    return result.getvalue()
+
+
+#: Attachment bytes encoded at a time: whole 76-character lines (57 bytes each).
+_B64_CHUNK = 57 * 1024
 
 
 def build_message(
@@ -329,11 +370,12 @@ def build_message(
         msg.set_content(text, subtype="plain", charset="utf-8", cte=_body_cte(text))
         if html is not None:
             msg.add_alternative(html, subtype="html", charset="utf-8", cte=_body_cte(html))
+        placeholders: dict[bytes, bytes] = {}
         for attachment in attachments:
-            _add_attachment(msg, attachment)
+            _add_attachment(msg, attachment, placeholders)
     except (ValueError, TypeError, IndexError, MessageError) as exc:
         raise InvalidInput(f"message could not be built: {exc}") from exc
     for part in msg.walk():
         if part is not msg:
             del part["MIME-Version"]  # EmailMessage repeats it in every part
-    return msg.as_bytes(policy=_POLICY)
+    return _spliced(msg.as_bytes(policy=_POLICY), placeholders)

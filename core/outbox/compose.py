@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from threadsync.core import rules
 from threadsync.core.accounts.connections import get_subaccount, labs_on, live_connection
-from threadsync.core.errors import InvalidInput, NotFound
+from threadsync.core.errors import InvalidInput, MessageTooLarge, NotFound
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.mime import AttachmentIn, build_message, check_address, check_header_value
@@ -168,6 +168,23 @@ def _validate(draft: Draft, *, need_recipients: bool) -> Draft:
     )
 
 
+def _check_size(k: Kernel, draft: Draft) -> None:
+    """Refuse a message over ``[sync] max_message_bytes`` once encoded, before
+    anything is stored: it would be refused by most mail servers, and building it
+    would hold several copies in the shared process."""
+    limit = k.settings.sync.max_message_bytes
+    size = rules.encoded_size(
+        len(draft.text.encode("utf-8")),
+        len(draft.html.encode("utf-8")) if draft.html else 0,
+        (len(a.data) for a in draft.attachments),
+    )
+    if rules.message_too_large(size, limit):
+        raise MessageTooLarge(
+            f"the message would be about {size:,} bytes once encoded, over the limit of "
+            f"{limit:,} ([sync] max_message_bytes); send large files as links"
+        )
+
+
 Outcome = tuple[dict[str, Any], "delivery.Claim | None"]
 
 
@@ -231,6 +248,7 @@ async def send(
     With ``idempotency_key``, a repeated call returns the first call's message
     (delivering it if it still waits) instead of sending another."""
     draft = _validate(draft, need_recipients=True)
+    _check_size(k, draft)
     key = request_key(idempotency_key, "send", subaccount, user)
     limit = k.settings.sync.max_attachment_bytes
 
@@ -278,6 +296,7 @@ async def reply(
     """Reply from the CRM in an existing thread (R4), threaded for mail clients.
     ``idempotency_key`` as for :func:`send`."""
     draft = _validate(draft, need_recipients=False)
+    _check_size(k, draft)
     limit = k.settings.sync.max_attachment_bytes
 
     def work(session: Session, events: EventBuffer) -> Outcome:

@@ -17,11 +17,23 @@ After a crash:
 A failure before the checkpoint returns the entry to ``pending`` with backoff.
 Each step is its own :meth:`Kernel.unit_of_work`: a worker thread, one
 transaction, its events announced after the commit.
+
+If the database fails while committing "transmitting" (the commit may or may
+not have happened), the provider stops before that step, so the message has
+certainly not left: the entry is remembered in this process and its next claim
+here sends it (without waiting for the lease to run out, and without taking it
+for sent). A failure after it that leaves the outcome unknown (the provider
+raises :class:`~threadsync.core.errors.DeliveryUnconfirmed`: the line dropped
+after the end of SMTP DATA, before the server's answer) keeps ``transmitting``
+with the lease released: it is handled as after a crash (never sent again, the
+Sent copy filed on the next pass), and the message carries the reason
+``delivery_unconfirmed`` so the CRM user sees that it may not have arrived.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,11 +42,17 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, undefer
 
 from threadsync.core import rules
-from threadsync.core.errors import LeaseLost, ProviderError, ProviderProtocolError
+from threadsync.core.errors import (
+    DeliveryUnconfirmed,
+    LeaseLost,
+    ProviderError,
+    ProviderProtocolError,
+    StoreError,
+)
 from threadsync.core.host.events import MESSAGE_SYNCED, EventBuffer, message_json
 from threadsync.core.kernel import Kernel, worker_is_dead
 from threadsync.core.outbox.relay import send_via_relay
-from threadsync.core.provider import Checkpoint, OutgoingMail, Provider
+from threadsync.core.provider import OutgoingMail, Provider
 from threadsync.core.rules import (
     LEASED,
     ConnectionState,
@@ -42,6 +60,7 @@ from threadsync.core.rules import (
     OutboxStatus,
     SendStatus,
 )
+from threadsync.core.store.database import Store
 from threadsync.core.store.models import Connection, Message, OutboxEntry, utcnow
 from threadsync.core.sync import workers
 
@@ -66,6 +85,19 @@ class Claim:
     synced_event: tuple[str, dict[str, Any]] | None = None
 
 
+#: Reason on a CRM message whose server answer was lost after it may have left.
+DELIVERY_UNCONFIRMED = "delivery_unconfirmed"
+
+#: Per database, the entries this process holds in "transmitting" although they
+#: certainly did not leave: the commit of the checkpoint failed (its outcome
+#: unknown) and the provider stopped before the point of no return.
+_NOT_SENT: weakref.WeakKeyDictionary[Store, set[int]] = weakref.WeakKeyDictionary()
+
+
+def _not_sent(k: Kernel) -> set[int]:
+    return _NOT_SENT.setdefault(k.store, set())
+
+
 def _lease_is_dead(owner: str | None, until: datetime | None, now: datetime) -> bool:
     return owner is None or until is None or until <= now or worker_is_dead(owner)
 
@@ -88,6 +120,12 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
             # The worker that holds the mailbox sends it: woken now, not at its poll.
             workers.notify(session, conn.id)
             return None
+    # Ours, and known here not to have left (see _NOT_SENT): sent now, not waited for.
+    not_sent = (
+        entry.status == OutboxStatus.TRANSMITTING
+        and entry.lease_owner == k.worker
+        and entry.id in _not_sent(k)
+    )
     if entry.status == OutboxStatus.SENT:
         if entry.channel == "mailbox" and not entry.sent_copy_stored:
             if not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
@@ -95,12 +133,16 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         else:
             return None
     elif entry.status in LEASED:
-        if not _lease_is_dead(entry.lease_owner, entry.lease_until, now) and not (
-            # Safe to take before the lease ends: the old owner can no longer
-            # move it to "transmitting" once the lease is ours.
-            entry.status == OutboxStatus.CLAIMED
-            and conn is not None
-            and workers.left_by_gone_worker(session, k, conn.id, entry.lease_owner)
+        if (
+            not not_sent
+            and not _lease_is_dead(entry.lease_owner, entry.lease_until, now)
+            and not (
+                # Safe to take before the lease ends: the old owner can no longer
+                # move it to "transmitting" once the lease is ours.
+                entry.status == OutboxStatus.CLAIMED
+                and conn is not None
+                and workers.left_by_gone_worker(session, k, conn.id, entry.lease_owner)
+            )
         ):
             return None
     elif entry.status == OutboxStatus.PENDING:
@@ -108,7 +150,7 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
             return None
     else:
         return None
-    was_transmitting = entry.status == OutboxStatus.TRANSMITTING
+    was_transmitting = entry.status == OutboxStatus.TRANSMITTING and not not_sent
     already_sent = entry.status == OutboxStatus.SENT
     # Compare-and-set, so that two workers never both win the same entry.
     won = session.execute(
@@ -123,7 +165,7 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         .values(
             status=(
                 OutboxStatus.CLAIMED
-                if entry.status in (OutboxStatus.PENDING, OutboxStatus.CLAIMED)
+                if entry.status in (OutboxStatus.PENDING, OutboxStatus.CLAIMED) or not_sent
                 else entry.status
             ),
             lease_owner=k.worker,
@@ -162,7 +204,12 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
 
 
 async def _claim(k: Kernel, entry_id: int, provider_open: bool) -> Claim | None:
-    return await k.unit_of_work(lambda session, _: claim_in(session, k, entry_id, provider_open))
+    claim = await k.unit_of_work(
+        lambda session, _: claim_in(session, k, entry_id, provider_open)
+    )
+    if claim is not None:
+        _not_sent(k).discard(entry_id)
+    return claim
 
 
 async def _update(k: Kernel, entry_id: int, **values: object) -> None:
@@ -231,11 +278,32 @@ async def _status(k: Kernel, entry_id: int) -> SendStatus:
     return await k.unit_of_work(work)
 
 
-def _checkpoint(k: Kernel, claim: Claim) -> Checkpoint:
-    async def checkpoint() -> None:
-        await _to_transmitting(k, claim)
+class _Checkpoint:
+    """The provider's checkpoint for one claim: commits "transmitting". When that
+    commit fails, its outcome is unknown, but the provider stops before the point
+    of no return: the entry is noted as not sent (see :data:`_NOT_SENT`)."""
 
-    return checkpoint
+    def __init__(self, k: Kernel, claim: Claim) -> None:
+        self.k = k
+        self.claim = claim
+        self.store_failed = False
+
+    async def __call__(self) -> None:
+        try:
+            await _to_transmitting(self.k, self.claim)
+        except StoreError:
+            self.store_failed = True
+            _not_sent(self.k).add(self.claim.entry_id)
+            log.warning(
+                "database failed while recording a send; the message did not leave "
+                "and is sent later",
+                extra={"outbox_id": self.claim.entry_id},
+            )
+            raise
+
+
+def _checkpoint(k: Kernel, claim: Claim) -> _Checkpoint:
+    return _Checkpoint(k, claim)
 
 
 async def _to_transmitting(k: Kernel, claim: Claim) -> None:
@@ -266,10 +334,18 @@ async def _deliver_default(k: Kernel, claim: Claim) -> SendStatus:
         return SendStatus.SENT
     channel = k.settings.default_channel
     password = k.environ.get(channel.password_env) if channel.password_env else None
+    checkpoint = _checkpoint(k, claim)
     try:
-        await send_via_relay(channel, claim.mail, password, _checkpoint(k, claim))
+        await send_via_relay(channel, claim.mail, password, checkpoint)
+    except StoreError:
+        if not checkpoint.store_failed:
+            raise
+        return SendStatus.QUEUED
     except ProviderProtocolError as exc:
         await _fail(k, claim, str(exc))
+        return SendStatus.QUEUED
+    except DeliveryUnconfirmed as exc:
+        await _unconfirmed(k, claim, exc)
         return SendStatus.QUEUED
     except ProviderError as exc:
         log.warning("default channel failed: %s", exc, extra={"outbox_id": claim.entry_id})
@@ -343,8 +419,13 @@ async def _deliver_mailbox(k: Kernel, claim: Claim, provider: Provider | None) -
 async def _transmit(k: Kernel, claim: Claim, provider: Provider) -> SendStatus:
     """Send (unless a crash may already have sent it), then file the Sent copy."""
     if not (claim.was_transmitting or claim.already_sent):
+        checkpoint = _checkpoint(k, claim)
         try:
-            await provider.send(claim.mail, _checkpoint(k, claim))
+            await provider.send(claim.mail, checkpoint)
+        except StoreError:
+            if not checkpoint.store_failed:
+                raise
+            return SendStatus.QUEUED  # not sent; the outbox keeps it (see _NOT_SENT)
         except ProviderProtocolError as exc:
             await _fail(k, claim, str(exc))
             return SendStatus.QUEUED
@@ -377,8 +458,11 @@ async def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> Non
         entry = session.get(OutboxEntry, claim.entry_id)
         if entry is not None and entry.lease_owner != k.worker:
             entry = None  # another worker holds it now: its state is not ours to change
-        if entry is not None and entry.status in LEASED:
-            # An error raised by the provider means the server did not take it.
+        if entry is not None and isinstance(exc, DeliveryUnconfirmed):
+            if entry.status == OutboxStatus.TRANSMITTING:
+                _record_unconfirmed(session, entry, exc)
+        elif entry is not None and entry.status in LEASED:
+            # Any other error raised by the provider means the server did not take it.
             entry.status = OutboxStatus.PENDING
             entry.attempts = (entry.attempts or 0) + 1
             entry.last_error = str(exc)
@@ -389,6 +473,31 @@ async def _connection_failed(k: Kernel, claim: Claim, exc: ProviderError) -> Non
             k.record_failure(session, events, claim.connection_id, exc)
 
     await k.unit_of_work(work)
+
+
+async def _unconfirmed(k: Kernel, claim: Claim, exc: DeliveryUnconfirmed) -> None:
+    def work(session: Session, _events: EventBuffer) -> None:
+        entry = session.get(OutboxEntry, claim.entry_id)
+        if entry is not None and entry.lease_owner == k.worker:
+            _record_unconfirmed(session, entry, exc)
+
+    await k.unit_of_work(work)
+
+
+def _record_unconfirmed(session: Session, entry: OutboxEntry, exc: DeliveryUnconfirmed) -> None:
+    """The message may have left: keep ``transmitting`` (never sent again, settled
+    by the next claim as after a crash), release the lease, say so on the message."""
+    entry.lease_owner = None
+    entry.lease_until = None
+    entry.last_error = f"{DELIVERY_UNCONFIRMED}: {exc}"
+    msg = session.get(Message, entry.message_pk)
+    if msg is not None:
+        msg.reason = DELIVERY_UNCONFIRMED
+    log.warning(
+        "delivery unconfirmed: the answer to the end of the message was lost; "
+        "it is not sent again",
+        extra={"outbox_id": entry.id, "reason": DELIVERY_UNCONFIRMED},
+    )
 
 
 def _due_clause(now: datetime) -> Any:

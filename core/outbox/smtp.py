@@ -31,8 +31,10 @@ from threadsync.core.errors import (
     AuthenticationFailed,
     ProviderError,
     ProviderProtocolError,
+    ThreadsyncError,
     TransientProviderError,
 )
+from threadsync.core.network import NetworkPolicy, open_socket
 from threadsync.core.outbox.smtp_data import send_data
 from threadsync.core.provider import Checkpoint, OutgoingMail
 from threadsync.core.tls import certificate_error, certificate_failure
@@ -61,6 +63,8 @@ class SmtpEndpoint:
     local_hostname: str | None = None
     #: How messages name this server ("SMTP server", "relay").
     label: str = "SMTP server"
+    #: Set when a tenant named the host: connect only to addresses it allows.
+    network: NetworkPolicy | None = None
 
     def __repr__(self) -> str:  # never show credentials
         return f"SmtpEndpoint({self.host!r}, {self.port}, {self.security!r})"
@@ -236,7 +240,7 @@ async def _open(endpoint: SmtpEndpoint) -> aiosmtplib.SMTP:
     tls = endpoint.security != "none"
     client = aiosmtplib.SMTP(
         hostname=endpoint.host,
-        port=endpoint.port,
+        port=endpoint.port if endpoint.network is None else None,
         use_tls=endpoint.security == "tls",
         start_tls=endpoint.security == "starttls",
         tls_context=endpoint.ssl_context if tls else None,
@@ -245,13 +249,39 @@ async def _open(endpoint: SmtpEndpoint) -> aiosmtplib.SMTP:
     )
     try:
         with _translated(endpoint, "connect"):
-            await client.connect()
+            await _connect(client, endpoint)
             await _authenticate(client, endpoint)
     except BaseException:
         client.close()
         await asyncio.sleep(0)  # let the transport finish closing
         raise
     return client
+
+
+async def _connect(client: aiosmtplib.SMTP, endpoint: SmtpEndpoint) -> None:
+    """Connect, with TLS and EHLO. For a host a tenant named (``endpoint.network``)
+    the socket goes to an address the network policy allowed (TLS still checks
+    the name), and any failure is told as "could not connect", whatever the cause:
+    a tenant must not learn which ports are closed, silent or speak TLS."""
+    if endpoint.network is None:
+        await client.connect()
+        return
+    try:
+        sock = await open_socket(endpoint.host, endpoint.port, endpoint.network, endpoint.timeout)
+        try:
+            await client.connect(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+    except (ThreadsyncError, aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        log.warning(
+            "SMTP connect for a tenant failed: %s",
+            exc,
+            extra={"smtp_host": endpoint.host, "smtp_port": endpoint.port},
+        )
+        raise TransientProviderError(
+            f"could not connect to SMTP server {endpoint.host}:{endpoint.port}"
+        ) from None
 
 
 async def _authenticate(client: aiosmtplib.SMTP, endpoint: SmtpEndpoint) -> None:

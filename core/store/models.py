@@ -21,6 +21,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -178,6 +179,8 @@ class Message(Base):
     provider_refs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     text: Mapped[str | None] = mapped_column(Text, nullable=True)
     html: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: What the MIME parser had to drop or repair, for people (empty: read whole).
+    defects: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     thread: Mapped[SyncedThread] = relationship(back_populates="messages")
@@ -446,3 +449,15 @@ class ConnectionLease(Base):
     )
     worker_id: Mapped[str] = mapped_column(String(255))
     lease_until: Mapped[datetime] = mapped_column(DateTime)
+
+
+class RateLimitBucket(Base):
+    """A token bucket of the HTTP API's rate limits (an API key's, or a client
+    address's failed sign-ins), shared by every API process on the database.
+    ``tokens`` as of ``updated`` (seconds since the epoch)."""
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float, index=True)

@@ -10,6 +10,13 @@ flag (R1), and respects the backoff of connections in ``error`` (R2). When
 several daemons share a database it works only on the connections whose lease
 it holds (:mod:`.workers`), and checks the lease before each pass.
 ``run --once`` is the same work done once for every connection, then exit.
+
+A failure nobody translated (a provider plugin that cannot be loaded, stored
+credentials that no longer decrypt, a bug) is recorded on its connection like
+any provider failure, as :class:`~threadsync.core.errors.UnexpectedFailure`: the
+connection shows ``error`` with a message a person can act on and backs off,
+and the other connections carry on. Its traceback is logged once per distinct
+failure, not at every retry.
 """
 
 from __future__ import annotations
@@ -25,7 +32,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from threadsync.core import rules
-from threadsync.core.errors import ProviderError
+from threadsync.core.errors import (
+    ConfigError,
+    ProviderError,
+    SecretsUnreadable,
+    StoreError,
+    ThreadsyncError,
+    UnexpectedFailure,
+)
 from threadsync.core.host.events import EventBuffer
 from threadsync.core.kernel import Kernel
 from threadsync.core.outbox import delivery
@@ -66,15 +80,56 @@ async def eligible_connections(k: Kernel) -> list[int]:
     return await k.unit_of_work(work)
 
 
-async def _fail(k: Kernel, conn_id: int, exc: ProviderError) -> bool:
+async def _fail(k: Kernel, conn_id: int, exc: ProviderError, *, logged: bool = False) -> bool:
     """Record a provider failure on the connection. ``False`` when the connection
-    was ended meanwhile: its credentials are gone, so the failure means nothing."""
+    was ended meanwhile: its credentials are gone, so the failure means nothing.
+    ``logged``: the caller has logged the failure already."""
     state = await k.unit_of_work(lambda s, events: k.record_failure(s, events, conn_id, exc))
     if state not in LIVE_STATES:
         log.info("connection ended; failure ignored", extra={"connection_id": conn_id})
         return False
-    log.warning("connection failed: %s", exc, extra={"connection_id": conn_id})
+    if not logged:
+        log.warning("connection failed: %s", exc, extra={"connection_id": conn_id})
     return True
+
+
+def unexpected_failure(exc: Exception) -> UnexpectedFailure:
+    """``exc``, raised by a connection's work and not a provider failure, as one:
+    its message says what a person can do. Messages of exceptions from outside
+    threadsync are not repeated (they may quote data); the log has them."""
+    if isinstance(exc, ConfigError):
+        hint = "install the provider's plugin or fix its settings; the connection retries"
+    elif isinstance(exc, SecretsUnreadable):
+        hint = (
+            "restore the secret key file these credentials were stored with, "
+            "or reconnect the mailbox (update-email) to store them again"
+        )
+    else:
+        hint = ""
+    if isinstance(exc, ThreadsyncError):
+        message = f"{exc}: {hint}" if hint else str(exc)
+    else:
+        message = (
+            f"unexpected {type(exc).__name__} while syncing this connection; "
+            "the daemon's log has the details"
+        )
+    failure = UnexpectedFailure(message)
+    failure.__cause__ = exc
+    return failure
+
+
+def failure_signature(exc: BaseException) -> str:
+    """What makes two failures "the same" for logging: kind and message."""
+    return f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+
+
+def log_unexpected(conn_id: int, exc: Exception) -> None:
+    """Log an unexpected failure: one line for a threadsync error (its message
+    says it all), the traceback for anything else (a bug)."""
+    if isinstance(exc, ThreadsyncError):
+        log.error("connection failed: %s", exc, extra={"connection_id": conn_id})
+    else:
+        log.error("connection failed unexpectedly", exc_info=exc, extra={"connection_id": conn_id})
 
 
 async def work_connection(k: Kernel, conn_id: int, provider: Provider) -> tuple[PassReport, int]:
@@ -125,6 +180,11 @@ async def run_once(k: Kernel) -> OnceReport:
         except ProviderError as exc:
             if await _fail(k, conn_id, exc):
                 report.errors.append(f"connection {conn_id}: {exc}")
+        except Exception as exc:  # one connection's failure must not stop the pass
+            log_unexpected(conn_id, exc)
+            failure = unexpected_failure(exc)
+            if await _fail(k, conn_id, failure, logged=True):
+                report.errors.append(f"connection {conn_id}: {failure}")
         finally:
             if provider is not None:
                 await provider.close()
@@ -151,16 +211,23 @@ class Daemon:
         self.supervise_seconds = supervise_seconds
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.providers: dict[int, Provider] = {}
+        #: The last unexpected failure logged with its traceback, per connection.
+        self.logged_failures: dict[int, str] = {}
         self.extra = tuple(extra)
         self._stop = asyncio.Event()
         #: This process's share of the connections among the workers on the database.
         self.leases = WorkerLeases(k)
+        #: Set while the database is unreachable: said once per outage, not per task.
+        self._store_down = False
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
-        await asyncio.to_thread(self.leases.register)
+        try:
+            await asyncio.to_thread(self.leases.register)
+        except StoreError as exc:  # it joins at a later heartbeat
+            self._database_down(exc)
         self.k.connection_guard = self.leases.guard
         listen: Callable[[], Awaitable[None]] = functools.partial(self.leases.listen, self._wake)
         extras = [asyncio.create_task(self._beside(fn)) for fn in (*self.extra, listen)]
@@ -191,15 +258,32 @@ class Daemon:
             log.exception("a task beside the sync loop failed; stopping")
         self.stop()
 
+    def _database_down(self, exc: StoreError) -> None:
+        if not self._store_down:
+            self._store_down = True
+            log.warning(
+                "database unavailable; work pauses and is retried every %gs: %s",
+                self.supervise_seconds,
+                exc,
+                extra={"error": exc.code},
+            )
+
     async def _supervise(self) -> None:
         try:
             await deliver_default_channel(self.k)
             wanted = set(await eligible_connections(self.k))
+        except StoreError as exc:
+            self._database_down(exc)
+            await self._cancel([c for c in self.tasks if not self.leases.holds(c)])
+            return
         except Exception:  # the supervisor must survive a database hiccup
             log.exception("supervisor pass failed")
             await self._cancel([c for c in self.tasks if not self.leases.holds(c)])
             return
         wanted &= await self.leases.share(self._cancel)
+        if self._store_down:
+            self._store_down = False
+            log.warning("database reachable again; work resumes")
         for conn_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[conn_id]
@@ -212,6 +296,9 @@ class Daemon:
         # connection from IDLE instead of waiting for the next poll.
         try:
             waiting = await delivery.connections_with_due_mail(self.k)
+        except StoreError as exc:
+            self._database_down(exc)
+            return
         except Exception:
             log.exception("supervisor could not read the outbox")
             return
@@ -248,6 +335,7 @@ class Daemon:
                     log.info("connection lease ended; task stops", extra={"connection_id": conn_id})
                     return
                 report, _ = await work_connection(k, conn_id, provider)
+                self.logged_failures.pop(conn_id, None)
                 if report.ended:
                     log.info("connection ended; task stops", extra={"connection_id": conn_id})
                     return
@@ -258,9 +346,29 @@ class Daemon:
             await _fail(k, conn_id, exc)
         except asyncio.CancelledError:
             raise
-        except Exception:  # one connection's bug must not stop the others
-            log.exception("connection task crashed", extra={"connection_id": conn_id})
+        except SecretsUnreadable as exc:  # this connection's credentials, not the database
+            await self._unexpected(conn_id, exc)
+        except StoreError as exc:  # the supervisor restarts the task once it is back
+            self._database_down(exc)
+        except Exception as exc:  # one connection's failure must not stop the others
+            await self._unexpected(conn_id, exc)
         finally:
             self.providers.pop(conn_id, None)
             if provider is not None:
                 await asyncio.shield(provider.close())
+
+    async def _unexpected(self, conn_id: int, exc: Exception) -> None:
+        """Record an unexpected failure on its connection (error, backoff); the
+        traceback is logged the first time this failure is seen."""
+        signature = failure_signature(exc)
+        if self.logged_failures.get(conn_id) != signature:
+            self.logged_failures[conn_id] = signature
+            log_unexpected(conn_id, exc)
+        try:
+            await _fail(self.k, conn_id, unexpected_failure(exc), logged=True)
+        except Exception:  # the database itself failed: the next pass retries
+            log.warning(
+                "could not record a connection's failure",
+                exc_info=True,
+                extra={"connection_id": conn_id},
+            )

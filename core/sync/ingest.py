@@ -50,6 +50,9 @@ class Accepted:
     message_id: str
     parsed: ParsedMessage | None
     error: str | None = None
+    #: Over ``[sync] max_message_bytes``: neither fetched (when the size was
+    #: announced) nor parsed nor stored, only recorded as skipped.
+    too_large: bool = False
 
 
 @dataclass
@@ -325,9 +328,13 @@ def _message_row(
         },
         provider_refs={folder.role: h.ref},
     )
+    if item.too_large:
+        msg.state, msg.reason = "skipped", rules.MESSAGE_TOO_LARGE
+        return msg
     if p is None:
         msg.state, msg.reason = MessageState.SKIPPED, rules.UNPARSEABLE
         return msg
+    msg.defects = list(p.defects)
     too_large = rules.over_limit((a.size for a in p.attachments), limit)
     msg.state = MessageState.SKIPPED if too_large else MessageState.SYNCED
     msg.reason = rules.ATTACHMENT_TOO_LARGE if too_large else None
@@ -371,7 +378,9 @@ async def sync_folder(
                 batch = await provider.changes(folder, cursor, size)
             report.seen += len(batch.headers)
             members = await _classify(k, conn_id, batch.headers)
-            accepted = await _fetch_members(provider, folder, conn_id, members)
+            accepted = await _fetch_members(
+                provider, folder, conn_id, members, k.settings.sync.max_message_bytes
+            )
             if batch.more:
                 # The next headers are read while this batch is stored; each cursor
                 # is still stored with its own batch, so a crash replays at most one.
@@ -401,17 +410,34 @@ async def _settle(task: asyncio.Task[ChangeBatch]) -> None:
 
 
 async def _fetch_members(
-    provider: Provider, folder: Folder, conn_id: int, members: list[tuple[HeaderSummary, str]]
+    provider: Provider,
+    folder: Folder,
+    conn_id: int,
+    members: list[tuple[HeaderSummary, str]],
+    limit: int,
 ) -> list[Accepted]:
-    """The whole messages of a batch's members, parsed, in groups (R5: members only)."""
+    """The whole messages of a batch's members, parsed, in groups (R5: members only).
+
+    A member over the message size ``limit`` is not parsed, and not even fetched
+    when the provider announced its size: memory stays bounded by the limit."""
     accepted: list[Accepted] = []
-    for group in _fetch_groups(members):
+    fetch: list[tuple[HeaderSummary, str]] = []
+    for header, thread_id in members:
+        if rules.message_too_large(header.size, limit):
+            mid = header.message_id or _synthetic_id(header.ref, header, conn_id)
+            accepted.append(Accepted(thread_id, header, mid, None, too_large=True))
+        else:
+            fetch.append((header, thread_id))
+    for group in _fetch_groups(fetch):
         raws = await provider.fetch_many(folder, [header.ref for header, _ in group])
         for header, thread_id in group:
             mid = header.message_id or _synthetic_id(header.ref, header, conn_id)
             raw = raws.get(header.ref)
             if raw is None:
                 raise ProviderProtocolError(f"message {header.ref} was not fetched")
+            if rules.message_too_large(len(raw), limit):
+                accepted.append(Accepted(thread_id, header, mid, None, too_large=True))
+                continue
             try:
                 # Big messages are parsed off the loop so IDLE and sends never stall.
                 parsed: ParsedMessage | None = (

@@ -36,7 +36,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from threadsync.core import rules
-from threadsync.core.errors import Refused
+from threadsync.core.errors import Refused, StoreError
 from threadsync.core.kernel import Kernel, worker_is_dead
 from threadsync.core.store.models import (
     Connection,
@@ -202,7 +202,9 @@ class WorkerLeases:
                     await stop(sorted(excess))
                     await asyncio.to_thread(self.release, excess)
                 await asyncio.to_thread(self.claim)
-            except Exception:  # the database may be away: leases run out on their own
+            except StoreError as exc:  # the leases run out on their own
+                log.warning("worker heartbeat failed: %s", exc, extra={"worker": self.id})
+            except Exception:
                 log.exception("worker heartbeat failed", extra={"worker": self.id})
         return self.held()
 

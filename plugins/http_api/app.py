@@ -34,6 +34,7 @@ from threadsync.plugins.http_api import (
     statuspage,
 )
 from threadsync.plugins.http_api.context import ApiContext
+from threadsync.plugins.http_api.limits import Budget, RequestLimits, release_large_buffers
 from threadsync.plugins.http_api.problems import HANDLERS, problem, unexpected
 from threadsync.plugins.http_api.settings import HttpSettings
 
@@ -115,6 +116,7 @@ def create_app(
 ) -> tuple[Starlette, ApiContext]:
     """The app over ``ts``. ``wake_webhooks`` nudges a webhook dispatcher of this
     process; ``dispatched`` reports its (delivered, failed) counts for metrics."""
+    release_large_buffers()
     ctx = ApiContext.build(ts, http)
     if wake_webhooks is not None:
         ctx.wake_webhooks = wake_webhooks
@@ -137,7 +139,14 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(Guard, ctx=ctx)],
+        middleware=[
+            Middleware(Guard, ctx=ctx),
+            Middleware(
+                RequestLimits,
+                budget=Budget(http.max_concurrent_requests, http.max_inflight_body_bytes),
+                max_body_bytes=http.max_body_bytes,
+            ),
+        ],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )

@@ -8,7 +8,12 @@ signed, HttpOnly cookie naming the admin key's public id instead, so the key
 itself is sent once, at login.
 
 Each key has a token bucket (``[http] rate_per_second`` refill, ``burst``
-capacity); an empty bucket answers 429 with ``Retry-After``.
+capacity); an empty bucket answers 429 with ``Retry-After``. Each client
+address has one for keys that are not known (``auth_failures_per_second``,
+``auth_failures_burst``): while it is empty, an unknown key is refused with 429
+before it is looked up, so guessing keys costs the database nothing. The
+buckets live in the database (:mod:`threadsync.core.host.ratelimits`), shared by
+every API process on it.
 """
 
 from __future__ import annotations
@@ -18,44 +23,64 @@ import hmac
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
 
 import anyio.to_thread
 from starlette.requests import Request
 
 from threadsync.core.host.apikeys import ApiKeys, Principal
+from threadsync.core.host.ratelimits import RateLimits
 from threadsync.plugins.http_api.problems import ApiProblem
 
 CACHE_SECONDS = 5.0
 SESSION_COOKIE = "threadsync_session"
 
 
-@dataclass
-class TokenBucket:
-    tokens: float
-    updated: float
+#: How often a process drops idle buckets from the database.
+PURGE_EVERY_SECONDS = 600.0
 
 
-@dataclass
 class RateLimiter:
-    """Token buckets per key id; single event loop, so no locking."""
+    """The API's token buckets: per key, and per client address for unknown keys."""
 
-    rate: float
-    burst: int
-    buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    def __init__(
+        self,
+        limits: RateLimits,
+        rate: float,
+        burst: int,
+        failure_rate: float = 1.0,
+        failure_burst: int = 20,
+    ) -> None:
+        self.limits = limits
+        self.rate, self.burst = rate, burst
+        self.failure_rate, self.failure_burst = failure_rate, failure_burst
+        self._purged = time.monotonic()
 
-    def take(self, key_id: str) -> float | None:
-        """Take a token; ``None`` when allowed, else seconds until one is free."""
+    async def take(self, key_id: str) -> float | None:
+        """Take a token of a key; ``None`` when allowed, else seconds until one is free."""
+        await self._maybe_purge()
+        return await anyio.to_thread.run_sync(
+            self.limits.take, f"key:{key_id}", self.rate, self.burst
+        )
+
+    async def failures_wait(self, address: str) -> float | None:
+        """``None`` while ``address`` may still present unknown keys."""
+        return await anyio.to_thread.run_sync(
+            self.limits.wait, f"auth:{address}", self.failure_rate, self.failure_burst
+        )
+
+    async def failed(self, address: str) -> None:
+        """``address`` presented an unknown key."""
+        await anyio.to_thread.run_sync(
+            self.limits.take, f"auth:{address}", self.failure_rate, self.failure_burst
+        )
+
+    async def _maybe_purge(self) -> None:
         now = time.monotonic()
-        bucket = self.buckets.get(key_id)
-        if bucket is None:
-            bucket = self.buckets[key_id] = TokenBucket(float(self.burst), now)
-        bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
-        bucket.updated = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return None
-        return (1.0 - bucket.tokens) / self.rate
+        if now - self._purged < PURGE_EVERY_SECONDS:
+            return
+        self._purged = now
+        idle = max(3600.0, self.burst / self.rate, self.failure_burst / self.failure_rate)
+        await anyio.to_thread.run_sync(self.limits.purge, idle)
 
 
 class Authenticator:
@@ -71,8 +96,13 @@ class Authenticator:
     def forget(self) -> None:
         self._cache.clear()
 
+    def cached(self, presented: str) -> Principal | None:
+        """The principal of a key checked in the last ``CACHE_SECONDS``, if any."""
+        hit = self._cache.get(_digest(presented))
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
     async def key(self, presented: str) -> Principal | None:
-        digest = hashlib.sha256(presented.encode("utf-8", "replace")).hexdigest()
+        digest = _digest(presented)
         hit = self._cache.get(digest)
         now = time.monotonic()
         if hit is not None and hit[1] > now:
@@ -104,6 +134,10 @@ class Authenticator:
         return await anyio.to_thread.run_sync(self.keys.principal_of, key_id)
 
 
+def _digest(presented: str) -> str:
+    return hashlib.sha256(presented.encode("utf-8", "replace")).hexdigest()
+
+
 def bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
@@ -113,9 +147,23 @@ def bearer(request: Request) -> str | None:
 
 
 async def authenticate(request: Request, auth: Authenticator, limiter: RateLimiter) -> Principal:
-    """The caller of an API route; 401 without a valid key, 429 over the rate."""
+    """The caller of an API route; 401 without a valid key, 429 over the rate
+    (of the key, or of unknown keys from the client's address)."""
     presented = bearer(request)
-    principal = await auth.key(presented) if presented else None
+    principal = auth.cached(presented) if presented else None
+    if principal is None and presented:
+        address = request.client.host if request.client else "unknown"
+        wait = await limiter.failures_wait(address)
+        if wait is not None:
+            raise ApiProblem(
+                429,
+                "too many requests with unknown API keys from this address; retry later",
+                code="rate_limited",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        principal = await auth.key(presented)
+        if principal is None:
+            await limiter.failed(address)
     if principal is None:
         raise ApiProblem(
             401,
@@ -123,7 +171,7 @@ async def authenticate(request: Request, auth: Authenticator, limiter: RateLimit
             code="unauthorized",
             headers={"WWW-Authenticate": 'Bearer realm="threadsync"'},
         )
-    wait = limiter.take(principal.key_id)
+    wait = await limiter.take(principal.key_id)
     if wait is not None:
         raise ApiProblem(
             429,

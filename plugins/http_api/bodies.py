@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -34,14 +35,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiProblem(413, f"request body larger than {limit} bytes", code="body_too_large")
-    chunks: list[bytes] = []
-    size = 0
+    # BytesIO hands its buffer over on getvalue(): a big body is held once.
+    body = io.BytesIO()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if body.tell() + len(chunk) > limit:
             raise ApiProblem(413, f"request body larger than {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body.write(chunk)
+    return body.getvalue()
 
 
 async def json_object(request: Request, limit: int) -> tuple[dict[str, Any], bytes]:
@@ -52,12 +52,41 @@ async def json_object(request: Request, limit: int) -> tuple[dict[str, Any], byt
     raw = await read_body(request, limit)
     try:
         data = json.loads(raw)
+    except RecursionError:  # deeper than the interpreter's stack allows
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError):
         raise ApiProblem(400, "the body is not valid JSON", code="invalid_json") from None
+    if _depth(data) > MAX_DEPTH:
+        raise _too_deep()
     if not isinstance(data, dict):
         raise invalid("body", "must be a JSON object")
     _check_strings(data, "body")
     return data, raw
+
+
+#: No route takes more than a few levels; the checks below recurse, and so would
+#: anything that walks the body later.
+MAX_DEPTH = 32
+
+
+def _too_deep() -> ApiProblem:
+    return ApiProblem(
+        400, f"the JSON body is nested deeper than {MAX_DEPTH} levels", code="invalid_json"
+    )
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests arrays and objects, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _check_strings(value: Any, where: str) -> None:
@@ -66,6 +95,8 @@ def _check_strings(value: Any, where: str) -> None:
     if isinstance(value, str):
         if "\x00" in value:
             raise invalid(where, "must not contain NUL characters")
+        if value.isascii():  # no copy of a big base64 string just to check it
+            return
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:

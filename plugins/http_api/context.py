@@ -62,7 +62,13 @@ class ApiContext:
             ts=ts,
             http=http,
             auth=Authenticator(ts.api_keys, http.session_hours),
-            limiter=RateLimiter(http.rate_per_second, http.burst),
+            limiter=RateLimiter(
+                ts.rate_limits,
+                http.rate_per_second,
+                http.burst,
+                http.auth_failures_per_second,
+                http.auth_failures_burst,
+            ),
         )
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

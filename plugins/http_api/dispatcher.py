@@ -7,8 +7,15 @@ arrive in order, many chains at once (``concurrency``). A chain stops at its
 first failure; the rest is released untouched and waits for the retry. Outcomes
 are stored in one transaction per finished chain. Each endpoint origin has its
 own small connection pool, so a slow receiver holds up only its own deliveries.
-Redirects are not followed;
+A sub-account has at most ``per_subaccount_concurrency`` chains in flight (the
+claim leaves the rest for later), so one tenant's slow endpoints never hold
+every slot. An attempt has one deadline (``timeout_seconds``) for connecting,
+sending and reading the answer, however slowly the receiver drips it; at most
+``RESPONSE_READ_LIMIT`` bytes of the answer are read, then the connection is
+dropped. Redirects are not followed;
 any 2xx is success; ``Retry-After`` on 429/503 is honoured up to the backoff cap.
+An attempt that fails in an unexpected way is logged with its traceback and
+recorded as a failure like any other, so it backs off and retries.
 A pass runs every ``poll_seconds``, or at once when :meth:`wake` is called (the
 API does so after writing, and the host hooks after every committed event).
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -45,6 +53,8 @@ RELEASE_EVERY_SECONDS = 10.0
 SWEEP_EVERY_SECONDS = 300.0
 SWEEP_BATCHES_PER_PASS = 10
 PER_ORIGIN_CONNECTIONS = 4
+#: Bytes of a receiver's answer read at most; nothing in it is used.
+RESPONSE_READ_LIMIT = 64 * 1024
 #: Addresses of one host tried in turn when connecting fails.
 MAX_ADDRESSES = 4
 
@@ -149,6 +159,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._chains_of: dict[str, int] = {}  # chains in flight per sub-account
         self._released_at = 0.0
         self._swept_at: float | None = None
         self._limit = asyncio.Semaphore(settings.concurrency)
@@ -238,7 +249,9 @@ class Dispatcher:
             free = self.settings.batch_size - len(self._inflight)
             if free <= 0:
                 return
-            claimed = await asyncio.to_thread(self.queue.claim, self.settings, free)
+            claimed = await asyncio.to_thread(
+                self.queue.claim, self.settings, free, dict(self._chains_of)
+            )
         except ThreadsyncError as exc:  # the database hiccuped; try again next pass
             log.warning("webhook pass failed: %s", exc)
             return
@@ -246,9 +259,22 @@ class Dispatcher:
         for item in claimed:
             chains.setdefault((item.endpoint_id, item.ordering_key), []).append(item)
         for chain in chains.values():
+            subaccount = chain[0].subaccount
+            self._chains_of[subaccount] = self._chains_of.get(subaccount, 0) + 1
             task = asyncio.create_task(self._chain(chain))
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(functools.partial(self._chain_done, subaccount=subaccount))
+
+    def _chain_done(self, task: asyncio.Task[None], *, subaccount: str) -> None:
+        self._inflight.discard(task)
+        left = self._chains_of.get(subaccount, 0) - 1
+        if left > 0:
+            self._chains_of[subaccount] = left
+        else:
+            self._chains_of.pop(subaccount, None)
+        if not task.cancelled() and task.exception() is not None:
+            # The leases expire and the deliveries are tried again; never silent.
+            log.error("webhook chain failed", exc_info=task.exception())
 
     async def _sweep(self) -> None:
         """Purge what is past its retention, a batch per statement; a large backlog
@@ -288,6 +314,22 @@ class Dispatcher:
         elif done["delivered"] == len(chain):
             self.wake()  # more of these keys may be waiting
 
+    async def _send(self, item: Outgoing, headers: dict[str, str]) -> httpx.Response:
+        """Post and read at most ``RESPONSE_READ_LIMIT`` bytes of the answer; the
+        connection is dropped when more comes (a huge answer is never read)."""
+        client = self._client(item.url)
+        request = client.build_request("POST", item.url, content=item.body, headers=headers)
+        response = await client.send(request, stream=True)
+        try:
+            read = 0
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read > RESPONSE_READ_LIMIT:
+                    break
+        finally:
+            await response.aclose()
+        return response
+
     async def _post(self, item: Outgoing) -> Outcome:
         headers = {
             "Content-Type": "application/json",
@@ -298,16 +340,23 @@ class Dispatcher:
             "Threadsync-Attempt": str(item.attempt),
         }
         extra = {"delivery_id": item.delivery_id, "endpoint_id": item.endpoint_id}
+        deadline = self.settings.timeout_seconds
         try:
-            response = await self._client(item.url).post(
-                item.url, content=item.body, headers=headers
-            )
+            async with asyncio.timeout(deadline):
+                response = await self._send(item, headers)
+        except TimeoutError:
+            log.info("webhook delivery timed out", extra=extra)
+            return Outcome(item.delivery_id, True, error=f"timed out after {deadline:g} s")
         except TargetRefused as exc:  # retried all the same: DNS answers may change
             log.warning("webhook delivery refused: %s", exc, extra=extra)
             return Outcome(item.delivery_id, True, error=str(exc))
         except httpx.HTTPError as exc:
             log.info("webhook delivery failed: %s", exc.__class__.__name__, extra=extra)
             return Outcome(item.delivery_id, True, error=f"{exc.__class__.__name__}: no response")
+        except Exception as exc:  # a bug or a library surprise: recorded, backed off
+            log.warning("webhook delivery failed unexpectedly", extra=extra, exc_info=True)
+            error = f"internal error: {exc.__class__.__name__}"
+            return Outcome(item.delivery_id, True, error=error)
         if 200 <= response.status_code < 300:
             return Outcome(item.delivery_id, True, ok=True, status_code=response.status_code)
         log.info("webhook endpoint answered %d", response.status_code, extra=extra)

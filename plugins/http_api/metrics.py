@@ -30,6 +30,7 @@ from threadsync.core.errors import (
     ProviderError,
     ProviderProtocolError,
     TransientProviderError,
+    UnexpectedFailure,
 )
 from threadsync.plugins.http_api.context import ApiContext
 
@@ -43,6 +44,7 @@ PROVIDER_ERROR_KINDS = tuple(
         AuthenticationFailed,
         TransientProviderError,
         ProviderProtocolError,
+        UnexpectedFailure,
         ProviderError,
     )
 )

@@ -220,6 +220,7 @@ SCHEMAS: dict[str, Schema] = {
             "text",
             "html",
             "attachments",
+            "defects",
         ],
         {
             "message_id": STR,
@@ -235,6 +236,12 @@ SCHEMAS: dict[str, Schema] = {
             "text": _nullable("string"),
             "html": _nullable("string"),
             "attachments": {"type": "array", "items": ref("Attachment")},
+            "defects": {
+                "type": "array",
+                "items": STR,
+                "description": "What could not be read or had to be repaired when the "
+                "message was parsed; non-empty means parts of it may be missing.",
+            },
         },
     ),
     "Event": _obj(

@@ -108,6 +108,9 @@ async def _connect(ctx: ApiContext, request: Request, who: Principal, update: bo
     body, _ = await bodies.json_object(request, ctx.http.max_body_bytes)
     provider, email, options, credentials = _connect_request(ctx, body, who)
     ts = ctx.ts
+    # Hosts named with a sub-account's key are held to the network policy
+    # (threadsync.core.network); an admin key speaks for the operator.
+    tenant = not who.admin
     # A sign-in the browser finishes at /oauth/callback (Outlook's consent): kept
     # in the database, so it survives a restart and any process ends it.
     pending = await ts.begin_sign_in(
@@ -122,7 +125,7 @@ async def _connect(ctx: ApiContext, request: Request, who: Principal, update: bo
     async def run(notify: Any) -> dict[str, Any]:
         return await call(
             subaccount, user, provider, email=email, options=options, notify=notify,
-            credentials=credentials,
+            credentials=credentials, tenant=tenant,
         )  # fmt: skip
 
     def problem_of(exc: ThreadsyncError) -> dict[str, Any]:

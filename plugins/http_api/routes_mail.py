@@ -52,11 +52,19 @@ def _draft(body: dict[str, Any], *, new_thread: bool) -> Draft:
     )
 
 
+def _fingerprint(request: Request, raw: bytes) -> str:
+    """What makes a request "the same" for an ``Idempotency-Key``: method, path,
+    body. Taken before the work, so that the body need not be kept during it."""
+    digest = hashlib.sha256(request.method.encode() + b" " + request.url.path.encode() + b"\n")
+    digest.update(raw)  # not concatenated: a big body is not copied
+    return digest.hexdigest()
+
+
 async def _idempotent(
     ctx: ApiContext,
     request: Request,
     subaccount: str,
-    raw: bytes,
+    fingerprint: str,
     run: Any,
 ) -> Response:
     """Run ``run()`` once per ``Idempotency-Key``; answer retries from the record."""
@@ -64,9 +72,6 @@ async def _idempotent(
     if key is None:
         return await _answer(ctx, await run(None))
     keys = ctx.ts.api_keys
-    fingerprint = hashlib.sha256(
-        request.method.encode() + b" " + request.url.path.encode() + b"\n" + raw
-    ).hexdigest()
     replay = await ctx.call(keys.begin, subaccount, key, fingerprint)
     if replay is not None:
         if not replay.same_request:
@@ -97,23 +102,27 @@ async def send(ctx: ApiContext, request: Request, who: Principal) -> Response:
     user = str(request.path_params["user"])
     body, raw = await bodies.json_object(request, ctx.http.max_body_bytes)
     draft = _draft(body, new_thread=True)
+    fingerprint = _fingerprint(request, raw)
+    del body, raw  # the draft holds what is needed: the JSON's big strings can go
 
     async def run(key: str | None) -> dict[str, Any]:
         return await ctx.ts.send(subaccount, user, draft, idempotency_key=key)
 
-    return await _idempotent(ctx, request, subaccount, raw, run)
+    return await _idempotent(ctx, request, subaccount, fingerprint, run)
 
 
 async def reply(ctx: ApiContext, request: Request, who: Principal) -> Response:
     thread_id = str(request.path_params["thread_id"])
     body, raw = await bodies.json_object(request, ctx.http.max_body_bytes)
     draft = _draft(body, new_thread=False)
+    fingerprint = _fingerprint(request, raw)
+    del body, raw  # the draft holds what is needed: the JSON's big strings can go
     owner = (await ctx.call(ctx.ts.thread, thread_id, who.subaccount))["subaccount"]
 
     async def run(key: str | None) -> dict[str, Any]:
         return await ctx.ts.reply(thread_id, draft, idempotency_key=key)
 
-    return await _idempotent(ctx, request, owner, raw, run)
+    return await _idempotent(ctx, request, owner, fingerprint, run)
 
 
 async def threads(ctx: ApiContext, request: Request, who: Principal) -> Response:

@@ -74,7 +74,9 @@ def plugin_route(route: PluginRoute) -> Route:
             answer.body,
             status_code=answer.status,
             media_type=answer.content_type,
-            headers=dict(answer.headers),
+            # The body may echo what the caller sent (Graph's validationToken):
+            # no browser may sniff it into HTML.
+            headers={"X-Content-Type-Options": "nosniff", **dict(answer.headers)},
         )
 
     return open_route(route.path, endpoint, list(route.methods))

@@ -6,6 +6,8 @@ clear :class:`threadsync.core.errors.ConfigError` instead of uvicorn exiting the
 Signals belong to the daemon: the uvicorn server installs none, and stops
 gracefully (``should_exit``) when the daemon cancels it. uvicorn's access log is
 off; :class:`threadsync.plugins.http_api.app.Guard` logs requests without their query.
+Connections go through :mod:`threadsync.plugins.http_api.frontdoor` (limits per
+client address, a deadline for request headers).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from threadsync.core.api import Threadsync
 from threadsync.core.errors import ConfigError
 from threadsync.plugins.http_api.app import create_app
 from threadsync.plugins.http_api.dispatcher import Dispatcher
+from threadsync.plugins.http_api.frontdoor import protocol_class
 from threadsync.plugins.http_api.settings import HttpSettings, parse_listen
 
 
@@ -60,7 +63,8 @@ def server_for(app: Starlette, http: HttpSettings) -> ApiServer:
         access_log=False,
         lifespan="on",
         ws="none",
-        http="h11",
+        http=protocol_class(http),  # h11 with per-client and header-time limits
+        timeout_keep_alive=http.keep_alive_seconds,  # type: ignore[arg-type]
         server_header=False,
         proxy_headers=http.behind_tls_proxy,
         ssl_certfile=http.tls_cert_file,

@@ -9,7 +9,6 @@ and ``tls_key_file``) or an explicit ``behind_tls_proxy = true`` (R11).
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from urllib.parse import urlsplit
 
 from threadsync.core.config import Settings, is_loopback, typed
 from threadsync.core.errors import ConfigError
-from threadsync.core.host.webhook_targets import Network
 from threadsync.core.host.webhooks import WebhookSettings
+from threadsync.core.network import network_policy
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,23 @@ class HttpSettings:
     listen: str | None = None
     rate_per_second: float = 50.0
     burst: int = 100
+    #: Requests with a missing or unknown key, per client address (checked before
+    #: any key lookup, so guessing keys costs the database nothing once refused).
+    auth_failures_per_second: float = 1.0
+    auth_failures_burst: int = 20
+    #: Open connections: per client address, and in all.
+    max_connections_per_client: int = 64
+    max_connections: int = 1024
+    #: A connection must send a request's headers within this time (the first
+    #: request, and each next one once it begins).
+    header_timeout_seconds: float = 10.0
+    #: An idle keep-alive connection is closed after this time.
+    keep_alive_seconds: float = 5.0
     max_body_bytes: int = 25 * 1024 * 1024
+    #: Requests in progress at once, and request body bytes being received or
+    #: worked on at once (:mod:`threadsync.plugins.http_api.limits`).
+    max_concurrent_requests: int = 64
+    max_inflight_body_bytes: int = 32 * 1024 * 1024
     metrics_public: bool = False
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -75,16 +90,6 @@ def _file(settings: Settings, value: str | None, key: str) -> str | None:
 _NOT_NUMBERS = ("allowed_networks", "allow_private_targets", "idempotency_hours")
 
 
-def _networks(raw: dict[str, Any]) -> tuple[Network, ...]:
-    value = raw.get("allowed_networks", [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError('[webhooks] allowed_networks must be a list like ["10.0.0.0/8"]')
-    try:
-        return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in value)
-    except ValueError as exc:
-        raise ConfigError(f"[webhooks] allowed_networks: {exc}") from None
-
-
 def webhook_settings(settings: Settings) -> WebhookSettings:
     raw = _section(settings, "webhooks")
     known = {f.name: f for f in fields(WebhookSettings) if f.name != "idempotency_hours"}
@@ -99,8 +104,10 @@ def webhook_settings(settings: Settings) -> WebhookSettings:
         values[name] = typed("webhooks", raw, name, kind, f.default)
         if values[name] <= 0:
             raise ConfigError(f"[webhooks] {name} must be positive")
-    values["allowed_networks"] = _networks(raw)
-    values["allow_private_targets"] = typed("webhooks", raw, "allow_private_targets", bool, False)
+    # The one network policy: [network] and, as before, [webhooks].
+    policy = network_policy(settings)
+    values["allowed_networks"] = policy.allowed_networks
+    values["allow_private_targets"] = policy.allow_private_targets
     hours = typed("http", _section(settings, "http"), "idempotency_hours", float, 24.0)
     if hours <= 0:
         raise ConfigError("[http] idempotency_hours must be positive")
@@ -134,7 +141,17 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
         listen=address,
         rate_per_second=typed("http", raw, "rate_per_second", float, 50.0),
         burst=typed("http", raw, "burst", int, 100),
+        auth_failures_per_second=typed("http", raw, "auth_failures_per_second", float, 1.0),
+        auth_failures_burst=typed("http", raw, "auth_failures_burst", int, 20),
+        max_connections_per_client=typed("http", raw, "max_connections_per_client", int, 64),
+        max_connections=typed("http", raw, "max_connections", int, 1024),
+        header_timeout_seconds=typed("http", raw, "header_timeout_seconds", float, 10.0),
+        keep_alive_seconds=typed("http", raw, "keep_alive_seconds", float, 5.0),
         max_body_bytes=typed("http", raw, "max_body_bytes", int, 25 * 1024 * 1024),
+        max_concurrent_requests=typed("http", raw, "max_concurrent_requests", int, 64),
+        max_inflight_body_bytes=typed(
+            "http", raw, "max_inflight_body_bytes", int, 32 * 1024 * 1024
+        ),
         metrics_public=typed("http", raw, "metrics_public", bool, False),
         tls_cert_file=_file(
             settings, typed("http", raw, "tls_cert_file", str, None), "tls_cert_file"
@@ -149,8 +166,24 @@ def http_settings(settings: Settings, listen: str | None = None) -> HttpSettings
     )
     if result.rate_per_second <= 0 or result.burst < 1:
         raise ConfigError("[http] rate_per_second and burst must be positive")
+    if result.auth_failures_per_second <= 0 or result.auth_failures_burst < 1:
+        raise ConfigError(
+            "[http] auth_failures_per_second and auth_failures_burst must be positive"
+        )
+    if (
+        min(result.max_connections_per_client, result.max_connections) < 1
+        or min(result.header_timeout_seconds, result.keep_alive_seconds) <= 0
+    ):
+        raise ConfigError(
+            "[http] max_connections(_per_client), header_timeout_seconds and "
+            "keep_alive_seconds must be positive"
+        )
     if result.max_body_bytes < 1024:
         raise ConfigError("[http] max_body_bytes must be at least 1024")
+    if result.max_concurrent_requests < 1:
+        raise ConfigError("[http] max_concurrent_requests must be at least 1")
+    if result.max_inflight_body_bytes < result.max_body_bytes:
+        raise ConfigError("[http] max_inflight_body_bytes must be at least max_body_bytes")
     if (result.tls_cert_file is None) != (result.tls_key_file is None):
         raise ConfigError("[http] tls_cert_file and tls_key_file go together")
     if address is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import logging
 import re
 import ssl
@@ -33,8 +34,10 @@ from typing import Any, NamedTuple, TypeVar
 from threadsync.core.errors import (
     AuthenticationFailed,
     ProviderProtocolError,
+    ThreadsyncError,
     TransientProviderError,
 )
+from threadsync.core.network import NetworkPolicy, open_socket
 from threadsync.core.tls import certificate_error, certificate_failure
 from threadsync.plugins.imap_smtp import imap_syntax as syntax
 from threadsync.plugins.imap_smtp import wire
@@ -66,6 +69,8 @@ class ImapEndpoint:
     security: str  # "tls" | "starttls" | "none"
     ssl_context: ssl.SSLContext | None
     timeout: float = 30.0
+    #: Set when a tenant named the host: connect only to addresses it allows.
+    network: NetworkPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -109,19 +114,46 @@ class ImapSession:
 
     @classmethod
     async def connect(cls, endpoint: ImapEndpoint) -> ImapSession:
-        """Open the connection, read the greeting and upgrade to TLS if asked."""
+        """Open the connection, read the greeting and upgrade to TLS if asked.
+
+        For a host a tenant named (``endpoint.network``), the address connected
+        to is one the network policy allowed, and any failure up to the greeting
+        is told as "could not connect", whatever the cause: a tenant must not
+        learn which ports are closed, silent or speak TLS."""
+        if endpoint.network is None:
+            return await cls._connect(endpoint)
+        try:
+            return await cls._connect(endpoint)
+        except (ThreadsyncError, OSError, TimeoutError) as exc:
+            log.warning(
+                "IMAP connect for a tenant failed: %s",
+                exc,
+                extra={"imap_host": endpoint.host, "imap_port": endpoint.port},
+            )
+            raise TransientProviderError(
+                f"could not connect to IMAP server {endpoint.host}:{endpoint.port}"
+            ) from None
+
+    @classmethod
+    async def _connect(cls, endpoint: ImapEndpoint) -> ImapSession:
         loop = asyncio.get_running_loop()
         protocol = wire.ImapProtocol(loop)
         implicit = endpoint.ssl_context if endpoint.security == "tls" else None
         try:
+            if endpoint.network is not None:
+                sock = await open_socket(
+                    endpoint.host, endpoint.port, endpoint.network, endpoint.timeout
+                )
+                where: dict[str, Any] = {"sock": sock}
+            else:
+                where = {"host": endpoint.host, "port": endpoint.port}
             transport, _ = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: protocol,
-                    endpoint.host,
-                    endpoint.port,
                     ssl=implicit,
                     server_hostname=endpoint.host if implicit else None,
                     ssl_handshake_timeout=endpoint.timeout if implicit else None,
+                    **where,
                 ),
                 endpoint.timeout,
             )
@@ -468,6 +500,8 @@ class ImapSession:
         and by the connection staying up. aioimaplib responses come back as
         :class:`Reply`; library errors leave as core errors."""
         if self._broken or self._closing or self._protocol.closed.done():
+            if inspect.iscoroutine(aw):
+                aw.close()  # never to run: close it, or it is reported as never awaited
             raise TransientProviderError(f"IMAP connection to {self.endpoint.host} is closed")
         if limit == _DEFAULT:
             limit = self.endpoint.timeout

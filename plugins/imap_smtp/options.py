@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from threadsync.core.config import SECURITY_CHOICES, check_security
-from threadsync.core.errors import ConfigError
+from threadsync.core.errors import ConfigError, InvalidInput
 from threadsync.core.provider import Account, ProviderOption
 
 AUTH_CHOICES = ("password", "xoauth2")
@@ -85,6 +85,9 @@ class MailboxSettings:
         if not account.secrets.get(secret):
             flag = "--password-env" if auth == "password" else "--access-token-env"
             raise ConfigError(f"imap_smtp with auth {auth} needs {flag} VAR (a non-empty value)")
+        username = str(s.get("username") or account.email)
+        _one_line("username", username)
+        _one_line(secret, account.secrets[secret])
         ca_file = s.get("ca_file") or None
         if ca_file is not None:
             ca_file = os.path.abspath(str(ca_file))
@@ -96,7 +99,7 @@ class MailboxSettings:
             imap_port=_port(s.get("imap_port"), _IMAP_PORTS[security], "--imap-port"),
             smtp_host=smtp_host,
             smtp_port=_port(s.get("smtp_port"), _SMTP_PORTS[security], "--smtp-port"),
-            username=str(s.get("username") or account.email),
+            username=username,
             security=security,
             auth=auth,
             sent_folder=sent,
@@ -107,6 +110,14 @@ class MailboxSettings:
     def as_settings(self) -> dict[str, Any]:
         """The normalised values, as stored in ``Account.settings``."""
         return asdict(self)
+
+
+def _one_line(name: str, value: str) -> None:
+    """IMAP LOGIN and SMTP AUTH cannot carry CR, LF or NUL: such a value would end
+    the command early (an injection), so it is the caller's mistake, refused
+    before any network call. The message names the field, never the value."""
+    if any(c in value for c in "\r\n\x00"):
+        raise InvalidInput(f"{name} must not contain line breaks or NUL characters")
 
 
 def _host(value: Any, flag: str) -> str:

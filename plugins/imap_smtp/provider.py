@@ -188,7 +188,12 @@ class ImapSmtpProvider(Provider):
     async def _imap_endpoint(self) -> ImapEndpoint:
         c = self.config
         return ImapEndpoint(
-            c.imap_host, c.imap_port, c.security, await self._tls_context(), self.timeout
+            c.imap_host,
+            c.imap_port,
+            c.security,
+            await self._tls_context(),
+            self.timeout,
+            network=self.account.network,
         )
 
     async def _smtp_endpoint(self) -> smtp.SmtpEndpoint:
@@ -204,6 +209,7 @@ class ImapSmtpProvider(Provider):
             access_token=token,
             timeout=self.timeout,
             local_hostname=self.settings.get("local_hostname"),
+            network=self.account.network,
         )
 
     def _extra(self, **fields: Any) -> dict[str, Any]:

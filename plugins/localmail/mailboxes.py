@@ -124,7 +124,9 @@ class Mailboxes:
             passwords.set(passwords.build_record(email, hashed))
         self._hashes[email] = hashed
         async with self.session(email) as session:
-            with suppress(MailboxConflict):
+            # pymap's maildir backend says "exists" with KeyError, not MailboxConflict
+            # (a restart with --user on a folder it made before).
+            with suppress(MailboxConflict, KeyError):
                 await session.create_mailbox(SENT)
             await session.subscribe(SENT)
 

@@ -25,7 +25,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,13 @@ log = logging.getLogger(__name__)
 
 #: Delegated permissions asked for; never the OIDC scopes (MSAL adds them).
 SCOPES = ("Mail.ReadWrite", "Mail.Send", "User.Read")
+#: What a shared or delegated mailbox (``/users/{address}``) needs besides.
+SHARED_SCOPES = ("Mail.ReadWrite.Shared", "Mail.Send.Shared")
+
+
+def scopes_for(shared: bool) -> tuple[str, ...]:
+    """The delegated permissions a connection asks for."""
+    return (*SCOPES, *SHARED_SCOPES) if shared else SCOPES
 CONFIDENTIAL = "confidential"
 PUBLIC = "public"
 #: Refresh this long before the access token expires.
@@ -181,7 +188,8 @@ def _signed_in(app: Any, cache: Any, result: Mapping[str, Any], kind: str, mailb
 
 
 async def begin_browser_sign_in(
-    config: OutlookConfig, email: str, secret: str, redirect_uri: str
+    config: OutlookConfig, email: str, secret: str, redirect_uri: str,
+    scopes: Sequence[str] = SCOPES,
 ) -> dict[str, Any]:
     """The first half of the authorization-code flow with PKCE: MSAL's flow
     (``auth_uri`` to show the user, ``state``, the PKCE verifier and nonce), to be
@@ -191,7 +199,7 @@ async def begin_browser_sign_in(
         app = await _app(config, CONFIDENTIAL, msal.SerializableTokenCache(), secret, session)
         flow = await _in_thread(
             app.initiate_auth_code_flow,
-            list(SCOPES),
+            list(scopes),
             redirect_uri=redirect_uri,
             login_hint=email,
             prompt="select_account",
@@ -208,6 +216,7 @@ async def finish_browser_sign_in(
     secret: str,
     flow: Mapping[str, Any],
     params: Mapping[str, str],
+    scopes: Sequence[str] = SCOPES,
 ) -> SignIn:
     """The second half: redeem the redirect's ``code`` (MSAL checks ``state``,
     the PKCE verifier and the ID token's nonce against ``flow``)."""
@@ -218,7 +227,7 @@ async def finish_browser_sign_in(
     try:
         app = await _app(config, CONFIDENTIAL, cache, secret, session)
         result = await _in_thread(
-            app.acquire_token_by_auth_code_flow, dict(flow), dict(params), list(SCOPES)
+            app.acquire_token_by_auth_code_flow, dict(flow), dict(params), list(scopes)
         )
         return _signed_in(app, cache, result, CONFIDENTIAL, email)
     finally:
@@ -226,13 +235,15 @@ async def finish_browser_sign_in(
 
 
 async def sign_in_with_browser(
-    config: OutlookConfig, email: str, secret: str, notify: Callable[[str], None]
+    config: OutlookConfig, email: str, secret: str, notify: Callable[[str], None],
+    scopes: Sequence[str] = SCOPES,
 ) -> SignIn:
     """Authorization code with PKCE on the command line: print the consent URL and
     wait for the redirect on a loopback listener."""
     listener = await RedirectListener.start(config.redirect_uri)
     try:
-        flow = await begin_browser_sign_in(config, email, secret, listener.redirect_uri)
+        flow = await begin_browser_sign_in(config, email, secret, listener.redirect_uri,
+                                           scopes)
         notify(
             f"To connect {email}, open this address in a browser, sign in as {email} "
             f"and accept: {flow['auth_uri']}"
@@ -240,26 +251,28 @@ async def sign_in_with_browser(
         params = await listener.wait(config.sign_in_timeout_seconds)
     finally:
         await listener.close()
-    return await finish_browser_sign_in(config, email, secret, flow, params)
+    return await finish_browser_sign_in(config, email, secret, flow, params, scopes)
 
 
 async def sign_in_with_device_code(
-    config: OutlookConfig, email: str, notify: Callable[[str], None]
+    config: OutlookConfig, email: str, notify: Callable[[str], None],
+    scopes: Sequence[str] = SCOPES,
 ) -> SignIn:
     """Device code: show the code and the address to enter it, poll until done."""
     cache = msal.SerializableTokenCache()
     session = http_session(config)
     try:
-        return await _device_flow(config, email, notify, cache, session)
+        return await _device_flow(config, email, notify, cache, session, scopes)
     finally:
         session.close()
 
 
 async def _device_flow(
-    config: OutlookConfig, email: str, notify: Callable[[str], None], cache: Any, session: Any
+    config: OutlookConfig, email: str, notify: Callable[[str], None], cache: Any, session: Any,
+    scopes: Sequence[str] = SCOPES,
 ) -> SignIn:
     app = await _app(config, PUBLIC, cache, None, session)
-    flow = await _in_thread(app.initiate_device_flow, list(SCOPES))
+    flow = await _in_thread(app.initiate_device_flow, list(scopes))
     if "user_code" not in flow:
         raise failure(flow, email)
     notify(f"To connect {email}: {flow.get('message') or flow['user_code']}")
@@ -281,8 +294,16 @@ class TokenSource:
     with ``account.secrets_changed`` so that the kernel stores it encrypted.
     """
 
-    def __init__(self, config: OutlookConfig, account: Account, secret: str | None) -> None:
+    def __init__(
+        self,
+        config: OutlookConfig,
+        account: Account,
+        secret: str | None,
+        scopes: Sequence[str] | None = None,
+    ) -> None:
         self._config = config
+        #: Other scopes than Graph's (the Exchange provider asks for EWS's).
+        self._scopes = tuple(scopes) if scopes else None
         self._account = account
         self._secret = secret
         self._kind = str(account.settings.get("client_kind") or CONFIDENTIAL)
@@ -342,7 +363,8 @@ class TokenSource:
         if chosen is None:
             return {"error": "invalid_grant", "suberror": "no_account_in_cache"}
         result = self._app.acquire_token_silent_with_error(
-            list(SCOPES), chosen, force_refresh=force_refresh
+            list(self._scopes or scopes_for(bool(self._account.settings.get("shared")))), chosen,
+            force_refresh=force_refresh,
         )
         return dict(result) if result else {"error": "invalid_grant", "suberror": "no_token"}
 

@@ -13,7 +13,19 @@ in ``internetMessageHeaders``, selected on the delta request. Mail that was not
 received (the user's own sent mail, which has no transport headers) gets them
 from the MAPI properties ``PidTagInReplyToId`` (0x1042) and
 ``PidTagInternetReferences`` (0x1039), read for those messages only through
-``$batch``, 20 per request. Bodies are never read here.
+``$batch`` (as many per request as the concurrency limit allows). Sent Items of
+shared mailboxes can carry ``internetMessageHeaders`` without ``In-Reply-To`` or
+``References``: there the properties are read whenever a threading header is
+missing. Bodies are never read here.
+
+A later round may list a message again with only ``id`` and the properties that
+changed (``isRead``, ``parentFolderId``), and may replay an item. Such a partial
+update is recognised by what it lacks (``internetMessageId`` and
+``receivedDateTime`` never change, so an update never carries them) and
+skipped without a request; an id listed twice in a page is read once. The first
+round (placing the cursor, or resyncing after ``410 Gone``) asks for the newest
+messages first: a filtered delta lists at most 5,000 messages, so what it cuts
+off is the oldest.
 """
 
 from __future__ import annotations
@@ -47,6 +59,11 @@ HEADER_QUERY = (
 #: How far before the connection the first round starts (clock skew between us
 #: and Exchange); anything in it is read once, when the cursor is placed.
 SINCE_MARGIN = timedelta(minutes=10)
+#: Most messages a delta query with ``$filter`` lists (Microsoft's limit).
+FILTERED_DELTA_CAP = 5000
+#: The one order a message delta accepts: newest first.
+NEWEST_FIRST = "receivedDateTime desc"
+SENT_FOLDER = "sentitems"
 _GONE_CODES = {"syncstatenotfound", "resyncrequired", "syncstateinvalid"}
 
 
@@ -80,8 +97,9 @@ class FolderDelta:
 
     def first_link(self, since: str) -> str:
         return self.graph.url(
-            f"me/mailFolders/{quote(self.folder, safe='')}/messages/delta"
+            f"{self.graph.root}/mailFolders/{quote(self.folder, safe='')}/messages/delta"
             f"?$select={DELTA_SELECT}&$filter=receivedDateTime ge {since}"
+            f"&$orderby={NEWEST_FIRST}"
         )
 
     async def changes(self, cursor: Mapping[str, Any] | None, limit: int) -> ChangeBatch:
@@ -145,19 +163,26 @@ class FolderDelta:
         found: list[tuple[str, int, HeaderSummary]] = []
         vanished: list[str] = []
         missing: list[tuple[int, dict[str, Any]]] = []
+        seen: set[str] = set()
         for position, item in enumerate(items):
             if not isinstance(item, dict) or not isinstance(item.get("id"), str):
                 continue
+            if item["id"] in seen:
+                continue  # replayed within the page
+            seen.add(item["id"])
             if "@removed" in item:
                 vanished.append(item["id"])
+            elif is_partial(item):
+                continue  # an update of a message listed before: nothing new
             elif item.get("isDraft") is True:
                 continue  # a draft in this folder has not been sent or received
-            elif transport_headers(item):
+            elif self._complete(transport_headers(item)):
                 found.append((_arrival(item), position, summary(item)))
             else:
                 missing.append((position, item))
         if missing:
-            paths = [f"me/messages/{quote(i['id'], safe='')}?{HEADER_QUERY}" for _, i in missing]
+            paths = [f"{self.graph.root}/messages/{quote(i['id'], safe='')}?{HEADER_QUERY}"
+                     for _, i in missing]
             for (position, item), (status, body) in zip(
                 missing, await self.graph.batch_get(paths), strict=True
             ):
@@ -173,6 +198,25 @@ class FolderDelta:
         # replies, so the kernel can chain replies within a batch.
         found.sort(key=lambda f: (f[0], f[1]))
         return [f[2] for f in found], vanished
+
+
+    def _complete(self, headers: Mapping[str, str]) -> bool:
+        """Whether the transport headers say all there is to know about threading.
+
+        Received mail has them all (a missing In-Reply-To means none); the
+        user's own mail has none, or, in shared mailboxes, some without the
+        threading ones: then the MAPI properties are read.
+        """
+        if not headers:
+            return False
+        if self.folder.lower() != SENT_FOLDER:
+            return True
+        return "in-reply-to" in headers and "references" in headers
+
+
+def is_partial(item: Mapping[str, Any]) -> bool:
+    """A delta entry that only says what changed in a message listed before."""
+    return "internetMessageId" not in item and "receivedDateTime" not in item
 
 
 class _Gone(Exception):

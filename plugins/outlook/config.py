@@ -7,6 +7,12 @@ authorization-code flow of a hosted CRM) a client secret named by
 cloud by default and can be overridden (national clouds, or a local fake for
 tests). The host process may add non-config objects to the section
 (``notification_hub``); they are ignored here.
+
+``max_concurrency`` (1-4) bounds the Graph requests in flight, ``$batch`` items
+included, and ``concurrency_scope`` says what shares that bound: ``"app"`` (the
+default, the stricter of the two readings of Microsoft's throttling page: all
+mailboxes of this app in one process) or ``"mailbox"`` (each mailbox, across
+all connections to it in the process).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ DEFAULT_GRAPH_URL = "https://graph.microsoft.com/v1.0"
 DEFAULT_REDIRECT_URI = "http://localhost:8400/"
 #: Longest lifetime Graph accepts for a subscription on messages (minutes).
 MAX_SUBSCRIPTION_MINUTES = 4230
+CONCURRENCY_SCOPES = ("app", "mailbox")
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,11 @@ class OutlookConfig:
     timeout_seconds: float = 30.0
     sign_in_timeout_seconds: float = 600.0
     max_concurrency: int = 4
+    concurrency_scope: str = "app"
     max_retries: int = 4
     max_retry_wait_seconds: float = 120.0
     page_size: int = 100
+    send_settle_seconds: float = 30.0
     notification_url: str | None = None
     lifecycle_url: str | None = None
     subscription_minutes: int = 4200
@@ -58,6 +67,11 @@ class OutlookConfig:
     def verify(self) -> str | bool:
         """What TLS verification trusts: the system store, or ``ca_file``."""
         return self.ca_file or True
+
+    def concurrency_key(self, mailbox: str) -> tuple[str, ...]:
+        """What shares one concurrency limit in this process."""
+        app = ("graph", self.graph_url, self.client_id)
+        return app if self.concurrency_scope == "app" else (*app, mailbox.lower())
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> OutlookConfig:
@@ -102,9 +116,11 @@ class OutlookConfig:
             timeout_seconds=_number(s, "timeout_seconds", 30.0, float),
             sign_in_timeout_seconds=_number(s, "sign_in_timeout_seconds", 600.0, float),
             max_concurrency=_number(s, "max_concurrency", 4, int),
+            concurrency_scope=_text(s, "concurrency_scope", "app") or "app",
             max_retries=_number(s, "max_retries", 4, int),
             max_retry_wait_seconds=_number(s, "max_retry_wait_seconds", 120.0, float),
             page_size=_number(s, "page_size", 100, int),
+            send_settle_seconds=_number(s, "send_settle_seconds", 30.0, float),
             notification_url=notification_url,
             lifecycle_url=lifecycle_url,
             subscription_minutes=minutes,
@@ -112,8 +128,12 @@ class OutlookConfig:
         )
         if not 1 <= config.max_concurrency <= 4:
             raise ConfigError("[outlook] max_concurrency must be 1-4 (Graph allows 4 per mailbox)")
+        if config.concurrency_scope not in CONCURRENCY_SCOPES:
+            raise ConfigError('[outlook] concurrency_scope must be "app" or "mailbox"')
         if not 1 <= config.page_size <= 1000:
             raise ConfigError("[outlook] page_size must be 1-1000")
+        if not 0 <= config.send_settle_seconds <= 300:
+            raise ConfigError("[outlook] send_settle_seconds must be 0-300")
         if config.max_retries < 0 or config.timeout_seconds <= 0:
             raise ConfigError("[outlook] max_retries and timeout_seconds must be positive")
         return config

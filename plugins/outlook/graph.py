@@ -2,13 +2,16 @@
 and errors translated into :mod:`threadsync.core.errors`.
 
 Every request carries ``Prefer: IdType="ImmutableId"`` (ids survive moves) and a
-fresh bearer token; at most ``max_concurrency`` (Graph allows 4 per app and
-mailbox) run at once, through a semaphore of this client, so one mailbox's
-throttling never delays another's. ``429`` and ``503`` are retried after their
-``Retry-After``; when retries run out, or the wait is longer than
+fresh bearer token. Outlook runs at most 4 requests at once, and Microsoft has
+written that limit both per mailbox and per app; every item of a ``$batch``
+counts on its own. So the requests in flight, batch items included, hold slots
+of a :class:`Slots` limit that all clients of one process share (per app by
+default, per mailbox when configured): a batch carries at most as many items as
+the limit and holds one slot per item. ``429`` and ``503`` are retried after
+their ``Retry-After``; when retries run out, or the wait is longer than
 ``max_retry_wait_seconds``, :class:`TransientProviderError` carries the wait to
-the kernel's backoff. A ``401`` refreshes the token once. ``$batch`` sends up to
-20 GETs per request and retries the items that were throttled on their own.
+the kernel's backoff. A ``401`` refreshes the token once. Batch items throttled
+on their own are sent again, alone of their batch, after their ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import asyncio
 import email.utils
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -120,6 +125,44 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+class Slots:
+    """A counting limit where one holder may take several slots (a batch)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.in_use = 0
+        self.peak = 0
+        self._freed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, count: int = 1) -> AsyncIterator[None]:
+        count = min(max(1, count), self.capacity)
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.in_use + count <= self.capacity)
+            self.in_use += count
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self.in_use -= count
+                self._freed.notify_all()
+
+
+#: One set of limits per event loop (asyncio primitives belong to one loop).
+_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, ...], Slots]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_slots(key: tuple[str, ...], capacity: int) -> Slots:
+    """The process's limit named ``key`` (created with ``capacity`` on first use)."""
+    limits = _SHARED.setdefault(asyncio.get_running_loop(), {})
+    if key not in limits:
+        limits[key] = Slots(capacity)
+    return limits[key]
+
+
 def client_tls(ca_file: str | None) -> ssl.SSLContext:
     """Certificate-verifying TLS, trusting the system store (and ``ca_file``)."""
     context = ssl.create_default_context()
@@ -142,11 +185,15 @@ class GraphClient:
         max_concurrency: int = 4,
         max_retries: int = 4,
         max_retry_wait: float = 120.0,
+        slots: Slots | None = None,
+        root: str = "me",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.mailbox = mailbox
+        #: ``me``, or ``users/{id or UPN}`` for a mailbox the user has delegate rights to.
+        self.root = root
         self._token = token
-        self._limit = asyncio.Semaphore(max_concurrency)
+        self.slots = slots or Slots(max_concurrency)
         self._max_retries = max_retries
         self._max_wait = max_retry_wait
         self._http = httpx.AsyncClient(verify=tls, timeout=timeout, follow_redirects=False)
@@ -179,11 +226,14 @@ class GraphClient:
         headers: Mapping[str, str] | None = None,
         prefer: Sequence[str] = (),
         idempotent: bool = True,
+        slots: int = 1,
     ) -> httpx.Response:
         """One request, retried after throttling; returns a 2xx response.
 
         ``idempotent=False`` (a send) is never repeated after a lost connection or a
-        gateway timeout: :class:`GraphAmbiguous` says the outcome is unknown.
+        gateway timeout: :class:`GraphAmbiguous` says the outcome is unknown. A
+        connection that could not be made at all carried nothing and is retried.
+        ``slots`` is how many concurrency slots it holds (a batch: one per item).
         """
         url = self.url(path_or_url)
         sent_headers = {"Prefer": ", ".join([IMMUTABLE_ID, *prefer])}
@@ -194,14 +244,14 @@ class GraphClient:
             token = await self._token(False)
             sent_headers["Authorization"] = f"Bearer {token}"
             try:
-                async with self._limit:
+                async with self.slots.hold(slots):
                     response = await self._http.request(
                         method, url, params=params, json=json, content=content,
                         headers=sent_headers,
                     )
             except httpx.HTTPError as exc:
                 attempt += 1
-                if not idempotent:
+                if not idempotent and not isinstance(exc, httpx.ConnectError):
                     raise GraphAmbiguous(f"lost Microsoft Graph during {method}: {exc}") from None
                 if attempt > self._max_retries:
                     raise TransientProviderError(
@@ -257,7 +307,7 @@ class GraphClient:
         attempt = 0
         while True:
             try:
-                async with self._limit:
+                async with self.slots.hold():
                     response = await self._http.put(upload_url, content=data, headers=headers)
             except httpx.HTTPError as exc:
                 attempt += 1
@@ -283,8 +333,9 @@ class GraphClient:
         their ``Retry-After``; other item errors are returned for the caller.
         """
         results: list[tuple[int, dict[str, Any]] | None] = [None] * len(paths)
-        for start in range(0, len(paths), BATCH_LIMIT):
-            pending = list(range(start, min(start + BATCH_LIMIT, len(paths))))
+        size = min(BATCH_LIMIT, self.slots.capacity)
+        for start in range(0, len(paths), size):
+            pending = list(range(start, min(start + size, len(paths))))
             attempt = 0
             while pending:
                 answers = await self._batch_once([(i, paths[i]) for i in pending])
@@ -324,7 +375,7 @@ class GraphClient:
                 for index, path in items
             ]
         }
-        response = await self.request("POST", "$batch", json=body)
+        response = await self.request("POST", "$batch", json=body, slots=len(items))
         data = json_object(response)
         answers: dict[int, tuple[int, dict[str, str], dict[str, Any]]] = {}
         for item in data.get("responses") or []:

@@ -18,7 +18,12 @@ acknowledges notifications with ``202`` at once (Graph wants an answer within
 creates a new one, and both, like ``missed``, trigger a delta pass.
 
 :class:`Subscriptions` creates a subscription per folder and renews it before it
-expires (Graph allows at most 4,230 minutes on messages).
+expires (Graph allows at most 4,230 minutes on messages). Each records the
+notification and lifecycle URLs it was made with; when the configuration
+names others, the subscription is deleted and made again, since Graph cannot
+add or change a ``lifecycleNotificationUrl`` by ``PATCH``. Graph asks for no
+more than ``Mail.ReadBasic`` to subscribe to messages; the connection's
+``Mail.ReadWrite`` covers it.
 """
 
 from __future__ import annotations
@@ -212,6 +217,10 @@ class Subscriptions:
             if item is not None and flag == REMOVED:
                 self._forget(item)
                 item = None
+            elif item is not None and not self._current(item):
+                await self._delete(item)
+                item = None
+                changed = True
             if item is None:
                 self.items.append(await self._create(folder))
                 changed = True
@@ -230,6 +239,19 @@ class Subscriptions:
         if changed:
             self._save()
 
+    def _current(self, item: Mapping[str, Any]) -> bool:
+        """Whether ``item`` was made with the URLs configured now."""
+        return (item.get("notification_url") == self.config.notification_url
+                and item.get("lifecycle_url") == self.config.lifecycle_url)
+
+    async def _delete(self, item: dict[str, Any]) -> None:
+        try:
+            await self.graph.request("DELETE", f"subscriptions/{quote(item['id'], safe='')}")
+        except GraphRequestError as exc:
+            if exc.status != 404:
+                raise
+        self._forget(item)
+
     def detach(self) -> None:
         """Stop routing this connection's notifications here (the provider closes)."""
         for item in self.items:
@@ -247,7 +269,7 @@ class Subscriptions:
         body: dict[str, Any] = {
             "changeType": "created",
             "notificationUrl": self.config.notification_url,
-            "resource": f"me/mailFolders('{folder}')/messages",
+            "resource": f"{self.graph.root}/mailFolders('{folder}')/messages",
             "expirationDateTime": self._expiry(),
             "clientState": client_state,
             "latestSupportedTlsVersion": "v1_2",
@@ -267,6 +289,8 @@ class Subscriptions:
             "folder": folder,
             "client_state": client_state,
             "expires": str(data.get("expirationDateTime") or body["expirationDateTime"]),
+            "notification_url": self.config.notification_url,
+            "lifecycle_url": self.config.lifecycle_url,
         }
 
     async def _renew(self, subscription_id: str) -> str:

@@ -5,7 +5,10 @@ Sign-in is OAuth 2.0 with MSAL (:mod:`.auth`): the authorization-code flow with
 PKCE, its redirect received on a loopback listener (command line) or at the HTTP
 API's ``/oauth/callback`` (:meth:`begin_consent` / :meth:`finish_consent`), or
 the device-code flow for headless machines (``--device-code``). The signed-in
-account must own the address being connected. Reading uses per-folder delta
+account must own the address being connected, unless it is connected as a
+shared or delegated mailbox (``shared``): then the signed-in account needs full
+access to it, the ``.Shared`` permissions are asked for, and every request goes
+to ``/users/{address}`` instead of ``/me``. Reading uses per-folder delta
 queries, headers only (:mod:`.changes`); bodies are downloaded as MIME only when
 the kernel asks for a member (R5). Sending creates a draft from the kernel's
 MIME and sends it (:mod:`.sending`); Graph files the copy in Sent Items itself.
@@ -47,12 +50,18 @@ from threadsync.plugins.outlook.auth import (
     TokenSource,
     begin_browser_sign_in,
     finish_browser_sign_in,
+    scopes_for,
     sign_in_with_browser,
     sign_in_with_device_code,
 )
 from threadsync.plugins.outlook.changes import FolderDelta
 from threadsync.plugins.outlook.config import OutlookConfig
-from threadsync.plugins.outlook.graph import GraphClient, GraphRequestError, client_tls
+from threadsync.plugins.outlook.graph import (
+    GraphClient,
+    GraphRequestError,
+    client_tls,
+    shared_slots,
+)
 from threadsync.plugins.outlook.notifications import (
     HUB,
     REAUTHORIZE,
@@ -73,6 +82,13 @@ OPTIONS: tuple[ProviderOption, ...] = (
     ProviderOption(
         "device_code",
         "sign in with a device code shown here, for machines without a browser",
+        type=bool,
+        default=False,
+    ),
+    ProviderOption(
+        "shared",
+        "the address is a shared or delegated mailbox the signed-in account has full "
+        "access (and send-as) rights to; it is read and sent through /users/{address}",
         type=bool,
         default=False,
     ),
@@ -118,7 +134,10 @@ class OutlookProvider(Provider):
     ) -> Account:
         """Check the options (no network); the tokens come from :meth:`authorize`."""
         kind = "public" if _flag(options.get("device_code")) else "confidential"
-        return Account(email=email, settings={"client_kind": kind})
+        settings: dict[str, Any] = {"client_kind": kind}
+        if _flag(options.get("shared")):
+            settings["shared"] = True
+        return Account(email=email, settings=settings)
 
     @classmethod
     async def authorize(
@@ -132,12 +151,14 @@ class OutlookProvider(Provider):
         """Sign the user in (browser redirect on loopback, or device code) and check
         that the account owns ``email``; returns the account with its token cache."""
         config = OutlookConfig.from_section(settings)
+        shared = _flag(options.get("shared"))
+        scopes = scopes_for(shared)
         if _flag(options.get("device_code")):
-            signed = await sign_in_with_device_code(config, email, notify)
-            return await _account(config, email, signed, None, settings)
+            signed = await sign_in_with_device_code(config, email, notify, scopes)
+            return await _account(config, email, signed, None, settings, shared)
         secret = _client_secret(config, settings)
-        signed = await sign_in_with_browser(config, email, secret, notify)
-        return await _account(config, email, signed, secret, settings)
+        signed = await sign_in_with_browser(config, email, secret, notify, scopes)
+        return await _account(config, email, signed, secret, settings, shared)
 
     @classmethod
     async def begin_consent(
@@ -154,7 +175,8 @@ class OutlookProvider(Provider):
             return None
         config = OutlookConfig.from_section(settings)
         secret = _client_secret(config, settings)
-        flow = await begin_browser_sign_in(config, email, secret, redirect_uri)
+        flow = await begin_browser_sign_in(config, email, secret, redirect_uri,
+                                           scopes_for(_flag(options.get("shared"))))
         return ConsentRequest(
             url=str(flow["auth_uri"]),
             state=str(flow["state"]),
@@ -174,8 +196,10 @@ class OutlookProvider(Provider):
     ) -> Account:
         config = OutlookConfig.from_section(settings)
         secret = _client_secret(config, settings)
-        signed = await finish_browser_sign_in(config, email, secret, flow, params)
-        return await _account(config, email, signed, secret, settings)
+        signed = await finish_browser_sign_in(config, email, secret, flow, params,
+                                              scopes_for(_flag(options.get("shared"))))
+        return await _account(config, email, signed, secret, settings,
+                              _flag(options.get("shared")))
 
     # ---- session ------------------------------------------------------------------------
 
@@ -185,6 +209,11 @@ class OutlookProvider(Provider):
         if self._config is None:
             self._config = OutlookConfig.from_section(self.settings)
         return self._config
+
+    @property
+    def root(self) -> str:
+        """``me``, or ``users/{address}`` for a shared or delegated mailbox."""
+        return _root(self.account.email, bool(self.account.settings.get("shared")))
 
     async def open(self) -> None:
         if self._graph is not None:
@@ -202,6 +231,9 @@ class OutlookProvider(Provider):
             max_concurrency=config.max_concurrency,
             max_retries=config.max_retries,
             max_retry_wait=config.max_retry_wait_seconds,
+            slots=shared_slots(config.concurrency_key(self.account.email),
+                               config.max_concurrency),
+            root=self.root,
         )
         try:
             await tokens()  # a silent refresh now, so rejected sign-ins fail here
@@ -216,7 +248,7 @@ class OutlookProvider(Provider):
 
     async def verify(self) -> None:
         """Read the Inbox folder once: proves the mail permissions were granted."""
-        await self._client().get_json(f"me/mailFolders/{INBOX}", {"$select": "id"})
+        await self._client().get_json(f"{self.root}/mailFolders/{INBOX}", {"$select": "id"})
 
     async def close(self) -> None:
         subs, self._subs = self._subs, None
@@ -249,7 +281,7 @@ class OutlookProvider(Provider):
         """The MIME of message ``ref`` (an immutable id; the folder does not matter)."""
         try:
             response = await self._client().request(
-                "GET", f"me/messages/{quote(ref, safe='')}/$value"
+                "GET", f"{self.root}/messages/{quote(ref, safe='')}/$value"
             )
         except GraphRequestError as exc:
             if exc.status == 404:
@@ -262,10 +294,10 @@ class OutlookProvider(Provider):
     # ---- writing ------------------------------------------------------------------------
 
     async def send(self, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
-        await Sender(self._client()).send(mail, checkpoint)
+        await Sender(self._client(), self.config.send_settle_seconds).send(mail, checkpoint)
 
     async def find_sent(self, message_id: str) -> bool:
-        return await Sender(self._client()).find_sent(message_id)
+        return await Sender(self._client(), self.config.send_settle_seconds).find_sent(message_id)
 
     async def forget(self) -> None:
         """Delete this connection's Graph subscriptions (at disconnect, R6), also
@@ -350,16 +382,50 @@ async def _account(
     signed: SignIn,
     secret: str | None,
     settings: Mapping[str, Any],
+    shared: bool = False,
 ) -> Account:
-    """The connection's account once ``signed`` is known to own ``email``."""
-    await _check_address(config, email, signed)
-    # The app's client secret is not kept with the connection: the kernel hands it
-    # to the provider with its settings, so rotating it needs no reconnect.
-    return Account(
-        email=email,
-        settings={"client_kind": signed.client_kind, "home_account_id": signed.home_account_id},
-        secrets={"token_cache": signed.cache},
-    )
+    """The connection's account once ``signed`` is known to own ``email`` (or, for
+    a shared mailbox, to have access to it). The app's client secret is not kept
+    with the connection: the kernel hands it to the provider with its settings,
+    so rotating it needs no reconnect."""
+    if shared:
+        await _check_delegate(config, email, signed)
+    else:
+        await _check_address(config, email, signed)
+    values: dict[str, Any] = {"client_kind": signed.client_kind,
+                              "home_account_id": signed.home_account_id}
+    if shared:
+        values["shared"] = True
+    return Account(email=email, settings=values, secrets={"token_cache": signed.cache})
+
+
+def _root(email: str, shared: bool) -> str:
+    return f"users/{quote(email, safe='@')}" if shared else "me"
+
+
+async def _check_delegate(config: OutlookConfig, email: str, signed: SignIn) -> None:
+    """Refuse a sign-in that cannot open the shared mailbox ``email``."""
+
+    async def token(_force: bool) -> str:
+        return signed.access_token
+
+    tls = await asyncio.to_thread(client_tls, config.ca_file)
+    graph = GraphClient(config.graph_url, token, mailbox=email, tls=tls,
+                        timeout=config.timeout_seconds, max_retries=config.max_retries,
+                        max_retry_wait=config.max_retry_wait_seconds, root=_root(email, True),
+                        slots=shared_slots(config.concurrency_key(email), config.max_concurrency))
+    try:
+        await graph.get_json(f"{graph.root}/mailFolders/{INBOX}", {"$select": "id"})
+    except (GraphRequestError, AuthenticationFailed) as exc:
+        if isinstance(exc, GraphRequestError) and exc.status not in (403, 404):
+            raise
+        who = signed.claims.get("preferred_username", "the account that signed in")
+        raise AuthenticationFailed(
+            f"{who} has no access to the mailbox {email}: ask its owner or an administrator "
+            "for full access (and send-as) rights, then connect again"
+        ) from None
+    finally:
+        await graph.aclose()
 
 
 async def _check_address(config: OutlookConfig, email: str, signed: SignIn) -> None:
@@ -371,7 +437,8 @@ async def _check_address(config: OutlookConfig, email: str, signed: SignIn) -> N
     tls = await asyncio.to_thread(client_tls, config.ca_file)
     graph = GraphClient(config.graph_url, token, mailbox=email, tls=tls,
                         timeout=config.timeout_seconds, max_retries=config.max_retries,
-                        max_retry_wait=config.max_retry_wait_seconds)
+                        max_retry_wait=config.max_retry_wait_seconds,
+                        slots=shared_slots(config.concurrency_key(email), config.max_concurrency))
     try:
         me = await graph.get_json("me", {"$select": "mail,userPrincipalName,proxyAddresses"})
     finally:

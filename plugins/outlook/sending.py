@@ -14,14 +14,22 @@ which are added afterwards, each with one ``POST .../attachments`` when under
 3 MB, else through an upload session (``createUploadSession`` and ranges under
 4 MB). Each attachment the kernel lets through is at most 3 MB (R8).
 
-``checkpoint()`` is awaited right before ``POST .../send``. A send whose answer is
-lost is retried on the same draft, which cannot go out twice (a sent draft is no
-longer a draft); if the answer stays unknown the message is treated as sent,
-since a duplicate is worse than a gap (R9). Graph files the copy in Sent Items.
+``checkpoint()`` is awaited right before ``POST .../send``. Graph answers 202
+before the message is sent, and the copy reaches Sent Items later; until then
+the item can still read as a draft, and a second ``/send`` would send it again.
+So when the answer to a send is lost (connection dropped after the request
+left, gateway timeout), the draft is watched for up to ``send_settle_seconds``:
+once it stops being a draft it was sent. Only a draft still a draft after that
+window is sent again (Graph did not take it), at most :data:`SEND_ATTEMPTS`
+times; after that, the message is treated as sent and its draft kept, since a
+duplicate is worse than a gap (R9) and deleting it could withdraw a message on
+its way. A connection that could not be made at all carried nothing and is
+simply tried again. Graph files the copy in Sent Items.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email
 import email.policy
@@ -33,7 +41,7 @@ from email.utils import getaddresses
 from typing import Any
 from urllib.parse import quote
 
-from threadsync.core.errors import ProviderError, ProviderProtocolError, TransientProviderError
+from threadsync.core.errors import ProviderError, ProviderProtocolError
 from threadsync.core.mime import parse_msgid_list
 from threadsync.core.provider import Checkpoint, OutgoingMail
 from threadsync.plugins.outlook.graph import (
@@ -52,6 +60,8 @@ SIMPLE_ATTACHMENT_LIMIT = 3_000_000
 #: Upload-session range size: a multiple of 320 KiB, under 4 MB.
 UPLOAD_CHUNK = 10 * 320 * 1024
 MAX_RECIPIENTS = 500
+#: Sends of one draft whose answers were lost, at most.
+SEND_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -138,8 +148,9 @@ def detach_attachments(
 class Sender:
     """Sends :class:`OutgoingMail` through one mailbox."""
 
-    def __init__(self, graph: GraphClient) -> None:
+    def __init__(self, graph: GraphClient, settle_seconds: float = 30.0) -> None:
         self.graph = graph
+        self.settle_seconds = settle_seconds
 
     async def send(self, mail: OutgoingMail, checkpoint: Checkpoint) -> None:
         if len(set(mail.recipients)) > MAX_RECIPIENTS:
@@ -161,7 +172,7 @@ class Sender:
 
     async def _create_draft(self, raw: bytes, message_id: str) -> str:
         response = await self.graph.request(
-            "POST", "me/messages", content=base64.b64encode(raw),
+            "POST", f"{self.graph.root}/messages", content=base64.b64encode(raw),
             headers={"Content-Type": "text/plain"},
         )
         draft = json_object(response)
@@ -174,7 +185,7 @@ class Sender:
             # Exchange chose its own Message-ID; ours must survive (thread membership).
             patched = json_object(
                 await self.graph.request(
-                    "PATCH", _message(draft_id), json={"internetMessageId": message_id}
+                    "PATCH", _message(self.graph, draft_id), json={"internetMessageId": message_id}
                 )
             )
             if not _same_id(patched.get("internetMessageId"), message_id):
@@ -195,7 +206,9 @@ class Sender:
             }
             if part.content_id:
                 body["contentId"] = part.content_id
-            await self.graph.request("POST", _message(draft_id) + "/attachments", json=body)
+            await self.graph.request(
+                "POST", _message(self.graph, draft_id) + "/attachments", json=body
+            )
             return
         item: dict[str, Any] = {
             "attachmentType": "file",
@@ -209,7 +222,7 @@ class Sender:
         session = json_object(
             await self.graph.request(
                 "POST",
-                _message(draft_id) + "/attachments/createUploadSession",
+                _message(self.graph, draft_id) + "/attachments/createUploadSession",
                 json={"AttachmentItem": item},
             )
         )
@@ -223,33 +236,44 @@ class Sender:
             )
 
     async def _send_draft(self, draft_id: str) -> None:
-        for _ in range(3):
+        for _ in range(SEND_ATTEMPTS):
             try:
                 await self.graph.request(
-                    "POST", _message(draft_id) + "/send", content=b"", idempotent=False
+                    "POST", _message(self.graph, draft_id) + "/send", content=b"",
+                    idempotent=False,
                 )
                 return
             except GraphAmbiguous:
-                state = await self.draft_state(draft_id)
-                if state != "draft":
-                    if state == "unknown":
-                        log.warning(
-                            "Graph send outcome unknown; treating as sent",
-                            extra={"mailbox": self.graph.mailbox},
-                        )
+                if await self._left(draft_id):
                     return
             except ProviderError:
+                # Graph answered: it refused, or throttled without acting.
                 if await self.draft_state(draft_id) == "sent":
                     return
                 await self._discard(draft_id)
                 raise
-        await self._discard(draft_id)
-        raise TransientProviderError("Microsoft Graph did not accept the send; will retry")
+        log.warning("Graph send outcome unknown; treating as sent (draft kept)",
+                    extra={"mailbox": self.graph.mailbox})
+
+    async def _left(self, draft_id: str) -> bool:
+        """After a lost answer: whether the draft stops being a draft within the
+        settle window (sent; also when it can no longer be told: R9)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settle_seconds
+        delay = 0.25
+        while True:
+            if await self.draft_state(draft_id) != "draft":
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)
 
     async def draft_state(self, draft_id: str) -> str:
         """``draft``, ``sent``, ``gone`` or ``unknown``."""
         try:
-            data = await self.graph.get_json(_message(draft_id), {"$select": "isDraft"})
+            data = await self.graph.get_json(_message(self.graph, draft_id), {"$select": "isDraft"})
         except GraphRequestError as exc:
             return "gone" if exc.status == 404 else "unknown"
         except ProviderError:
@@ -260,7 +284,7 @@ class Sender:
         """Delete a draft that will not be sent (best effort: a leftover draft is
         visible to the user but never sent)."""
         try:
-            await self.graph.request("DELETE", _message(draft_id))
+            await self.graph.request("DELETE", _message(self.graph, draft_id))
         except ProviderError as exc:
             log.warning("could not delete an unsent draft: %s", exc,
                         extra={"mailbox": self.graph.mailbox})
@@ -273,14 +297,14 @@ class Sender:
             raise ProviderProtocolError("a Message-ID must be printable ASCII")
         literal = wanted.replace("'", "''")
         data = await self.graph.get_json(
-            "me/mailFolders/sentitems/messages",
+            f"{self.graph.root}/mailFolders/sentitems/messages",
             {"$filter": f"internetMessageId eq '{literal}'", "$select": "id", "$top": "1"},
         )
         return bool(data.get("value"))
 
 
-def _message(message_id: str) -> str:
-    return f"me/messages/{quote(message_id, safe='')}"
+def _message(graph: GraphClient, message_id: str) -> str:
+    return f"{graph.root}/messages/{quote(message_id, safe='')}"
 
 
 def _same_id(got: Any, wanted: str) -> bool:

@@ -2,17 +2,38 @@
 
 The request pipeline does what Graph does before any handler runs: bearer-token
 check against :class:`~tests.fakes.identity.FakeIdentity` (401
-``InvalidAuthenticationToken``), ``Prefer`` parsing (``IdType="ImmutableId"``
+``InvalidAuthenticationToken``), ``/users/{id or userPrincipalName}/...`` for a
+mailbox the signed-in user was given delegate rights to (403 ``ErrorAccessDenied``
+otherwise; ``/me`` is the user's own), ``Prefer`` parsing (``IdType="ImmutableId"``
 chooses immutable ids, ``odata.maxpagesize`` the page size; malformed values are
-refused), the 4 MB request cap (413), at most 4 concurrent requests per mailbox
-(429 ``MailboxConcurrency``), injected throttling (429/503 with ``Retry-After``)
-and a log of every request, with the message whose body or attachments it read.
+refused), the 4 MB request cap (413), injected throttling (429/503 with
+``Retry-After``) and a log of every request, with the message whose body or
+attachments it read.
 
-Reading is here (``/me``, folders, delta with ``@removed`` and ``410 Gone``,
-message lists with ``$filter=internetMessageId eq``, messages with ``$select``
-and ``$expand=singleValueExtendedProperties``, ``$value``) and ``$batch``;
-writing is in :mod:`tests.fakes.graph_write`, subscriptions in
-:mod:`tests.fakes.subscriptions`.
+Concurrency follows https://learn.microsoft.com/graph/throttling-limits#outlook-service-limits
+("four concurrent requests" per app and mailbox; ``concurrency_scope = "app"``
+applies the other reading, per app across mailboxes): a request over the limit
+gets 429 ``ApplicationThrottled`` (MailboxConcurrency) with ``Retry-After``.
+``$batch`` follows https://learn.microsoft.com/graph/json-batching: at most 20
+items, each evaluated against the limits on its own ("throttling" section), so
+the items run side by side and every one holds a concurrency slot while it
+runs: a 20-item batch gets 429 for the items over the limit while the others
+succeed. Item responses keep their own headers, ``Content-Type`` included.
+
+Reading is here (``/me``, folders, message lists with ``$filter=internetMessageId
+eq``, ``$top`` and ``@odata.nextLink`` paging
+(https://learn.microsoft.com/graph/paging), messages with ``$select`` (an unknown
+property is a 400, as for the documented message resource) and
+``$expand=singleValueExtendedProperties``, ``$value``), and delta per
+https://learn.microsoft.com/graph/delta-query-messages and
+https://learn.microsoft.com/graph/api/message-delta: ``@removed`` tombstones,
+``410 Gone`` for a forgotten sync state, a filtered delta returns at most
+``filtered_delta_cap`` (5,000) messages, ``$orderby=receivedDateTime desc`` is the
+one order allowed (without it the order is not guaranteed: the fake lists in
+change order); an item updated after the round it was listed in carries only
+``id`` and the changed properties, and with ``replay`` on, every page repeats
+the item the previous page ended with. Writing is in
+:mod:`tests.fakes.graph_write`, subscriptions in :mod:`tests.fakes.subscriptions`.
 """
 
 from __future__ import annotations
@@ -25,11 +46,11 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from tests.fakes.identity import FakeIdentity
+from tests.fakes.identity import FakeIdentity, Grant
 from tests.fakes.mailstore import FakeMailbox, FakeMessage
 from tests.fakes.server import Call, Reply, Router
 
@@ -97,6 +118,18 @@ class FakeGraph:
         self.lost_answers: list[Throttle] = []
         self.in_flight: Counter[str] = Counter()
         self.max_in_flight: Counter[str] = Counter()
+        self.in_flight_app: Counter[str] = Counter()
+        self.max_in_flight_app: Counter[str] = Counter()
+        #: "mailbox": 4 concurrent requests per app and mailbox; "app": per app.
+        self.concurrency_scope = "mailbox"
+        #: mailbox -> users with delegate (full access and send-as) rights to it.
+        self.delegates: dict[str, set[str]] = {}
+        #: Most messages a delta with $filter returns in its first round.
+        self.filtered_delta_cap = 5000
+        #: Every delta page repeats the item the previous page ended with.
+        self.replay = False
+        #: Seconds between a 202 from /send and the message landing in Sent Items.
+        self.sent_items_lag = 0.0
         self.latency = 0.0
         self.prefer_missing = 0
         #: Simulate Exchange replacing the Message-ID of MIME drafts.
@@ -127,6 +160,11 @@ class FakeGraph:
         with self.lock:
             self.mailbox(email).folders[folder].epoch += 1
 
+    def delegate(self, mailbox: str, user: str) -> None:
+        """``user`` gets full access and send-as rights on ``mailbox``."""
+        with self.lock:
+            self.delegates.setdefault(mailbox.lower(), set()).add(user.lower())
+
     def bodies_read(self) -> set[str]:
         return {e.body_of for e in self.log if e.body_of}
 
@@ -146,30 +184,65 @@ class FakeGraph:
                 401, "InvalidAuthenticationToken", "Access token has expired or is not yet valid.",
                 **{"www-authenticate": 'Bearer realm="", error="invalid_token"'},
             )
-        mailbox = grant.user.email.lower()
         if call.path.lower() == "/$batch":
-            return await self._batch(call, mailbox)
+            return await self._batch(call, grant)
+        target = self.resolve(call, grant)
+        if isinstance(target, Reply):
+            self._record(call, grant.user.email.lower(), target.status)
+            return target
+        return await self._limited(call, target, grant.client_id)
+
+    def resolve(self, call: Call, grant: Grant) -> str | Reply:
+        """The mailbox a request is for; ``/users/{x}/...`` becomes ``/me/...``."""
+        own = grant.user.email.lower()
+        call.ctx.update(grant=grant, root="/me")
+        match = re.match(r"/users/([^/]+)(/.*)?\Z", call.path, re.IGNORECASE)
+        if match is None:
+            return own
+        key = unquote(match.group(1)).lower()
+        user = next((u for u in self.identity.users.values()
+                     if key in (u.oid.lower(), u.upn.lower(), u.email.lower())), None)
+        if user is None or user.email.lower() not in self.mailboxes:
+            return Reply.graph_error(404, "ErrorInvalidUser", f"The requested user '{key}' "
+                                     "is invalid.")
+        mailbox = user.email.lower()
+        if mailbox != own and (own not in self.delegates.get(mailbox, set())
+                               or not _shared_scope(call, grant.scopes)):
+            return Reply.graph_error(403, "ErrorAccessDenied",
+                                     "Access is denied. Check credentials and try again.")
+        call.ctx["root"] = "/users/" + match.group(1)
+        call.path = "/me" + (match.group(2) or "")
+        return mailbox
+
+    async def _limited(self, call: Call, mailbox: str, app: str) -> Reply:
+        """Serve ``call`` holding a concurrency slot of its mailbox (and app)."""
         with self.lock:
             self.in_flight[mailbox] += 1
+            self.in_flight_app[app] += 1
             self.max_in_flight[mailbox] = max(self.max_in_flight[mailbox],
                                               self.in_flight[mailbox])
-            busy = self.in_flight[mailbox] > MAILBOX_CONCURRENCY
+            self.max_in_flight_app[app] = max(self.max_in_flight_app[app],
+                                              self.in_flight_app[app])
+            count = (self.in_flight_app[app] if self.concurrency_scope == "app"
+                     else self.in_flight[mailbox])
+            busy = count > MAILBOX_CONCURRENCY
         try:
             if busy:
-                reply = Reply.graph_error(429, "ApplicationThrottled",
-                                          "Application is over its MailboxConcurrency limit.",
-                                          **{"retry-after": "1"})
                 self._record(call, mailbox, 429)
-                return reply
-            if self.latency:
-                await asyncio.sleep(self.latency)
+                return Reply.graph_error(429, "ApplicationThrottled",
+                                         "Application is over its MailboxConcurrency limit.",
+                                         **{"retry-after": "1"})
+            # Always yield once: requests (and batch items) overlap as they would.
+            await asyncio.sleep(self.latency)
             return await self.serve(call, mailbox)
         finally:
             with self.lock:
                 self.in_flight[mailbox] -= 1
+                self.in_flight_app[app] -= 1
 
     async def serve(self, call: Call, mailbox: str) -> Reply:
-        """Everything after authentication; also runs each ``$batch`` item."""
+        """Everything after authentication and the concurrency check."""
+        self.settle()
         prefer = parse_prefer(call.header_lists.get("prefer", []))
         if isinstance(prefer, str):
             self._record(call, mailbox, 400)
@@ -186,6 +259,12 @@ class FakeGraph:
             self._record(call, mailbox, 413)
             return Reply.graph_error(413, "ErrorRequestEntityTooLarge",
                                      "The request exceeds the maximum allowed size (4 MB).")
+        unknown = _unknown_select(call)
+        if unknown:
+            self._record(call, mailbox, 400)
+            return Reply.graph_error(400, "RequestBroker--ParseUri", f"Could not find a "
+                                     f"property named '{unknown}' on type "
+                                     "'Microsoft.OutlookServices.Message'.")
         reply = await self.router.dispatch(call)
         self._record(call, mailbox, reply.status)
         with self.lock:
@@ -194,6 +273,19 @@ class FakeGraph:
                     rule.remaining -= 1
                     return Reply.graph_error(504, "GatewayTimeout", "The gateway timed out.")
         return reply
+
+    def settle(self) -> None:
+        """Sent messages whose Sent Items lag has passed land there now."""
+        now = datetime.now(UTC)
+        with self.lock:
+            for box in self.mailboxes.values():
+                for msg in list(box.messages.values()):
+                    if msg.lands_at is not None and msg.lands_at <= now:
+                        msg.lands_at = None
+                        msg.is_draft = False
+                        msg.sent = msg.received = now
+                        box.move(msg, "sentitems")
+                        self.on_created(box, msg)
 
     def _throttled(self, call: Call) -> Reply | None:
         with self.lock:
@@ -212,7 +304,7 @@ class FakeGraph:
             self.log.append(Logged(call.method, call.path, dict(call.query), mailbox, status,
                                    call.in_batch, call.ctx.get("body_of")))
 
-    async def _batch(self, call: Call, mailbox: str) -> Reply:
+    async def _batch(self, call: Call, grant: Grant) -> Reply:
         try:
             items = call.json()["requests"]
             assert isinstance(items, list)
@@ -221,15 +313,19 @@ class FakeGraph:
         if len(items) > 20:
             return Reply.graph_error(400, "BadRequest",
                                      "Number of batch requests exceeds the limit of 20.")
-        self._record(call, mailbox, 200)
-        answers = []
-        for item in items:
+        self._record(call, grant.user.email.lower(), 200)
+
+        async def run(item: dict[str, Any]) -> Reply:
             url = urlsplit(str(item.get("url", "")))
+            path = url.path if url.path.startswith("/") else "/" + url.path
+            if url.netloc and f"{url.scheme}://{url.netloc}" == self.base:
+                # Microsoft's SDK sends the absolute URL of the item.
+                path = path.removeprefix("/v1.0")
             headers = {str(k).lower(): str(v) for k, v in (item.get("headers") or {}).items()}
             body = item.get("body")
             sub = Call(
                 method=str(item.get("method", "GET")).upper(),
-                path=normalise(unquote(url.path if url.path.startswith("/") else "/" + url.path)),
+                path=normalise(unquote(path)),
                 query=dict(parse_qsl(url.query, keep_blank_values=True)),
                 headers=headers,
                 body=json.dumps(body).encode() if body is not None else b"",
@@ -237,15 +333,22 @@ class FakeGraph:
                 in_batch=True,
             )
             if sub.path.lower().startswith("/v1.0/"):
-                reply = Reply.graph_error(400, "BadRequest", "Batch URLs are relative to v1.0.")
-            else:
-                reply = await self.serve(sub, mailbox)
+                return Reply.graph_error(400, "BadRequest", "Batch URLs are relative to v1.0.")
+            target = self.resolve(sub, grant)
+            if isinstance(target, Reply):
+                return target
+            return await self._limited(sub, target, grant.client_id)
+
+        replies = await asyncio.gather(*(run(item) for item in items))
+        answers = []
+        for item, reply in zip(items, replies, strict=True):
+            json_body = reply.headers.get("content-type", "").startswith("application/json")
             answers.append({
                 "id": item.get("id"),
                 "status": reply.status,
-                "headers": {k: v for k, v in reply.headers.items() if k != "content-type"},
-                "body": reply.data() if reply.headers.get("content-type", "").startswith(
-                    "application/json") else None,
+                "headers": dict(reply.headers),
+                "body": reply.data() if json_body else (
+                    base64.b64encode(reply.body).decode() if reply.body else None),
             })
         return Reply.json(200, {"responses": answers})
 
@@ -323,18 +426,28 @@ class FakeGraph:
                                              "nodes.")
                 value = match.group(1).replace("''", "'")
                 messages = [m for m in messages if m.internet_message_id == value]
-            top = int(call.query.get("$top", "10"))
-            return Reply.json(200, {"value": [self.message_json(call, m)
-                                              for m in messages[:top]]})
+            top = min(int(call.query.get("$top", "10")), 1000)
+            skip = int(call.query.get("$skip", "0"))
+            data: dict[str, Any] = {
+                "@odata.context": f"{self.base}/v1.0/$metadata#users('{call.ctx['mailbox']}')"
+                                  f"/mailFolders('{folder}')/messages",
+                "value": [self.message_json(call, m) for m in messages[skip:skip + top]],
+            }
+            if len(messages) > skip + top:
+                query = {**call.query, "$top": str(top), "$skip": str(skip + top)}
+                data["@odata.nextLink"] = (f"{self.base}/v1.0{call.ctx.get('root', '/me')}"
+                                           f"/mailFolders('{folder}')/messages?"
+                                           f"{urlencode(query)}")
+            return Reply.json(200, data)
 
     # ---- delta ----------------------------------------------------------------------------
 
     def _token(self, state: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(state).encode()).decode().rstrip("=")
 
-    def _link(self, folder: str, kind: str, state: dict[str, Any]) -> str:
-        return (f"{self.base}/v1.0/me/mailFolders('{folder}')/messages/delta"
-                f"?${kind}={self._token(state)}")
+    def _link(self, call: Call, folder: str, kind: str, state: dict[str, Any]) -> str:
+        return (f"{self.base}/v1.0{call.ctx.get('root', '/me')}/mailFolders('{folder}')"
+                f"/messages/delta?${kind}={self._token(state)}")
 
     async def delta(self, call: Call, folder: str) -> Reply:
         folder = folder.lower()
@@ -367,19 +480,30 @@ class FakeGraph:
                         return Reply.graph_error(400, "ErrorInvalidUrlQueryFilter", "Only "
                                                  "receivedDateTime ge/gt is supported in delta.")
                     since = match.group(2)
+                order = q.get("$orderby")
+                if order is not None and " ".join(order.split()).lower() != (
+                        "receiveddatetime desc"):
+                    return Reply.graph_error(400, "ErrorInvalidUrlQuery", "Only $orderby="
+                                             "receivedDateTime desc is supported in delta.")
                 state = {"folder": folder, "epoch": state_folder.epoch, "after": None,
-                         "pos": -1, "end": state_folder.seq, "since": since,
-                         "select": q.get("$select")}
+                         "pos": -1, "offset": 0, "end": state_folder.seq, "since": since,
+                         "desc": order is not None, "select": q.get("$select")}
             size = min(int(call.ctx["prefer"].get("odata.maxpagesize", "10")), 1000)
             entries = self._window(box, state)
             page, rest = entries[:size], entries[size:]
             select = ({s.strip().lower() for s in state["select"].split(",")}
                       if state["select"] else None)
             value = []
+            if self.replay and state["after"] is not None:
+                again = next((m for m in box.in_folder(folder) if m.seq == state["pos"]), None)
+                if again is not None:
+                    value.append(self.message_json(call, again, select=select))
             for _seq, msg, gone_id in page:
                 if msg is None:
                     value.append({"@odata.type": "#microsoft.graph.message",
                                   "id": gone_id, "@removed": {"reason": "deleted"}})
+                elif state["after"] is not None and msg.created_seq <= state["after"]:
+                    value.append(self._partial(call, msg, select))
                 else:
                     value.append(self.message_json(call, msg, select=select))
             data: dict[str, Any] = {
@@ -387,28 +511,81 @@ class FakeGraph:
                 "value": value,
             }
             if rest:
-                data["@odata.nextLink"] = self._link(folder, "skiptoken",
-                                                     {**state, "pos": page[-1][0]})
+                following = ({**state, "offset": state["offset"] + len(page)}
+                             if state["after"] is None else {**state, "pos": page[-1][0]})
+                data["@odata.nextLink"] = self._link(call, folder, "skiptoken", following)
             else:
-                data["@odata.deltaLink"] = self._link(folder, "deltatoken", state)
+                data["@odata.deltaLink"] = self._link(call, folder, "deltatoken", state)
             return Reply.json(200, data)
+
+    def _partial(self, call: Call, msg: FakeMessage, select: set[str] | None) -> dict[str, Any]:
+        """An update of a message listed in an earlier round: id and what changed."""
+        full = msg.json(None, call.ctx["mailbox"], call.ctx["immutable"])
+        wanted = {c.lower() for c in msg.changed}
+        if select is not None:
+            wanted &= select
+        return {"@odata.type": "#microsoft.graph.message", "@odata.etag": full["@odata.etag"],
+                "id": full["id"], **{k: v for k, v in full.items() if k.lower() in wanted}}
 
     def _window(self, box: FakeMailbox, state: dict[str, Any]
                 ) -> list[tuple[int, FakeMessage | None, str]]:
         after, pos, end = state["after"], state["pos"], state["end"]
         since = datetime.fromisoformat(state["since"].replace("Z", "+00:00")) \
             if state["since"] else None
-        low = max(pos, after if after is not None else -1)
+        if after is None:
+            # The first round lists what the folder held when it began (at most
+            # the cap when filtered), in the order asked for, by position.
+            held = [m for m in box.in_folder(state["folder"])
+                    if m.created_seq <= end and (since is None or m.received >= since)]
+            if state.get("desc"):
+                held.sort(key=lambda m: (m.received, m.seq), reverse=True)
+            if since is not None:
+                held = held[:self.filtered_delta_cap]
+            return [(m.seq, m, m.id) for m in held][state.get("offset", 0):]
+        low = max(pos, after)
         entries: list[tuple[int, FakeMessage | None, str]] = []
         for msg in box.in_folder(state["folder"]):
             if low < msg.seq <= end and (since is None or msg.received >= since):
                 entries.append((msg.seq, msg, msg.id))
-        if after is not None:
-            present = {m.id for m in box.in_folder(state["folder"])}
-            for tomb in box.folders[state["folder"]].tombstones:
-                if low < tomb.seq <= end and tomb.id not in present:
-                    entries.append((tomb.seq, None, tomb.id))
+        present = {m.id for m in box.in_folder(state["folder"])}
+        for tomb in box.folders[state["folder"]].tombstones:
+            if low < tomb.seq <= end and tomb.id not in present:
+                entries.append((tomb.seq, None, tomb.id))
         return sorted(entries, key=lambda e: e[0])
+
+
+def _shared_scope(call: Call, scopes: tuple[str, ...]) -> bool:
+    """Another user's mailbox needs the ``.Shared`` permissions
+    (https://learn.microsoft.com/graph/outlook-share-messages-folders)."""
+    have = {s.rsplit("/", 1)[-1].lower() for s in scopes}
+    if call.path.lower().endswith(("/send", "/sendmail")):
+        return "mail.send.shared" in have
+    if call.method == "GET":
+        return bool(have & {"mail.read.shared", "mail.readwrite.shared"})
+    return "mail.readwrite.shared" in have
+
+
+#: Properties of the message resource
+#: (https://learn.microsoft.com/graph/api/resources/message#properties).
+MESSAGE_PROPERTIES = frozenset(p.lower() for p in (
+    "bccRecipients", "body", "bodyPreview", "categories", "ccRecipients", "changeKey",
+    "conversationId", "conversationIndex", "createdDateTime", "flag", "from",
+    "hasAttachments", "id", "importance", "inferenceClassification",
+    "internetMessageHeaders", "internetMessageId", "isDeliveryReceiptRequested", "isDraft",
+    "isRead", "isReadReceiptRequested", "lastModifiedDateTime", "parentFolderId",
+    "receivedDateTime", "replyTo", "sender", "sentDateTime", "subject", "toRecipients",
+    "uniqueBody", "webLink",
+))
+
+
+def _unknown_select(call: Call) -> str | None:
+    """The first ``$select`` name a message request names that messages lack."""
+    if "$select" not in call.query or "/messages" not in call.path.lower():
+        return None
+    for name in call.query["$select"].split(","):
+        if name.strip().lower() not in MESSAGE_PROPERTIES:
+            return name.strip()
+    return None
 
 
 def _selected(full: dict[str, Any], query: dict[str, str]) -> dict[str, Any]:

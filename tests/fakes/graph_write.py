@@ -9,7 +9,16 @@ to at most 500 recipients, the sender must be the mailbox owner, a sent draft
 moves to Sent Items keeping its immutable id and ``Bcc`` is not transmitted, and
 an upload session URL refuses an ``Authorization`` header and ranges of 4 MB or
 more. ``sendMail`` accepts ``{"message", "saveToSentItems"}`` in any casing (the
-official SDK capitalises them).
+official SDK capitalises them). Create and ``createReply`` answer with the whole
+message, recipients included.
+
+``/send`` answers 202 Accepted before the message is sent
+(https://learn.microsoft.com/graph/api/message-send: "returns 202 Accepted
+response code"; the copy in Sent Items is saved asynchronously). With
+``FakeGraph.sent_items_lag`` set, the message is transmitted at once but lands
+in Sent Items only after the lag; until then it still reads as a draft where it
+was, and a second ``/send`` transmits it again: a client that re-sends after a
+lost answer sends twice.
 """
 
 from __future__ import annotations
@@ -149,8 +158,15 @@ class GraphWrites:
             if refused is not None:
                 return refused
             draft = box.add(msg, "drafts", draft=True)
-            return Reply.json(201, self.g.message_json(call, draft, select={
-                "internetmessageid", "subject", "isdraft", "conversationid"}))
+            return Reply.json(201, self.created_json(call, draft))
+
+    def created_json(self, call: Call, msg: FakeMessage) -> dict[str, Any]:
+        """What create and createReply answer: the whole message (recipients,
+        body, ids), as in https://learn.microsoft.com/graph/api/user-post-messages
+        and https://learn.microsoft.com/graph/api/message-createreply."""
+        return {"@odata.context": f"{self.g.base}/v1.0/$metadata#users('{call.ctx['mailbox']}')"
+                                  "/messages/$entity",
+                **msg.json(None, call.ctx["mailbox"], call.ctx["immutable"])}
 
     def _found(self, call: Call, ref: str) -> tuple[FakeMailbox, FakeMessage] | Reply:
         box = self.g.mailbox(call.ctx["mailbox"])
@@ -179,7 +195,7 @@ class GraphWrites:
                 msg.mime["Subject"] = str(_ci(data, "subject"))
             if _ci(data, "isRead") is not None:
                 msg.is_read = bool(_ci(data, "isRead"))
-            box.changed(msg)
+            box.changed(msg, *data)
             return Reply.json(200, self.g.message_json(call, msg, select={
                 "internetmessageid", "subject", "isdraft", "isread"}))
 
@@ -234,6 +250,11 @@ class GraphWrites:
             refused = self.transmit(box, msg.mime)
             if refused is not None:
                 return refused
+            if self.g.sent_items_lag > 0:
+                # Accepted and on its way; until the copy lands the item still
+                # reads as a draft, and a second /send would send it again.
+                msg.lands_at = datetime.now(UTC) + timedelta(seconds=self.g.sent_items_lag)
+                return Reply(202)
             msg.is_draft = False
             msg.sent = msg.received = datetime.now(UTC)
             box.move(msg, "sentitems")
@@ -288,8 +309,7 @@ class GraphWrites:
             data = call.json() if call.body else {}
             draft = box.add(self.reply_to(box, original, str(_ci(data or {}, "comment") or "")),
                             "drafts", draft=True)
-            return Reply.json(201, self.g.message_json(call, draft, select={
-                "internetmessageid", "subject", "isdraft"}))
+            return Reply.json(201, self.created_json(call, draft))
 
     # ---- attachments ----------------------------------------------------------------------
 
@@ -300,7 +320,7 @@ class GraphWrites:
                                 subtype=subtype or "octet-stream", filename=name,
                                 disposition="inline" if inline else "attachment",
                                 cid=f"<{content_id}>" if content_id else None)
-        box.changed(msg)
+        box.changed(msg, "hasAttachments")
 
     async def add_attachment(self, call: Call, ref: str) -> Reply:
         with self.g.lock:

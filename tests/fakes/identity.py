@@ -6,7 +6,10 @@ What MSAL for Python talks to: the OpenID discovery document
 ``error=access_denied``), ``/oauth2/v2.0/token`` (authorization code with PKCE
 and client secret, refresh token, device code) and ``/oauth2/v2.0/devicecode``.
 Answers follow the documented JSON, including error bodies with ``error``,
-``error_description`` (``AADSTSnnnnn: ...``), ``error_codes`` and ``suberror``.
+``error_description`` (``AADSTSnnnnn: ...``), ``error_codes``, ``timestamp``,
+``trace_id``, ``correlation_id``, ``error_uri`` and ``suberror`` (the error
+response of
+https://learn.microsoft.com/entra/identity-platform/v2-oauth2-auth-code-flow#error-response-1).
 
 Tests act as the user through :meth:`FakeIdentity.browse` (open the consent URL
 in a "browser"), :meth:`approve_device_code`, :meth:`revoke_consent` (what a user
@@ -66,11 +69,17 @@ class Grant:
 
 
 def _oauth_error(status: int, error: str, code: int, text: str, **extra: Any) -> Reply:
+    trace, correlation = str(uuid.uuid4()), str(uuid.uuid4())
+    stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
     return Reply.json(status, {
         "error": error,
-        "error_description": f"AADSTS{code}: {text} Trace ID: {uuid.uuid4()}",
+        "error_description": f"AADSTS{code}: {text} Trace ID: {trace} Correlation ID: "
+                             f"{correlation} Timestamp: {stamp}",
         "error_codes": [code],
-        "timestamp": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+        "timestamp": stamp,
+        "trace_id": trace,
+        "correlation_id": correlation,
+        "error_uri": "https://login.microsoftonline.com/error?code=" + str(code),
         **extra,
     })
 

@@ -61,6 +61,14 @@ class FakeMessage:
     version: int = 1
     seq: int = 0
     conversation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: Sequence number at which the message entered its folder.
+    created_seq: int = 0
+    #: Properties the last update changed (what a later delta round carries).
+    changed: set[str] = field(default_factory=set)
+    #: When a sent message lands in Sent Items (it was sent, the copy lags).
+    lands_at: datetime | None = None
+    #: How often it moved between folders (its REST id changes when it does).
+    moves: int = 0
 
     def header(self, name: str) -> str | None:
         value = self.mime.get(name)
@@ -88,7 +96,7 @@ class FakeMessage:
         return found
 
     def rest_id(self) -> str:
-        return f"R{FOLDERS.index(self.folder)}{self.version}_{self.id}"
+        return f"R{FOLDERS.index(self.folder)}{self.moves}_{self.id}"
 
     def json(self, select: set[str] | None, owner: str, immutable: bool,
              props: list[str] | None = None) -> dict[str, Any]:
@@ -189,10 +197,13 @@ class FakeMailbox:
                           sent=None if draft else now)
         self.messages[msg.id] = msg
         self._touch(msg)
+        msg.created_seq = msg.seq
         return msg
 
-    def changed(self, msg: FakeMessage) -> None:
+    def changed(self, msg: FakeMessage, *fields: str) -> None:
+        """``msg`` was updated; ``fields`` name the properties that changed."""
         msg.version += 1
+        msg.changed = {*fields, "lastModifiedDateTime", "changeKey"}
         self._touch(msg)
 
     def move(self, msg: FakeMessage, folder: str) -> None:
@@ -201,7 +212,10 @@ class FakeMailbox:
         old.tombstones.append(Tombstone(msg.id, old.seq))
         msg.folder = folder
         msg.version += 1
+        msg.moves += 1
         self._touch(msg)
+        msg.created_seq = msg.seq  # new in the folder it moved to
+        msg.changed = {"parentFolderId", "lastModifiedDateTime", "changeKey"}
 
     def delete(self, msg: FakeMessage) -> None:
         if msg.folder == "deleteditems":

@@ -80,6 +80,7 @@ class FakeMicrosoft:
             "timeout_seconds": 10,
             "max_retry_wait_seconds": 3,
             "sign_in_timeout_seconds": 20,
+            "send_settle_seconds": 1.5,
         }
         settings.update(over)
         return settings
@@ -166,14 +167,24 @@ class FakeMicrosoft:
             self.graph.on_created(box, msg)
             return msg
 
-    def client_send(self, email_addr: str, raw: bytes) -> FakeMessage:
-        """The user sends from Outlook: transmitted, and the copy in Sent Items."""
+    def client_send(self, email_addr: str, raw: bytes, *,
+                    partial_headers: bool = False) -> FakeMessage:
+        """The user sends from Outlook: transmitted, and the copy in Sent Items.
+
+        ``partial_headers``: the copy carries ``internetMessageHeaders`` without
+        ``In-Reply-To`` and ``References``, as Sent Items of shared mailboxes
+        can; the MAPI properties still have them.
+        """
         with self.graph.lock:
             box = self.graph.mailbox(email_addr)
             mime = parse_mime(raw)
             refused = self.writes.transmit(box, mime)
             assert refused is None, refused.data() if refused else None
             msg = box.add(mime, "sentitems")
+            if partial_headers:
+                msg.transport_headers = [
+                    (k, " ".join(str(v).split())) for k, v in mime.items()
+                    if k.lower() not in ("in-reply-to", "references")]
             self.graph.on_created(box, msg)
             return msg
 
@@ -197,6 +208,7 @@ class FakeMicrosoft:
     # ---- looking ---------------------------------------------------------------------------
 
     def messages(self, email_addr: str, folder: str) -> list[FakeMessage]:
+        self.graph.settle()
         with self.graph.lock:
             return self.graph.mailbox(email_addr).in_folder(folder)
 

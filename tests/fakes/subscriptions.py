@@ -8,6 +8,19 @@ at most 128 characters. When a message is created in a subscribed folder, a
 notification (``changeType: created``, ``resourceData.id``, ``clientState``) is
 POSTed to the endpoint; :meth:`FakeSubscriptions.lifecycle` sends lifecycle
 events (``reauthorizationRequired``, ``subscriptionRemoved``, ``missed``).
+
+Per https://learn.microsoft.com/graph/api/subscription-post-subscriptions a
+subscription on messages needs ``Mail.ReadBasic`` at least (``Mail.Read`` and
+``Mail.ReadWrite`` are the higher ones; their ``.Shared`` forms for another
+user's mailbox, ``users/{id}/...``); without one it is a 403. ``GET
+/subscriptions`` lists the caller's subscriptions and ``GET
+/subscriptions/{id}`` reads one (subscription-list, subscription-get);
+``POST /subscriptions/{id}/reauthorize`` answers 204 (subscription-reauthorize).
+``PATCH`` changes ``expirationDateTime`` and ``notificationUrl`` only
+(subscription-update): ``lifecycleNotificationUrl`` cannot be added or changed
+that way (https://learn.microsoft.com/graph/change-notifications-lifecycle-events:
+"You can't add or update the lifecycleNotificationUrl ... using a PATCH";
+recreate the subscription instead).
 """
 
 from __future__ import annotations
@@ -38,11 +51,13 @@ class FakeSubscription:
     lifecycle_url: str | None
     client_state: str
     expires: datetime
+    creator: str = ""
+    resource: str = ""
 
     def json(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "resource": f"me/mailFolders('{self.folder}')/messages",
+            "resource": self.resource or f"me/mailFolders('{self.folder}')/messages",
             "applicationId": "00000000-0000-0000-0000-000000000000",
             "changeType": ",".join(sorted(self.change_types)),
             "clientState": self.client_state,
@@ -71,10 +86,14 @@ class FakeSubscriptions:
         self.submit = submit
         self.items: dict[str, FakeSubscription] = {}
         self.delivered: list[dict[str, Any]] = []
+        self.reauthorized: list[str] = []
         r = graph.router
         r.add("POST", r"/subscriptions", self.create)
         r.add("PATCH", r"/subscriptions/" + ID, self.renew)
         r.add("DELETE", r"/subscriptions/" + ID, self.delete)
+        r.add("GET", r"/subscriptions", self.list)
+        r.add("GET", r"/subscriptions/" + ID, self.get)
+        r.add("POST", r"/subscriptions/" + ID + r"/reauthorize", self.reauthorize)
         graph.on_created = self.created
 
     async def _validate(self, url: str) -> bool:
@@ -93,11 +112,21 @@ class FakeSubscriptions:
         lifecycle = data.get("lifecycleNotificationUrl")
         expires = _when(data.get("expirationDateTime"))
         now = datetime.now(UTC)
-        match = re.fullmatch(r"/?me/mailFolders(?:\('|/)(\w+)(?:'\))?/messages",
-                             str(data.get("resource") or ""), re.IGNORECASE)
+        resource = str(data.get("resource") or "")
+        match = re.fullmatch(r"/?(me|users/[^/]+)/mailFolders(?:\('|/)(\w+)(?:'\))?/messages",
+                             resource, re.IGNORECASE)
         if not url.startswith("https://") or match is None or not data.get("changeType"):
             return Reply.graph_error(400, "InvalidRequest", "notificationUrl must be https; "
                                      "resource and changeType are required.")
+        have = {s.rsplit("/", 1)[-1].lower() for s in call.ctx["grant"].scopes}
+        if not have & {"mail.readbasic", "mail.read", "mail.readwrite", "mail.readbasic.shared",
+                       "mail.read.shared", "mail.readwrite.shared"}:
+            return Reply.graph_error(403, "ExtensionError", "Operation: Create; Exception: "
+                                     "[Status Code: Forbidden; Reason: Access is denied.]")
+        owner = Call("GET", "/" + match.group(1), {}, {})
+        mailbox = self.g.resolve(owner, call.ctx["grant"])
+        if isinstance(mailbox, Reply):
+            return mailbox
         if expires is None or expires <= now or expires > now + timedelta(minutes=MAX_MINUTES):
             return Reply.graph_error(400, "InvalidRequest", "Subscription expiration can only "
                                      f"be {MAX_MINUTES} minutes in the future.")
@@ -109,32 +138,76 @@ class FakeSubscriptions:
                                          "request failed. Response must exactly match "
                                          "validationToken query parameter.")
         sub = FakeSubscription(
-            id=secrets.token_hex(16), mailbox=call.ctx["mailbox"],
-            folder=match.group(1).lower(),
+            id=secrets.token_hex(16), mailbox=mailbox,
+            folder=match.group(2).lower(),
             change_types={c.strip() for c in str(data["changeType"]).split(",")},
             notification_url=url, lifecycle_url=str(lifecycle) if lifecycle else None,
             client_state=str(data.get("clientState") or ""), expires=expires,
+            creator=call.ctx["mailbox"], resource=resource,
         )
         with self.g.lock:
             self.items[sub.id] = sub
         return Reply.json(201, sub.json())
 
+    def _own(self, call: Call, sub_id: str) -> FakeSubscription | Reply:
+        sub = self.items.get(sub_id)
+        if sub is None or sub.creator != call.ctx["mailbox"]:
+            return Reply.graph_error(404, "ResourceNotFound", "Subscription not found.")
+        return sub
+
     async def renew(self, call: Call, sub_id: str) -> Reply:
         with self.g.lock:
-            sub = self.items.get(sub_id)
-            if sub is None or sub.mailbox != call.ctx["mailbox"]:
-                return Reply.graph_error(404, "ResourceNotFound", "Subscription not found.")
-            expires = _when((call.json() or {}).get("expirationDateTime"))
+            sub = self._own(call, sub_id)
+            if isinstance(sub, Reply):
+                return sub
+            data = call.json() or {}
+            if any(k.lower() == "lifecyclenotificationurl" for k in data):
+                return Reply.graph_error(400, "InvalidRequest", "lifecycleNotificationUrl "
+                                         "cannot be added or updated; recreate the "
+                                         "subscription.")
+            expires = _when(data.get("expirationDateTime", sub.expires.isoformat()))
             now = datetime.now(UTC)
             if expires is None or expires > now + timedelta(minutes=MAX_MINUTES):
                 return Reply.graph_error(400, "InvalidRequest", "Bad expirationDateTime.")
+            url = data.get("notificationUrl")
+        if url is not None and (not str(url).startswith("https://")
+                                or not await self._validate(str(url))):
+            return Reply.graph_error(400, "InvalidRequest", "Subscription validation request "
+                                     "failed.")
+        with self.g.lock:
             sub.expires = expires
+            if url is not None:
+                sub.notification_url = str(url)
             return Reply.json(200, sub.json())
 
     async def delete(self, call: Call, sub_id: str) -> Reply:
         with self.g.lock:
-            if self.items.pop(sub_id, None) is None:
-                return Reply.graph_error(404, "ResourceNotFound", "Subscription not found.")
+            sub = self._own(call, sub_id)
+            if isinstance(sub, Reply):
+                return sub
+            del self.items[sub_id]
+        return Reply(204)
+
+    async def get(self, call: Call, sub_id: str) -> Reply:
+        with self.g.lock:
+            sub = self._own(call, sub_id)
+            if isinstance(sub, Reply):
+                return sub
+            return Reply.json(200, {"@odata.context": f"{self.g.base}/v1.0/$metadata#"
+                                    "subscriptions/$entity", **sub.json()})
+
+    async def list(self, call: Call) -> Reply:
+        with self.g.lock:
+            mine = [s.json() for s in self.items.values() if s.creator == call.ctx["mailbox"]]
+        return Reply.json(200, {"@odata.context": f"{self.g.base}/v1.0/$metadata#subscriptions",
+                                "value": mine})
+
+    async def reauthorize(self, call: Call, sub_id: str) -> Reply:
+        with self.g.lock:
+            sub = self._own(call, sub_id)
+            if isinstance(sub, Reply):
+                return sub
+            self.reauthorized.append(sub_id)
         return Reply(204)
 
     # ---- notifications ---------------------------------------------------------------------

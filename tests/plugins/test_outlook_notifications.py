@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.fakes import FakeMicrosoft, ServerThread
@@ -159,3 +160,52 @@ async def test_a_notification_endpoint_that_does_not_echo_is_refused(
         assert any(e.path == "/subscriptions" and e.status == 400 for e in ms.requests())
     finally:
         server.stop()
+
+
+async def test_a_new_lifecycle_url_recreates_the_subscriptions_and_urls_are_kept(
+    ms: FakeMicrosoft, endpoint: tuple[NotificationHub, ServerThread]
+) -> None:
+    hub, server = endpoint
+    account, settings = await sign_in(ms, notification_url=f"{server.base}/notify")
+    settings["notification_hub"] = hub
+    async with opened(account, settings) as provider:
+        await provider.wait_for_changes(0.05)
+    old = set(ms.subscriptions.items)
+    assert len(old) == 2
+    assert all(s.lifecycle_url is None for s in ms.subscriptions.items.values())
+    lifecycle = f"{server.base}/lifecycle"
+    async with opened(account, {**settings, "lifecycle_url": lifecycle}) as provider:
+        await provider.wait_for_changes(0.05)
+    subs = ms.subscriptions.items
+    assert len(subs) == 2 and not set(subs) & old  # recreated: PATCH cannot add it
+    assert all(s.lifecycle_url == lifecycle for s in subs.values())
+    stored = json.loads(account.secrets["subscriptions"])
+    assert {(i["notification_url"], i["lifecycle_url"]) for i in stored} == {
+        (f"{server.base}/notify", lifecycle)}
+    assert not any(e.method == "PATCH" for e in ms.requests())
+
+
+async def test_the_fake_lists_reads_reauthorizes_and_refuses_a_lifecycle_patch(
+    subscribed: OutlookProvider, ms: FakeMicrosoft
+) -> None:
+    token = ms.identity.token_of(MAILBOX)
+    base = subscribed.config.graph_url
+    sub_id = next(iter(ms.subscriptions.items))
+    async with httpx.AsyncClient(verify=ms.ca.client_context(),
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
+        listed = (await client.get(f"{base}/subscriptions")).json()["value"]
+        one = (await client.get(f"{base}/subscriptions/{sub_id}")).json()
+        again = await client.post(f"{base}/subscriptions/{sub_id}/reauthorize")
+        patched = await client.patch(f"{base}/subscriptions/{sub_id}",
+                                     json={"lifecycleNotificationUrl": "https://x.test/l"})
+        ms.identity.access_tokens[token].scopes = ("User.Read",)
+        refused = await client.post(f"{base}/subscriptions", json={
+            "changeType": "created", "resource": "me/mailFolders('inbox')/messages",
+            "notificationUrl": one["notificationUrl"], "clientState": "s",
+            "expirationDateTime": one["expirationDateTime"]})
+    assert sorted(s["id"] for s in listed) == sorted(ms.subscriptions.items)
+    assert one["id"] == sub_id and one["notificationUrl"].endswith("/notify")
+    assert one["lifecycleNotificationUrl"].endswith("/lifecycle")
+    assert again.status_code == 204 and ms.subscriptions.reauthorized == [sub_id]
+    assert patched.status_code == 400
+    assert refused.status_code == 403  # Mail.ReadBasic at least is needed

@@ -76,9 +76,11 @@ async def test_delta_pages_follow_next_links_and_carry_threading_headers(
     assert not any(e.in_batch for e in ms.requests())  # received mail: no extra reads
 
 
-async def test_sent_items_threading_from_mapi_properties_in_batches_of_20(
+async def test_sent_items_threading_from_mapi_properties_in_batches_within_the_limit(
     ms: FakeMicrosoft,
 ) -> None:
+    """Each batch item is a request against the 4-at-once limit: batches of at
+    most 4 items, holding the slots of their items, are never throttled."""
     account, settings = await sign_in(ms)
     async with opened(account, settings) as provider:
         cursor = (await provider.changes(SENT, None)).cursor
@@ -88,7 +90,9 @@ async def test_sent_items_threading_from_mapi_properties_in_batches_of_20(
     assert all(h.references == ("<a@b>", "<root@threadsync.local>") for h in batch.headers)
     batches = [e for e in ms.requests() if e.path == "/$batch"]
     items = [e for e in ms.requests() if e.in_batch]
-    assert len(batches) == 3 and len(items) == 45
+    assert len(batches) == 12 and len(items) == 45
+    assert 429 not in [e.status for e in ms.requests()]
+    assert ms.graph.max_in_flight[MAILBOX] <= 4
     assert all("singleValueExtendedProperties" in e.query["$expand"] for e in items)
     assert not ms.graph.bodies_read()
 
@@ -208,3 +212,99 @@ async def test_one_mailbox_throttled_never_stalls_another(ms: FakeMicrosoft) -> 
         slow_time, fast_time = await asyncio.gather(
             timed(slow.changes(INBOX, None)), timed(fast.changes(INBOX, None)))
     assert slow_time >= 1.0 and fast_time < 0.5
+
+
+async def test_partial_and_replayed_delta_entries_are_neither_new_nor_read(
+    ms: FakeMicrosoft,
+) -> None:
+    """Later rounds list updated messages with only the changed properties, and
+    replay items: no header for a partial update, no request spent on either (a
+    replayed message may be listed again; the kernel skips a known Message-ID)."""
+    account, settings = await sign_in(ms, page_size=2)
+    async with opened(account, settings) as provider:
+        cursor = (await provider.changes(INBOX, None)).cursor
+        first = [contact_mail(ms, n) for n in range(2)]
+        listed = await provider.changes(INBOX, cursor)
+        with ms.graph.lock:  # the user reads both
+            box = ms.graph.mailbox(MAILBOX)
+            for header in listed.headers:
+                box.messages[header.ref].is_read = True
+                box.changed(box.messages[header.ref], "isRead")
+        ms.graph.replay = True
+        newer = contact_mail(ms, 9)
+        before = len(ms.requests())
+        rounds, seen = [], []
+        cursor = listed.cursor
+        while True:
+            batch = await provider.changes(INBOX, cursor)
+            rounds.append(batch)
+            seen += [h.message_id for h in batch.headers]
+            cursor = batch.cursor
+            if not batch.more:
+                break
+        later = ms.requests()[before:]
+    assert sorted(h.message_id or "" for h in listed.headers) == sorted(first)
+    assert newer in seen and first[0] not in seen and len(seen) == len(set(seen))
+    assert all(e.path.endswith("/delta") for e in later)  # no other request
+    assert not any(e.in_batch for e in ms.requests())
+
+
+async def test_the_fake_sends_partial_updates(ms: FakeMicrosoft) -> None:
+    _, settings = await sign_in(ms)
+    token = ms.identity.token_of(MAILBOX)
+    mid = contact_mail(ms, 1)
+    async with httpx.AsyncClient(verify=ms.ca.client_context(), headers={
+            "Authorization": f"Bearer {token}", "Prefer": 'IdType="ImmutableId"'}) as client:
+        first = (await client.get(f"{settings['graph_url']}/me/mailFolders/inbox/messages/delta",
+                                  params={"$select": "internetMessageId,isRead,subject"})).json()
+        ref = first["value"][0]["id"]
+        with ms.graph.lock:
+            box = ms.graph.mailbox(MAILBOX)
+            box.messages[ref].is_read = True
+            box.changed(box.messages[ref], "isRead")
+        second = (await client.get(first["@odata.deltaLink"])).json()
+    assert first["value"][0]["internetMessageId"] == mid
+    [update] = second["value"]
+    assert update["id"] == ref and update["isRead"] is True
+    assert "internetMessageId" not in update and "subject" not in update
+
+
+async def test_resync_after_gone_asks_newest_first_within_the_filtered_cap(
+    ms: FakeMicrosoft,
+) -> None:
+    ms.graph.filtered_delta_cap = 3
+    account, settings = await sign_in(ms, page_size=2)
+    async with opened(account, settings) as provider:
+        cursor = (await provider.changes(INBOX, None)).cursor
+        arrived = [contact_mail(ms, n) for n in range(6)]
+        ms.graph.expire_delta_tokens(MAILBOX, "inbox")
+        seen: list[str] = []
+        while True:
+            batch = await provider.changes(INBOX, cursor)
+            seen += [h.message_id or "" for h in batch.headers]
+            cursor = batch.cursor
+            if not batch.more:
+                break
+    assert sorted(seen) == sorted(arrived[-3:])  # the cap cut off the oldest
+    first_requests = [e for e in ms.requests()
+                      if e.path.endswith("/delta") and "$filter" in e.query]
+    assert len(first_requests) == 2  # placing the cursor, and the resync
+    assert all(e.query["$orderby"] == "receivedDateTime desc" for e in first_requests)
+
+
+async def test_sent_items_headers_without_threading_fall_back_to_mapi(
+    ms: FakeMicrosoft,
+) -> None:
+    account, settings = await sign_in(ms)
+    async with opened(account, settings) as provider:
+        cursor = (await provider.changes(SENT, None)).cursor
+        raw, mid = make_mail(sender=MAILBOX, to=CONTACT, subject="Re: x", body="b",
+                             headers={"In-Reply-To": "<root@threadsync.local>",
+                                      "References": "<a@b> <root@threadsync.local>"})
+        ms.client_send(MAILBOX, raw, partial_headers=True)
+        batch = await provider.changes(SENT, cursor)
+    [header] = batch.headers
+    assert header.message_id == mid
+    assert header.in_reply_to == ("<root@threadsync.local>",)
+    assert header.references == ("<a@b>", "<root@threadsync.local>")
+    assert len([e for e in ms.requests() if e.in_batch]) == 1

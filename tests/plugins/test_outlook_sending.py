@@ -4,6 +4,7 @@ with an upload session, and sends whose answer is lost never repeated."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 from email.message import EmailMessage
@@ -144,3 +145,31 @@ async def test_only_the_mailbox_owner_may_be_the_sender(ms: FakeMicrosoft) -> No
         with pytest.raises(ProviderProtocolError, match="ErrorSendAsDenied"):
             await provider.send(outgoing(sender="boss@contoso.test"), Checkpoint(ms))
     assert ms.sent() == [] and ms.messages(MAILBOX, "drafts") == []
+
+
+async def test_a_lost_send_answer_while_sent_items_lag_sends_once_and_keeps_it(
+    ms: FakeMicrosoft,
+) -> None:
+    """/send answers 202 before sending and the item reads as a draft until its
+    copy lands: sending again would send twice, deleting it would lose it."""
+    account, settings = await sign_in(ms)
+    ms.graph.sent_items_lag = 0.5
+    ms.graph.lose_answer(1, when=lambda c: c.path.endswith("/send"))
+    async with opened(account, settings) as provider:
+        await provider.send(outgoing(), Checkpoint(ms))
+    assert len(ms.sent(MID)) == 1
+    assert [e.path.endswith("/send") for e in ms.requests()].count(True) == 1
+    assert not any(e.method == "DELETE" for e in ms.requests())
+    assert ms.message_ids(MAILBOX, "sentitems") == [MID]
+
+
+async def test_the_fake_lags_sent_items_behind_a_202(ms: FakeMicrosoft) -> None:
+    account, settings = await sign_in(ms)
+    ms.graph.sent_items_lag = 0.3
+    async with opened(account, settings) as provider:
+        await provider.send(outgoing(), Checkpoint(ms))
+        assert len(ms.sent(MID)) == 1 and ms.message_ids(MAILBOX, "sentitems") == []
+        assert await provider.find_sent(MID) is False
+        await asyncio.sleep(0.4)
+        assert await provider.find_sent(MID) is True
+    assert ms.message_ids(MAILBOX, "sentitems") == [MID] and ms.messages(MAILBOX, "drafts") == []
