@@ -250,7 +250,8 @@ def _connection_text(c: dict[str, Any]) -> str:
     paused = " (paused: Labs off)" if c.get("paused") else ""
     err = f" - {c['last_error']}" if c.get("last_error") else ""
     who = f"{c['subaccount']}/{c['user']}"
-    return f"{who}: {c['email']} via {c['provider']} is {c['state']}{paused}{err}"
+    held = f" (worker {c['worker']})" if c.get("worker") else ""
+    return f"{who}: {c['email']} via {c['provider']} is {c['state']}{paused}{held}{err}"
 
 
 def _provider_options(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -551,6 +552,23 @@ def run(ctx: Ctx, /, once: bool, **options: Any) -> None:
         await daemon.run()
 
     run_async(main())
+
+
+@cli.command()
+@pass_ctx
+def workers(ctx: Ctx) -> None:
+    """The running daemons sharing the connections, their heartbeat and share."""
+
+    def text(r: dict[str, Any]) -> str:
+        lines = [
+            f"{w['id']:<32} {'live' if w['live'] else 'gone':<5} "
+            f"heartbeat {w['heartbeat_age_seconds']:>6.1f} s ago  "
+            f"{w['connections']:>5} connection(s)"
+            for w in r["workers"]
+        ]
+        return "\n".join(lines) or "no workers"
+
+    ctx.emit(ctx.threadsync().workers(), text)
 
 
 @cli.command()

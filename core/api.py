@@ -33,7 +33,7 @@ from threadsync.core.outbox.compose import Draft
 from threadsync.core.provider import ProviderOption
 from threadsync.core.store import keys
 from threadsync.core.store.database import Store
-from threadsync.core.sync import daemon
+from threadsync.core.sync import daemon, workers
 
 
 def _log_notice(text: str) -> None:
@@ -257,6 +257,11 @@ class Threadsync:
     def numbers(self) -> reports.Numbers:
         """Counts behind ``/metrics``: messages, connections, sync lag, outbox, errors."""
         return reports.numbers(self.kernel)
+
+    def workers(self) -> dict[str, Any]:
+        """The ``run`` processes sharing the connections: each one's heartbeat,
+        whether it counts as live and how many connections it holds."""
+        return {"workers": workers.list_workers(self.kernel)}
 
     # ---- the daemon --------------------------------------------------------------------
 

@@ -56,6 +56,11 @@ class SyncSettings:
     backoff_max_seconds: float = 900.0
     idle_seconds: float = 300.0
     lease_seconds: float = 120.0
+    #: How often a worker renews its connection leases (several ``run`` processes).
+    worker_heartbeat_seconds: float = 10.0
+    #: How long a connection lease lasts without renewal: a worker gone for this
+    #: long loses its connections to the others.
+    worker_lease_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -209,9 +214,16 @@ def from_mapping(raw: dict[str, Any], *, base: Path, path: Path | None = None) -
         backoff_max_seconds=typed("sync", s, "backoff_max_seconds", float, 900.0),
         idle_seconds=typed("sync", s, "idle_seconds", float, 300.0),
         lease_seconds=typed("sync", s, "lease_seconds", float, 120.0),
+        worker_heartbeat_seconds=typed("sync", s, "worker_heartbeat_seconds", float, 10.0),
+        worker_lease_seconds=typed("sync", s, "worker_lease_seconds", float, 30.0),
     )
     if sync.poll_interval_seconds <= 0:
         raise ConfigError("[sync] poll_interval_seconds must be positive")
+    if not 0 < 2 * sync.worker_heartbeat_seconds <= sync.worker_lease_seconds:
+        raise ConfigError(
+            "[sync] worker_heartbeat_seconds must be positive and at most half of "
+            "worker_lease_seconds"
+        )
     if sync.max_attachment_bytes < 0:
         raise ConfigError("[sync] max_attachment_bytes must not be negative")
     if sync.max_message_bytes < 1024:

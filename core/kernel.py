@@ -113,6 +113,10 @@ class Kernel:
     #: Open providers reused by one-off deliveries (``send`` / ``reply``).
     #: A copy made with ``dataclasses.replace`` shares it with the original.
     pool: ProviderPool = field(default_factory=ProviderPool)
+    #: Set in a worker sharing the connections with others: called by
+    #: :meth:`lock_live_connection` with the row locked, ``False`` when another
+    #: worker holds the connection (see :mod:`threadsync.core.sync.workers`).
+    connection_guard: Callable[[Session, int], bool] | None = None
 
     def __post_init__(self) -> None:
         if not self.pool.bound:
@@ -342,6 +346,9 @@ class Kernel:
             .execution_options(synchronize_session=False)
         )
         if held is None:
+            return None
+        if self.connection_guard is not None and not self.connection_guard(session, conn_id):
+            log.warning("connection held by another worker", extra={"connection_id": conn_id})
             return None
         return session.get(Connection, conn_id, populate_existing=True)
 

@@ -258,6 +258,12 @@ def after_success(
     return None
 
 
+def fair_share(connections: int, workers: int) -> int:
+    """How many of ``connections`` one of ``workers`` live workers may hold: an
+    equal share rounded up, so that the shares together cover every connection."""
+    return -(-connections // max(1, workers))
+
+
 # ---- Message-IDs carrying the thread token ---------------------------------------------
 
 _TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"

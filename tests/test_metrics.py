@@ -1,7 +1,10 @@
 """``/metrics``: provider errors per kind, from the error codes the kernel records
-on ``connection.state_changed`` events, the same after a restart."""
+on ``connection.state_changed`` events, the same after a restart; the live
+workers and the connections each holds."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from sqlalchemy.orm import Session
@@ -17,6 +20,7 @@ from tests.test_http_api_support import (  # noqa: F401 (fixtures)
 from threadsync.core.api import Threadsync
 from threadsync.core.outbox.compose import Draft
 from threadsync.core.store.models import Event
+from threadsync.core.sync.workers import WorkerLeases
 from threadsync.plugins.http_api import metrics
 from threadsync.plugins.http_api.context import ApiContext
 
@@ -90,3 +94,30 @@ async def test_provider_errors_by_kind_from_error_codes(api: Api, world: World) 
     finally:
         await restarted.aclose()
     assert provider_errors(text) == expected
+
+
+async def test_live_workers_and_the_connections_each_holds(api: Api, world: World) -> None:
+    await world.connect()
+    with api.client(api.admin) as admin:
+        lines = admin.get("/metrics").text.splitlines()
+    assert "threadsync_workers 0" in lines
+    assert world.ts.status(SUB, USER)["connections"][0]["worker"] is None
+
+    leases = WorkerLeases(world.ts.kernel)
+    await asyncio.to_thread(leases.register)
+
+    async def stop(conn_ids: list[int]) -> None:
+        raise AssertionError(f"nothing to give up, asked to stop {conn_ids}")
+
+    assert await leases.share(stop) == {world.ts.status(SUB, USER)["connections"][0]["id"]}
+    with api.client(api.admin) as admin:
+        lines = admin.get("/metrics").text.splitlines()
+    assert "threadsync_workers 1" in lines
+    assert f'threadsync_worker_connections{{worker="{leases.id}"}} 1' in lines
+    assert world.ts.status(SUB, USER)["connections"][0]["worker"] == leases.id
+    [shown] = world.ts.workers()["workers"]
+    assert (shown["id"], shown["live"], shown["connections"]) == (leases.id, True, 1)
+
+    await asyncio.to_thread(leases.leave)
+    assert world.ts.workers() == {"workers": []}
+    assert world.ts.status(SUB, USER)["connections"][0]["worker"] is None

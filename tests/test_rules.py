@@ -156,6 +156,18 @@ def test_a_completed_pass_recovers_an_error_past_its_backoff(  # type: ignore[no
     assert rules.connected() == rules.ConnectionChange(rules.ConnectionState.CONNECTED, 0, None)
 
 
+def test_fair_share_covers_every_connection_and_is_equal_rounded_up() -> None:
+    assert rules.fair_share(20, 2) == 10
+    assert rules.fair_share(21, 2) == 11
+    assert rules.fair_share(3, 5) == 1
+    assert rules.fair_share(0, 3) == 0
+    assert rules.fair_share(7, 0) == 7  # no live worker counted yet: this one takes all
+    for connections in range(0, 50):
+        for workers in range(1, 8):
+            assert rules.fair_share(connections, workers) * workers >= connections
+            assert (rules.fair_share(connections, workers) - 1) * workers < connections
+
+
 def test_message_size_limit() -> None:
     assert not rules.message_too_large(1000, 1000)  # exactly the limit passes
     assert rules.message_too_large(1001, 1000)

@@ -44,6 +44,7 @@ from threadsync.core.store.models import (
     iso,
     utcnow,
 )
+from threadsync.core.sync import workers
 
 log = logging.getLogger(__name__)
 
@@ -471,6 +472,11 @@ def status(k: Kernel, subaccount: str, user: str | None = None) -> dict[str, Any
             query = query.where(Connection.user_id == user)
         paused = not labs_on(session, subaccount)
         rows = session.scalars(query.order_by(Connection.user_id, Connection.id)).all()
-        return {"connections": [connection_json(c, paused=paused) for c in rows]}
+        held = workers.holders(session, (c.id for c in rows))
+        return {
+            "connections": [
+                {**connection_json(c, paused=paused), "worker": held.get(c.id)} for c in rows
+            ]
+        }
 
     return k.store.call(work)

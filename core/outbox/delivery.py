@@ -62,6 +62,7 @@ from threadsync.core.rules import (
 )
 from threadsync.core.store.database import Store
 from threadsync.core.store.models import Connection, Message, OutboxEntry, utcnow
+from threadsync.core.sync import workers
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,10 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         conn = _mailbox_ready(session, entry.connection_id, provider_open, now)
         if conn is None:
             return None
+        if workers.holder_elsewhere(session, k, conn.id) is not None:
+            # The worker that holds the mailbox sends it: woken now, not at its poll.
+            workers.notify(session, conn.id)
+            return None
     # Ours, and known here not to have left (see _NOT_SENT): sent now, not waited for.
     not_sent = (
         entry.status == OutboxStatus.TRANSMITTING
@@ -128,7 +133,17 @@ def claim_in(session: Session, k: Kernel, entry_id: int, provider_open: bool) ->
         else:
             return None
     elif entry.status in LEASED:
-        if not not_sent and not _lease_is_dead(entry.lease_owner, entry.lease_until, now):
+        if (
+            not not_sent
+            and not _lease_is_dead(entry.lease_owner, entry.lease_until, now)
+            and not (
+                # Safe to take before the lease ends: the old owner can no longer
+                # move it to "transmitting" once the lease is ours.
+                entry.status == OutboxStatus.CLAIMED
+                and conn is not None
+                and workers.left_by_gone_worker(session, k, conn.id, entry.lease_owner)
+            )
+        ):
             return None
     elif entry.status == OutboxStatus.PENDING:
         if entry.next_attempt_at and entry.next_attempt_at > now:

@@ -421,6 +421,36 @@ class PendingSignIn(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
+class Worker(Base):
+    """A running ``threadsync run`` process that shares the connections with the
+    others on the same database. ``id`` is its host and process id (the holder
+    name of outbox leases too); a worker whose ``heartbeat_at`` is older than
+    ``[sync] worker_lease_seconds`` is gone, and so are its leases."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ConnectionLease(Base):
+    """Which worker works on a connection, until when. Taken with the connection's
+    row locked (so never while another worker's write on it is in flight), renewed
+    with the worker's heartbeat, free once ``lease_until`` has passed."""
+
+    __tablename__ = "connection_leases"
+    __table_args__ = (Index("ix_connection_lease_worker", "worker_id"),)
+
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("connections.id", ondelete="CASCADE"), primary_key=True
+    )
+    worker_id: Mapped[str] = mapped_column(String(255))
+    lease_until: Mapped[datetime] = mapped_column(DateTime)
+
+
 class RateLimitBucket(Base):
     """A token bucket of the HTTP API's rate limits (an API key's, or a client
     address's failed sign-ins), shared by every API process on the database.

@@ -6,7 +6,9 @@ entries, reads its folders, then waits for a push (IMAP IDLE) or the poll
 interval, and repeats. A supervisor re-reads the connections every few seconds:
 it starts tasks for new connections, stops them for connections that were
 disconnected, replaced, left waiting for re-authorisation or paused by the Labs
-flag (R1), and respects the backoff of connections in ``error`` (R2).
+flag (R1), and respects the backoff of connections in ``error`` (R2). When
+several daemons share a database it works only on the connections whose lease
+it holds (:mod:`.workers`), and checks the lease before each pass.
 ``run --once`` is the same work done once for every connection, then exit.
 
 A failure nobody translated (a provider plugin that cannot be loaded, stored
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ from threadsync.core.provider import Provider
 from threadsync.core.rules import LIVE_STATES, SendStatus
 from threadsync.core.store.models import Connection, utcnow
 from threadsync.core.sync.ingest import PassReport, sync_connection
+from threadsync.core.sync.workers import WorkerLeases
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +215,8 @@ class Daemon:
         self.logged_failures: dict[int, str] = {}
         self.extra = tuple(extra)
         self._stop = asyncio.Event()
+        #: This process's share of the connections among the workers on the database.
+        self.leases = WorkerLeases(k)
         #: Set while the database is unreachable: said once per outage, not per task.
         self._store_down = False
 
@@ -218,17 +224,29 @@ class Daemon:
         self._stop.set()
 
     async def run(self) -> None:
-        extras = [asyncio.create_task(self._beside(fn)) for fn in self.extra]
+        try:
+            await asyncio.to_thread(self.leases.register)
+        except StoreError as exc:  # it joins at a later heartbeat
+            self._database_down(exc)
+        self.k.connection_guard = self.leases.guard
+        listen: Callable[[], Awaitable[None]] = functools.partial(self.leases.listen, self._wake)
+        extras = [asyncio.create_task(self._beside(fn)) for fn in (*self.extra, listen)]
         try:
             while not self._stop.is_set():
                 await self._supervise()
+                # Never slower than the lease heartbeat, or held leases would lapse.
+                pause = min(self.supervise_seconds, self.leases.heartbeat_seconds)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.supervise_seconds)
+                    await asyncio.wait_for(self._stop.wait(), pause)
         finally:
             await self._cancel(list(self.tasks))
             for task in extras:
                 task.cancel()
             await asyncio.gather(*extras, return_exceptions=True)
+            try:
+                await asyncio.to_thread(self.leases.leave)
+            except Exception:  # the leases run out on their own
+                log.exception("could not give up the connection leases")
             log.info("daemon stopped")
 
     async def _beside(self, fn: Callable[[], Awaitable[None]]) -> None:
@@ -257,10 +275,13 @@ class Daemon:
             wanted = set(await eligible_connections(self.k))
         except StoreError as exc:
             self._database_down(exc)
+            await self._cancel([c for c in self.tasks if not self.leases.holds(c)])
             return
         except Exception:  # the supervisor must survive a database hiccup
             log.exception("supervisor pass failed")
+            await self._cancel([c for c in self.tasks if not self.leases.holds(c)])
             return
+        wanted &= await self.leases.share(self._cancel)
         if self._store_down:
             self._store_down = False
             log.warning("database reachable again; work resumes")
@@ -287,6 +308,11 @@ class Daemon:
             if provider is not None:
                 provider.wake()
 
+    def _wake(self, conn_id: int) -> None:
+        provider = self.providers.get(conn_id)
+        if provider is not None:
+            provider.wake()
+
     async def _cancel(self, conn_ids: list[int]) -> None:
         tasks = [self.tasks.pop(c) for c in conn_ids if c in self.tasks]
         for task in tasks:
@@ -306,6 +332,9 @@ class Daemon:
                 return
             self.providers[conn_id] = provider
             while True:
+                if not self.leases.holds(conn_id):
+                    log.info("connection lease ended; task stops", extra={"connection_id": conn_id})
+                    return
                 report, sent = await work_connection(k, conn_id, provider)
                 self.logged_failures.pop(conn_id, None)
                 log.debug(

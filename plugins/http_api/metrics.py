@@ -3,9 +3,9 @@ by hand: a handful of families do not justify a dependency.
 
 From the database (so every process shows the same truth): messages synced and
 skipped per reason and direction, connections per state, sync lag of the
-connections being synced, outbox depth, webhook backlog and dead letters, and
-provider errors per kind. From this process: HTTP requests per route and status,
-and webhook posts.
+connections being synced, outbox depth, webhook backlog and dead letters,
+provider errors per kind, and the live workers with the connections each
+holds. From this process: HTTP requests per route and status, and webhook posts.
 
 Provider errors are counted from the event log: every provider failure that
 moves a connection into ``needs_reauth`` or ``error`` records a
@@ -139,6 +139,22 @@ def collect(ctx: ApiContext, dispatched: tuple[int, int] | None) -> str:
     errors = {kind: 0 for kind in PROVIDER_ERROR_KINDS} | nums.provider_errors
     for kind, n in sorted(errors.items()):
         out.sample("threadsync_provider_errors_total", n, kind=kind)
+
+    fleet = [w for w in ctx.ts.workers()["workers"] if w["live"]]
+    out.family("threadsync_workers", "gauge", "Live daemons sharing the connections.")
+    out.sample("threadsync_workers", len(fleet))
+    out.family("threadsync_worker_connections", "gauge", "Connections held, by live worker.")
+    for w in fleet:
+        out.sample("threadsync_worker_connections", w["connections"], worker=w["id"])
+    out.family(
+        "threadsync_worker_heartbeat_age_seconds",
+        "gauge",
+        "Time since each live worker's last heartbeat.",
+    )
+    for w in fleet:
+        out.sample(
+            "threadsync_worker_heartbeat_age_seconds", w["heartbeat_age_seconds"], worker=w["id"]
+        )
 
     if dispatched is not None:
         out.family(

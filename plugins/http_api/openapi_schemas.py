@@ -82,6 +82,7 @@ SCHEMAS: dict[str, Schema] = {
             "since": _nullable("string"),
             "last_error": _nullable("string"),
             "last_sync_at": _nullable("string"),
+            "worker": _nullable("string"),
         },
     ),
     "ConnectionList": _list("connections", "Connection"),
