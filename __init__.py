@@ -33,6 +33,7 @@ _EXPORTS = {
     "OutgoingMail": "threadsync.core.provider",
     "Provider": "threadsync.core.provider",
     "ProviderOption": "threadsync.core.provider",
+    "option_bool": "threadsync.core.provider",
     # helpers a provider needs to read headers the way the kernel does
     "parse_msgid_list": "threadsync.core.mime",
     "summarize_headers": "threadsync.core.mime",

@@ -75,6 +75,20 @@ def option_flag(opt: ProviderOption) -> str:
     return "--" + opt.name.replace("_", "-")
 
 
+def option_bool(value: Any, flag: str) -> bool:
+    """A yes/no option as given on the command line, in JSON or in config:
+    ``true``/``yes``/``on``/``1`` or ``false``/``no``/``off``/``0`` (absent or
+    empty: no). Anything else is a ``ConfigError`` naming ``flag``."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0", ""):
+        return False
+    raise ConfigError(f"{flag} must be true or false, not {value!r}")
+
+
 def secret_name(opt: ProviderOption) -> str:
     """The name a ``secret_env`` option's value goes by once resolved: ``password``
     for ``password_env`` (also the HTTP API's ``credentials`` key)."""

@@ -35,6 +35,7 @@ from threadsync.core.provider import (
     OutgoingMail,
     Provider,
     ProviderOption,
+    option_bool,
 )
 from threadsync.plugins.exchange import oauth
 from threadsync.plugins.exchange.autodiscover import discover_ews_url
@@ -85,16 +86,6 @@ def refuse_exchange_online(url: str) -> None:
         )
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, bool) or value is None:
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "on", "1"):
-        return True
-    if text in ("false", "no", "off", "0", ""):
-        return False
-    raise ConfigError(f"--impersonate takes true or false, not {value!r}")
-
 
 class ExchangeProvider(Provider):
     """Exchange Server on premises through EWS (exchangelib)."""
@@ -121,7 +112,7 @@ class ExchangeProvider(Provider):
         """Check the options (no network): the URL is https and not Exchange
         Online, the password or token variable is set, the CA file exists."""
         opts = dict(options)
-        opts["impersonate"] = _flag(opts.get("impersonate"))
+        opts["impersonate"] = option_bool(opts.get("impersonate"), "--impersonate")
         auth = str(opts.get("auth") or "ntlm").lower()
         opts["auth"] = auth
         if auth == "oauth" and not opts.get("ews_url"):
@@ -190,7 +181,8 @@ class ExchangeProvider(Provider):
             return EwsSession(
                 self.account.email, str(url), username=str(username), password=password,
                 auth=auth, token=self._token,
-                impersonate=_flag(s.get("impersonate")), ca_file=str(ca) if ca else None,
+                impersonate=option_bool(s.get("impersonate"), "--impersonate"),
+                ca_file=str(ca) if ca else None,
                 timeout=timeout,
                 max_retry_wait=float(self.settings.get("max_retry_wait_seconds", 10)),
             )

@@ -15,13 +15,11 @@ from typing import Any
 
 from threadsync.core.config import SECURITY_CHOICES, check_security
 from threadsync.core.errors import ConfigError, InvalidInput
-from threadsync.core.provider import Account, ProviderOption
+from threadsync.core.provider import Account, ProviderOption, option_bool
 
 AUTH_CHOICES = ("password", "xoauth2")
 _IMAP_PORTS = {"tls": 993, "starttls": 143, "none": 143}
 _SMTP_PORTS = {"tls": 465, "starttls": 587, "none": 25}
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
 
 OPTIONS: tuple[ProviderOption, ...] = (
     ProviderOption("imap_host", "IMAP server host name", required=True),
@@ -104,7 +102,7 @@ class MailboxSettings:
             auth=auth,
             sent_folder=sent,
             ca_file=ca_file,
-            append_sent=_boolish(s.get("append_sent", True), "--append-sent"),
+            append_sent=option_bool(s.get("append_sent", True), "--append-sent"),
         )
 
     def as_settings(self) -> dict[str, Any]:
@@ -138,16 +136,6 @@ def _port(value: Any, default: int, flag: str) -> int:
         raise ConfigError(f"{flag} must be between 1 and 65535, not {value!r}")
     return port
 
-
-def _boolish(value: Any, flag: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigError(f"{flag} must be true or false, not {value!r}")
 
 
 def secrets_of(account: Account, auth: str) -> tuple[str | None, str | None]:

@@ -31,7 +31,6 @@ from urllib.parse import quote
 
 from threadsync.core.errors import (
     AuthenticationFailed,
-    ConfigError,
     ProviderError,
     ProviderProtocolError,
 )
@@ -44,6 +43,7 @@ from threadsync.core.provider import (
     OutgoingMail,
     Provider,
     ProviderOption,
+    option_bool,
 )
 from threadsync.plugins.outlook.auth import (
     SignIn,
@@ -95,15 +95,9 @@ OPTIONS: tuple[ProviderOption, ...] = (
 )
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, bool) or value is None:
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "on", "1"):
-        return True
-    if text in ("false", "no", "off", "0", ""):
-        return False
-    raise ConfigError(f"--device-code takes true or false, not {value!r}")
+
+def _shared(options: Mapping[str, Any]) -> bool:
+    return option_bool(options.get("shared"), "--shared")
 
 
 class OutlookProvider(Provider):
@@ -133,9 +127,10 @@ class OutlookProvider(Provider):
         cls, email: str, options: Mapping[str, Any], credentials: Mapping[str, str]
     ) -> Account:
         """Check the options (no network); the tokens come from :meth:`authorize`."""
-        kind = "public" if _flag(options.get("device_code")) else "confidential"
+        device_code = option_bool(options.get("device_code"), "--device-code")
+        kind = "public" if device_code else "confidential"
         settings: dict[str, Any] = {"client_kind": kind}
-        if _flag(options.get("shared")):
+        if _shared(options):
             settings["shared"] = True
         return Account(email=email, settings=settings)
 
@@ -151,9 +146,9 @@ class OutlookProvider(Provider):
         """Sign the user in (browser redirect on loopback, or device code) and check
         that the account owns ``email``; returns the account with its token cache."""
         config = OutlookConfig.from_section(settings)
-        shared = _flag(options.get("shared"))
+        shared = _shared(options)
         scopes = scopes_for(shared)
-        if _flag(options.get("device_code")):
+        if option_bool(options.get("device_code"), "--device-code"):
             signed = await sign_in_with_device_code(config, email, notify, scopes)
             return await _account(config, email, signed, None, settings, shared)
         secret = _client_secret(config, settings)
@@ -171,12 +166,12 @@ class OutlookProvider(Provider):
     ) -> ConsentRequest | None:
         """The consent URL of an authorization-code sign-in whose redirect comes
         to the host's ``redirect_uri``; ``None`` for a device-code sign-in."""
-        if _flag(options.get("device_code")):
+        if option_bool(options.get("device_code"), "--device-code"):
             return None
         config = OutlookConfig.from_section(settings)
         secret = _client_secret(config, settings)
         flow = await begin_browser_sign_in(config, email, secret, redirect_uri,
-                                           scopes_for(_flag(options.get("shared"))))
+                                           scopes_for(_shared(options)))
         return ConsentRequest(
             url=str(flow["auth_uri"]),
             state=str(flow["state"]),
@@ -197,9 +192,9 @@ class OutlookProvider(Provider):
         config = OutlookConfig.from_section(settings)
         secret = _client_secret(config, settings)
         signed = await finish_browser_sign_in(config, email, secret, flow, params,
-                                              scopes_for(_flag(options.get("shared"))))
+                                              scopes_for(_shared(options)))
         return await _account(config, email, signed, secret, settings,
-                              _flag(options.get("shared")))
+                              _shared(options))
 
     # ---- session ------------------------------------------------------------------------
 
